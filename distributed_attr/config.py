@@ -1,0 +1,287 @@
+"""The job configuration: one YAML file, or the equivalent Python objects, validated up front.
+
+Every section is a dataclass; unknown keys and bad values raise ``ConfigError`` naming the key path
+(``data.format``) and the allowed values before any work starts. The resolved config (defaults
+filled in) is stored in the store with its hash, which decides whether a rerun may resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .registry import RegistryError, build_params
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key path."""
+
+
+@dataclass
+class DataConfig:
+    #: parquet (Hugging Face datasets layout), folder (one subfolder per class), webdataset (.tar), numpy (.npy)
+    format: Literal["parquet", "folder", "webdataset", "numpy"] = "parquet"
+    #: a file, a directory, or a glob
+    path: str = ""
+    #: images are resized (shorter side) and centre-cropped to image_size x image_size
+    image_size: int = 224
+    channels: Literal[1, 3] = 3
+    #: per-channel normalisation applied after scaling pixels to [0, 1]
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    image_column: str = "image"
+    label_column: str = "label"
+    #: numpy format: optional labels file (.npy)
+    labels_path: str | None = None
+    #: process only the first ``limit`` images
+    limit: int | None = None
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ValueError("path is required")
+        if self.image_size < 8:
+            raise ValueError("image_size must be >= 8")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) not in (1, self.channels):
+                raise ValueError(f"{name} needs 1 or {self.channels} values (channels={self.channels})")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError("limit must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    #: zoo (bundled digits models), torchvision, torchscript, export (torch.export), callable, timm
+    kind: Literal["zoo", "torchvision", "torchscript", "export", "callable", "timm"] = "zoo"
+    #: architecture name (zoo / torchvision / timm) or "package.module:factory" (callable)
+    name: str = "digits_cnn"
+    #: weights file; loaded with weights_only=True. Zoo models train and cache themselves when omitted.
+    weights: str | None = None
+    num_classes: int | None = None
+    #: keyword arguments for a callable factory
+    kwargs: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.kind in ("torchscript", "export") and not self.weights:
+            raise ValueError(f"kind {self.kind!r} needs 'weights': the path of the saved model file")
+        if self.kind == "callable" and ":" not in self.name:
+            raise ValueError("kind 'callable' needs name 'package.module:factory'")
+
+
+@dataclass
+class SpectraConfig:
+    enabled: bool = True
+    #: frequency (cycles per pixel, 0..0.5) above which power counts as high-frequency
+    hf_cutoff: float = 0.25
+
+    def validate(self) -> None:
+        if not 0 < self.hf_cutoff < 0.5:
+            raise ValueError("hf_cutoff must lie in (0, 0.5) cycles per pixel")
+
+
+@dataclass
+class FiltersConfig:
+    kind: Literal["forgrad", "ideal", "gaussian", "butterworth"] = "forgrad"
+    #: low-pass cutoffs in cycles per image at ``reference_size`` (FORGrad's units); scaled to the image size
+    sweep: list[float] = field(default_factory=list)
+    reference_size: int = 224
+    #: cutoffs of the sweep (same units) whose filtered maps are stored in ``filtered_maps/``
+    store_maps: list[float] = field(default_factory=list)
+    order: int = 2
+
+    def validate(self) -> None:
+        if any(s <= 0 for s in self.sweep):
+            raise ValueError("sweep cutoffs must be > 0")
+        missing = [s for s in self.store_maps if s not in self.sweep]
+        if missing:
+            raise ValueError(f"store_maps {missing} are not in the sweep {self.sweep}")
+
+
+@dataclass
+class RunConfig:
+    #: images per forward/backward batch inside a worker
+    batch_size: int = 32
+    #: images per work unit = one Zarr shard along the image axis; the unit of retry and resume
+    unit_size: int = 256
+    #: number of actors (model replicas); 0 = in the driver process, without Ray
+    num_workers: int = 2
+    #: GPUs per actor; "auto" = 1 when the cluster has GPUs, else 0
+    gpus_per_worker: float | Literal["auto"] = "auto"
+    #: CPUs per actor (and torch threads per actor on the CPU)
+    cpus_per_worker: float = 1
+    seed: int = 0
+    #: most samples per internal forward pass (IG steps x images, masks x images, ...)
+    max_batch: int = 256
+    autocast: Literal["none", "bfloat16", "float16"] = "none"
+    map_dtype: Literal["float16", "float32"] = "float16"
+    #: explained class: the model's prediction, the dataset label, or a fixed class index
+    target: Literal["prediction", "label"] | int = "prediction"
+    #: attempts per unit after actor crashes before the job gives up
+    max_retries: int = 3
+    #: units in flight per actor (1 running + prefetched)
+    units_in_flight: int = 2
+    #: number of reference images for methods that need them (Soundness Saliency)
+    references: int = 16
+
+    def validate(self) -> None:
+        for name in ("batch_size", "unit_size", "max_batch", "units_in_flight"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
+
+
+#: keys that change how fast a job runs but never what it writes: a resume may change them
+_RESUMABLE_KEYS = {"run.num_workers", "run.gpus_per_worker", "run.cpus_per_worker", "run.units_in_flight",
+                   "run.max_retries", "run.batch_size", "run.max_batch"}
+
+
+@dataclass
+class Config:
+    data: DataConfig
+    store: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"saliency": {}})
+    spectra: SpectraConfig = field(default_factory=SpectraConfig)
+    filters: FiltersConfig = field(default_factory=FiltersConfig)
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: other models trained on the same data, for the cross-architecture feature-detection metric
+    evaluators: dict[str, ModelConfig] = field(default_factory=dict)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Config":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
+        sections = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - sections)
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}; valid sections: {sorted(sections)}")
+        for required in ("data", "store"):
+            if required not in raw:
+                raise ConfigError(f"{required}: required")
+        try:
+            data = build_params(DataConfig, _mapping(raw["data"], "data"), "data")
+            model = build_params(ModelConfig, _mapping(raw.get("model", {}), "model"), "model")
+            spectra = build_params(SpectraConfig, _mapping(raw.get("spectra", {}), "spectra"), "spectra")
+            filters = build_params(FiltersConfig, _mapping(raw.get("filters", {}), "filters"), "filters")
+            run = build_params(RunConfig, _mapping(raw.get("run", {}), "run"), "run")
+            evaluators = {
+                str(k): build_params(ModelConfig, _mapping(v, f"evaluators.{k}"), f"evaluators.{k}")
+                for k, v in _mapping(raw.get("evaluators", {}), "evaluators").items()
+            }
+        except RegistryError as exc:
+            raise ConfigError(str(exc)) from None
+        if not isinstance(raw["store"], str) or not raw["store"]:
+            raise ConfigError("store: expected the path of the Zarr store, e.g. 'out/attributions.zarr'")
+        methods = {str(k): dict(v or {}) for k, v in _mapping(raw.get("methods", {"saliency": {}}), "methods").items()}
+        metrics = {str(k): dict(v or {}) for k, v in _mapping(raw.get("metrics", {}), "metrics").items()}
+        cfg = cls(data=data, store=raw["store"], model=model, methods=methods, spectra=spectra,
+                  filters=filters, metrics=metrics, evaluators=evaluators, run=run)
+        cfg.check_registries()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Config":
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        cfg = cls.from_dict(raw or {})
+        # Relative paths in a config file are relative to the file, so configs travel with data.
+        base = path.resolve().parent
+        cfg.data.path = _relative_to(cfg.data.path, base)
+        if cfg.data.labels_path:
+            cfg.data.labels_path = _relative_to(cfg.data.labels_path, base)
+        cfg.store = _relative_to(cfg.store, base)
+        for m in [cfg.model, *cfg.evaluators.values()]:
+            if m.weights:
+                m.weights = _relative_to(m.weights, base)
+        return cfg
+
+    def check_registries(self) -> None:
+        """Method and metric names and parameters exist (fails with the valid lists)."""
+        from .methods import build_method
+
+        if not self.methods:
+            raise ConfigError("methods: at least one method is required")
+        try:
+            for name, params in self.methods.items():
+                build_method(name, params)
+            if self.metrics:
+                from .metrics.base import METRICS
+
+                for name, params in self.metrics.items():
+                    METRICS.get(name)(**params)
+        except RegistryError as exc:
+            msg = str(exc)
+            raise ConfigError(msg if msg.startswith(("methods.", "metrics.")) else f"methods/metrics: {msg}") from None
+
+    # -- derived -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def result_hash(self) -> str:
+        """Hash of every setting that changes what the job writes (not how fast it runs)."""
+        flat = {k: v for k, v in _flatten(self.to_dict()).items() if k not in _RESUMABLE_KEYS}
+        return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+    def cutoffs(self) -> list[float]:
+        """Low-pass cutoffs in cycles per image at this image size; +inf (unfiltered) first."""
+        scale = self.data.image_size / self.filters.reference_size
+        return [math.inf] + [s * scale for s in self.filters.sweep]
+
+
+def diff_configs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two resolved configs that matter for resuming."""
+    a, b = _flatten(old), _flatten(new)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in _RESUMABLE_KEYS:
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return out
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; empty mappings stay as leaves."""
+    if isinstance(d, dict) and d:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {value!r}")
+    return value
+
+
+def _relative_to(p: str, base: Path) -> str:
+    if not p or "://" in p or Path(p).is_absolute():
+        return p
+    return str((base / p).resolve())
+
+
+def load_config(source: "str | Path | dict | Config") -> Config:
+    if isinstance(source, Config):
+        return source
+    if isinstance(source, dict):
+        return Config.from_dict(source)
+    return Config.from_yaml(source)

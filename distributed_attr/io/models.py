@@ -1,0 +1,112 @@
+"""Model loading: zoo, torchvision, TorchScript, torch.export, a factory callable, or timm.
+
+Weights are always loaded with ``weights_only=True`` (no arbitrary code from checkpoint files) and
+fingerprinted (SHA-256 of the parameters and buffers), so the store records exactly which model
+produced its maps.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class ModelError(ValueError):
+    """The model cannot be built or loaded as configured."""
+
+
+def _load_state_dict(model: nn.Module, path: str, where: str) -> None:
+    if not Path(path).exists():
+        raise ModelError(f"{where}.weights: file {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"{where}.weights: cannot load {path!r} with weights_only=True: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{where}.weights: {path!r} does not fit the architecture: {str(exc)[:500]}") from None
+
+
+def load_model(cfg: ModelConfig, where: str = "model") -> nn.Module:
+    """Build the configured model in eval mode on the CPU, parameters frozen."""
+    if cfg.kind == "zoo":
+        from .. import zoo
+
+        if cfg.name not in zoo.ARCHITECTURES:
+            raise ModelError(f"{where}.name: {cfg.name!r} is not a zoo model; valid: {list(zoo.ARCHITECTURES)}")
+        if cfg.weights:
+            model = zoo.build(cfg.name, num_classes=cfg.num_classes or zoo.NUM_CLASSES)
+            _load_state_dict(model, cfg.weights, where)
+        else:
+            model, _ = zoo.pretrained(cfg.name)
+    elif cfg.kind == "torchvision":
+        import torchvision
+
+        kwargs = dict(cfg.kwargs)
+        if cfg.num_classes:
+            kwargs["num_classes"] = cfg.num_classes
+        try:
+            model = torchvision.models.get_model(cfg.name, weights=None, **kwargs)
+        except ValueError:
+            raise ModelError(
+                f"{where}.name: {cfg.name!r} is not a torchvision model; e.g. {torchvision.models.list_models()[:12]}"
+            ) from None
+        if cfg.weights:
+            _load_state_dict(model, cfg.weights, where)
+    elif cfg.kind == "torchscript":
+        try:
+            model = torch.jit.load(cfg.weights, map_location="cpu")
+        except Exception as exc:
+            raise ModelError(f"{where}.weights: cannot load TorchScript file {cfg.weights!r}: {exc}") from None
+    elif cfg.kind == "export":
+        try:
+            model = torch.export.load(cfg.weights).module()
+        except Exception as exc:
+            raise ModelError(f"{where}.weights: cannot load torch.export file {cfg.weights!r}: {exc}") from None
+    elif cfg.kind == "callable":
+        module_name, _, attr = cfg.name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ModelError(f"{where}.name: cannot import {cfg.name!r}: {exc}") from None
+        model = factory(**cfg.kwargs)
+        if not isinstance(model, nn.Module):
+            raise ModelError(f"{where}.name: {cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        if cfg.weights:
+            _load_state_dict(model, cfg.weights, where)
+    elif cfg.kind == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ModelError(f"{where}.kind 'timm' needs timm: pip install 'distributed-attr[timm]'") from None
+        kwargs = dict(cfg.kwargs)
+        if cfg.num_classes:
+            kwargs["num_classes"] = cfg.num_classes
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        if cfg.weights:
+            _load_state_dict(model, cfg.weights, where)
+    else:  # the config's Literal type makes this unreachable
+        raise ModelError(f"{where}.kind: unknown kind {cfg.kind!r}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients are taken w.r.t. the input only
+    return model
+
+
+def fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the names, shapes and bytes of all parameters and buffers."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
