@@ -1,0 +1,34 @@
+"""Fourier analysis of attribution maps: radial power spectra, high-frequency fractions,
+low-pass filters (FORGrad and linear ones) and, in ``downsampling``, where a CNN's gradient
+high frequencies come from. The recipe and its identities are documented in docs/spectra.md."""
+from .filters import (
+    LOW_PASS_KINDS,
+    REFERENCE_SWEEP,
+    cutoff_sweep_spectra,
+    low_pass,
+    scaled_cutoffs,
+    transfer_function,
+)
+from .radial import (
+    high_frequency_fraction,
+    high_frequency_fraction_from_spectrum,
+    radial_bin_counts,
+    radial_bin_index,
+    radial_frequencies,
+    radial_spectrum,
+)
+
+__all__ = [
+    "LOW_PASS_KINDS",
+    "REFERENCE_SWEEP",
+    "cutoff_sweep_spectra",
+    "high_frequency_fraction",
+    "high_frequency_fraction_from_spectrum",
+    "low_pass",
+    "radial_bin_counts",
+    "radial_bin_index",
+    "radial_frequencies",
+    "radial_spectrum",
+    "scaled_cutoffs",
+    "transfer_function",
+]
