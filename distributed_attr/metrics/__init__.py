@@ -1,0 +1,81 @@
+"""The evaluation metric registry and the call that uses it.
+
+Importing this package registers every built-in metric. Workers build a metric with
+``build_metric(name, params)`` and call ``metric.evaluate(model, x, maps, target, ctx)`` once for
+the raw maps and once per filter cutoff; ``evaluate`` below is the one-call form for users.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import complexity, feature_detection, mufidelity, perturbation  # noqa: F401  (registration)
+from .base import METRICS, Metric, MetricContext, build_metric, register
+from .randomisation import randomisation_check
+
+__all__ = [
+    "METRICS",
+    "Metric",
+    "MetricContext",
+    "build_metric",
+    "evaluate",
+    "metrics",
+    "randomisation_check",
+    "register",
+]
+
+
+def evaluate(
+    model: nn.Module | None,
+    images: Tensor,
+    maps: Tensor,
+    metric: str,
+    target: Tensor | Sequence[int] | int | None = None,
+    *,
+    seed: int = 0,
+    indices: Tensor | None = None,
+    evaluators: dict[str, nn.Module] | None = None,
+    max_batch: int = 256,
+    autocast: torch.dtype | None = None,
+    dataset_mean: Tensor | None = None,
+    **params: Any,
+) -> dict[str, Tensor]:
+    """Evaluate attribution ``maps`` (N, H, W) of ``images`` (N, C, H, W) with ``metric``.
+
+    Returns ``{output: (N, *trailing)}`` on the images' device (see ``metrics()`` for every
+    metric's outputs and parameters). ``target`` is the explained class per image (or one for
+    all); the model's prediction when omitted. ``params`` are the metric's parameters; unknown
+    ones raise with the list of valid ones. ``evaluators`` are other models trained on the same
+    data (feature detection); ``dataset_mean`` (C,) serves the "mean" baseline.
+    """
+    from ..methods import resolve_target
+
+    m = build_metric(metric, params)
+    if maps.dim() != 3 or maps.shape[0] != images.shape[0] or maps.shape[1:] != images.shape[2:]:
+        raise ValueError(
+            f"maps must have shape (N, H, W) = {(images.shape[0], *images.shape[2:])}, got {tuple(maps.shape)}"
+        )
+    if m.needs_model and model is None:
+        raise ValueError(f"metric {metric!r} needs the model")
+    ctx = MetricContext(
+        seed=seed,
+        indices=indices,
+        max_batch=max_batch,
+        autocast=autocast,
+        evaluators=dict(evaluators or {}),
+        dataset_mean=dataset_mean,
+    )
+    if m.needs_model:
+        target_t = resolve_target(model, images, target, max_batch)
+    else:
+        target_t = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)
+    maps = maps.to(images.device)
+    out = m.evaluate(model, images, maps, target_t, ctx)
+    return {k: v.to(images.device) for k, v in out.items()}
+
+
+def metrics() -> dict[str, dict[str, Any]]:
+    """Every registered metric with its direction, score output, parameters and defaults."""
+    return {name: METRICS.get(name).describe() for name in METRICS}
