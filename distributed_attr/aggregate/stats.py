@@ -1,0 +1,180 @@
+"""Mergeable running statistics (count, mean, M2) in float64, torchmetrics-style.
+
+Each reader task updates its own ``Moments`` with the batches it reads and sends the small state
+back; the driver merges the states in whatever order they arrive. The merge is Chan, Golub &
+LeVeque's pairwise update (1979) of the mean and the sum of squared deviations, which is exact in
+exact arithmetic and numerically stable in float64 (no E[x^2] - E[x]^2 cancellation):
+
+    n = na + nb,  d = mean_b - mean_a,
+    mean = mean_a + d nb / n,   M2 = M2a + M2b + d^2 na nb / n
+
+Counts are kept per element, so ``skip_nan=True`` can leave out missing values element by
+element. ``compute`` gives the mean, the sample standard deviation (ddof=1 by default) and the
+half-width of the normal-approximation 95 % confidence interval of the mean,
+``1.96 std / sqrt(n)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterable, NamedTuple
+
+import numpy as np
+
+__all__ = ["Moments", "GroupedMoments", "MomentsResult", "Z95"]
+
+#: two-sided 95 % quantile of the standard normal
+Z95 = 1.96
+
+
+def _to_float64(batch: Any) -> np.ndarray:
+    if hasattr(batch, "detach"):  # a torch tensor, without importing torch here
+        batch = batch.detach().cpu().double().numpy()
+    return np.asarray(batch, dtype=np.float64)
+
+
+class MomentsResult(NamedTuple):
+    mean: np.ndarray
+    std: np.ndarray
+    ci95: np.ndarray  # half-width: the band is mean +- ci95
+    count: np.ndarray
+
+
+@dataclass
+class Moments:
+    """Per-element running count, mean and M2 of samples of shape ``shape`` (float64).
+
+    ``update(batch)`` adds a batch (n, *shape); ``merge(other)`` adds another state (in place,
+    returns self); ``compute()`` -> ``MomentsResult(mean, std, ci95, count)``. A fresh
+    ``Moments()`` takes its shape from the first batch or state it sees."""
+
+    count: np.ndarray | None = None
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        return None if self.mean is None else self.mean.shape
+
+    @property
+    def empty(self) -> bool:
+        return self.count is None or not np.any(self.count)
+
+    def _check_shape(self, shape: tuple[int, ...]) -> None:
+        if self.mean is not None and self.mean.shape != shape:
+            raise ValueError(f"Moments: element shape {shape} does not match the state's {self.mean.shape}")
+
+    def update(self, batch: Any, skip_nan: bool = False) -> "Moments":
+        """Add samples ``batch`` (n, *shape) (NumPy, torch or nested lists). With ``skip_nan``
+        NaN values are left out element by element; otherwise they propagate."""
+        x = _to_float64(batch)
+        if x.ndim == 0:
+            raise ValueError("Moments.update expects a batch (n, *shape), got a scalar")
+        self._check_shape(x.shape[1:])
+        if x.shape[0] == 0:
+            if self.mean is None:
+                self._init(x.shape[1:])
+            return self
+        if skip_nan:
+            valid = ~np.isnan(x)
+            n = valid.sum(axis=0).astype(np.int64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(n > 0, np.where(valid, x, 0.0).sum(axis=0) / np.maximum(n, 1), 0.0)
+            m2 = np.where(valid, x - mean, 0.0)
+            m2 = np.einsum("i...,i...->...", m2, m2) if m2.ndim > 1 else float(m2 @ m2)
+        else:
+            n = np.full(x.shape[1:], x.shape[0], dtype=np.int64)
+            mean = x.mean(axis=0)
+            dev = x - mean
+            m2 = np.einsum("i...,i...->...", dev, dev) if dev.ndim > 1 else np.asarray(dev @ dev)
+        return self._merge_arrays(n, np.asarray(mean, dtype=np.float64), np.asarray(m2, dtype=np.float64))
+
+    def _init(self, shape: tuple[int, ...]) -> None:
+        self.count = np.zeros(shape, dtype=np.int64)
+        self.mean = np.zeros(shape, dtype=np.float64)
+        self.m2 = np.zeros(shape, dtype=np.float64)
+
+    def _merge_arrays(self, nb: np.ndarray, mb: np.ndarray, m2b: np.ndarray) -> "Moments":
+        if self.mean is None:
+            self.count, self.mean, self.m2 = nb.copy(), mb.copy(), m2b.copy()
+            return self
+        na, ma, m2a = self.count, self.mean, self.m2
+        n = na + nb
+        safe_n = np.maximum(n, 1).astype(np.float64)
+        delta = mb - ma
+        # where a side has no samples its (zero) mean must not contribute: the weights below are
+        # exactly 0 or 1 there, so the merge leaves the other side untouched
+        self.mean = ma + delta * (nb / safe_n)
+        self.m2 = m2a + m2b + delta * delta * (na.astype(np.float64) * nb / safe_n)
+        self.count = n
+        return self
+
+    def merge(self, other: "Moments") -> "Moments":
+        """Add another state (in place); returns self."""
+        if other.mean is None:
+            return self
+        self._check_shape(other.mean.shape)
+        return self._merge_arrays(other.count, other.mean, other.m2)
+
+    @classmethod
+    def combine(cls, states: Iterable["Moments"]) -> "Moments":
+        out = cls()
+        for s in states:
+            out.merge(s)
+        return out
+
+    def copy(self) -> "Moments":
+        if self.mean is None:
+            return Moments()
+        return Moments(self.count.copy(), self.mean.copy(), self.m2.copy())
+
+    def compute(self, ddof: int = 1) -> MomentsResult:
+        """Mean, standard deviation (``ddof`` 1: sample std), 95 % CI half-width, count.
+        Elements with count <= ddof get std and ci95 NaN; with count 0 the mean is NaN too."""
+        if self.mean is None:
+            raise ValueError("Moments.compute: no samples were added")
+        n = self.count.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, self.mean, np.nan)
+            var = np.where(n > ddof, self.m2 / (n - ddof), np.nan)
+            std = np.sqrt(np.maximum(var, 0.0))
+            ci95 = Z95 * std / np.sqrt(n)
+        return MomentsResult(mean, std, ci95, self.count.copy())
+
+
+@dataclass
+class GroupedMoments:
+    """One ``Moments`` per key (a class label, a method, ...). ``update(batch, keys)`` routes each
+    sample to the state of its key; ``merge`` unions keys; ``total()`` merges every group."""
+
+    groups: dict[Hashable, Moments] | None = None
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            self.groups = {}
+
+    def update(self, batch: Any, keys: Any, skip_nan: bool = False) -> "GroupedMoments":
+        x = _to_float64(batch)
+        keys = np.asarray(_to_float64(keys) if hasattr(keys, "detach") else keys)
+        if keys.shape != (x.shape[0],):
+            raise ValueError(f"GroupedMoments.update: need one key per sample ({x.shape[0]}), got shape {keys.shape}")
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        for i, key in enumerate(uniq.tolist()):
+            self.groups.setdefault(key, Moments()).update(x[inverse == i], skip_nan=skip_nan)
+        return self
+
+    def merge(self, other: "GroupedMoments") -> "GroupedMoments":
+        for key, state in other.groups.items():
+            if key in self.groups:
+                self.groups[key].merge(state)
+            else:
+                self.groups[key] = state.copy()
+        return self
+
+    def total(self) -> Moments:
+        return Moments.combine(self.groups[k] for k in sorted(self.groups, key=repr))
+
+    def keys(self) -> list[Hashable]:
+        return sorted(self.groups)
+
+    def compute(self, ddof: int = 1) -> dict[Hashable, MomentsResult]:
+        return {k: self.groups[k].compute(ddof) for k in self.keys()}
