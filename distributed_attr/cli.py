@@ -1,0 +1,150 @@
+"""``distributed-attr``: run, inspect, aggregate, report, demo, methods."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .runner import run
+
+    summary = run(args.config, address=args.address, resume=args.resume, overwrite=args.overwrite,
+                  progress=not args.quiet)
+    print(summary)
+    if summary.interrupted:
+        print("interrupted: committed units are kept; rerun with --resume to finish", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .inspect import describe_store
+
+    info = describe_store(args.store)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        from .inspect import format_description
+
+        print(format_description(info))
+    return 0
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from .aggregate import run_aggregation
+
+    result = run_aggregation(args.store, address=args.address, num_workers=args.workers, out_dir=args.out)
+    print(json.dumps(result, indent=2, default=str) if args.json else _short(result))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import run_evaluation
+
+    result = run_evaluation(args.store, out_dir=args.out)
+    print(_short(result))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.store, out_dir=args.out)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, images=args.images, workers=args.workers, quick=args.quick)
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import methods
+
+    for name, info in methods().items():
+        params = ", ".join(f"{k}={v!r}" for k, v in info["params"].items()) or "-"
+        print(f"{name:22s} {info['family']:12s} {params}")
+    return 0
+
+
+def _short(result: object) -> str:
+    if isinstance(result, dict):
+        return "\n".join(f"{k}: {v}" for k, v in result.items())
+    return str(result)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distributed-attr", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run an attribution job described by a YAML config")
+    r.add_argument("config")
+    r.add_argument("--address", default=None, help="Ray cluster address ('auto' joins the running cluster)")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="finish an existing store made with the same config")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_cmd_run)
+
+    i = sub.add_parser("inspect", help="what a store holds, how far its job got, which images failed")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=_cmd_inspect)
+
+    a = sub.add_parser("aggregate", help="dataset-wide spectra and filter statistics over a store")
+    a.add_argument("store")
+    a.add_argument("--address", default=None)
+    a.add_argument("--workers", type=int, default=None)
+    a.add_argument("--out", default=None, help="folder for tables and plots (default: <store>-outputs)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=_cmd_aggregate)
+
+    e = sub.add_parser("evaluate", help="metric tables, best cutoffs, rankings over a store")
+    e.add_argument("store")
+    e.add_argument("--out", default=None)
+    e.set_defaults(func=_cmd_evaluate)
+
+    rp = sub.add_parser("report", help="write the HTML and Markdown report of a store")
+    rp.add_argument("store")
+    rp.add_argument("--out", default=None)
+    rp.set_defaults(func=_cmd_report)
+
+    d = sub.add_parser("demo", help="the whole pipeline on bundled digits, offline, on the CPU")
+    d.add_argument("--out", default="demo-output")
+    d.add_argument("--images", type=int, default=384)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--quick", action="store_true", help="fewer methods and steps (for a smoke test)")
+    d.set_defaults(func=_cmd_demo)
+
+    m = sub.add_parser("methods", help="list the registered attribution methods and their parameters")
+    m.set_defaults(func=_cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .io.models import ModelError
+    from .io.sources import SourceError
+    from .io.store import StoreError
+    from .runner import JobError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, SourceError, ModelError, StoreError, JobError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""``distributed-attr inspect``: what a store holds, how far its job got, which images failed."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .io.store import AttributionStore
+
+
+def describe_store(path: str) -> dict[str, Any]:
+    store = AttributionStore.open(path, mode="r")
+    a = store.attrs
+    done = store.done_units()
+    seconds = store.group["units/seconds"][:]
+    arrays = {}
+    for name, arr in sorted(_arrays(store.group)):
+        arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype),
+                        "dims": list(arr.metadata.dimension_names or [])}
+    ok = store.group["ok"][:]
+    images_done = sum(store.unit_range(int(u))[1] - store.unit_range(int(u))[0] for u in done)
+    return {
+        "store": path,
+        "schema_version": a.get("schema_version"),
+        "created": a.get("created"),
+        "images": store.n_images,
+        "units": store.n_units,
+        "units_done": int(len(done)),
+        "images_done": int(images_done),
+        "images_ok": int(ok[np.isin(np.arange(len(ok)) // store.unit_size, done)].sum()),
+        "complete": bool(len(done) == store.n_units),
+        "methods": a.get("methods", []),
+        "metrics": a.get("metrics", []),
+        "evaluators": a.get("evaluators", []),
+        "model": a.get("config", {}).get("model"),
+        "data": a.get("config", {}).get("data"),
+        "config_hash": a.get("config_hash"),
+        "model_fingerprint": a.get("model_fingerprint"),
+        "unit_seconds_mean": float(np.nanmean(seconds)) if np.isfinite(seconds).any() else None,
+        "last_run": a.get("last_run"),
+        "failures": store.failures(),
+        "arrays": arrays,
+    }
+
+
+def _arrays(group, prefix: str = ""):
+    for name, member in group.members():
+        path = f"{prefix}{name}"
+        if hasattr(member, "shape"):
+            yield path, member
+        else:
+            yield from _arrays(member, path + "/")
+
+
+def format_description(info: dict[str, Any]) -> str:
+    lines = [
+        f"store       {info['store']} (schema {info['schema_version']}, created {info['created']})",
+        f"progress    {info['units_done']}/{info['units']} units, {info['images_done']}/{info['images']} images"
+        f" ({'complete' if info['complete'] else 'incomplete: rerun with --resume'})",
+        f"ok images   {info['images_ok']}   failed: {len(info['failures'])}",
+        f"model       {info['model']}",
+        f"            fingerprint {str(info['model_fingerprint'])[:16]}  config {info['config_hash']}",
+        f"data        {info['data'].get('format')} at {info['data'].get('path')}" if info.get("data") else "data        ?",
+        f"methods     {', '.join(info['methods'])}",
+        f"metrics     {', '.join(info['metrics']) or '-'}   evaluators: {', '.join(info['evaluators']) or '-'}",
+    ]
+    if info.get("last_run"):
+        lr = info["last_run"]
+        lines.append(f"last run    {lr.get('images')} images in {lr.get('seconds')} s = {lr.get('images_per_second')} images/s"
+                     f" with {lr.get('workers')} worker(s)")
+    lines.append("arrays:")
+    for name, a in info["arrays"].items():
+        lines.append(f"  {name:40s} {str(tuple(a['shape'])):22s} {a['dtype']:8s} ({', '.join(a['dims'])})")
+    if info["failures"]:
+        lines.append("failed images:")
+        for idx, why in sorted(info["failures"].items())[:50]:
+            lines.append(f"  {idx}: {why}")
+        if len(info["failures"]) > 50:
+            lines.append(f"  ... and {len(info['failures']) - 50} more (--json lists all)")
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Shared fixtures: real digits written as a user's dataset, and the trained zoo model."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+@pytest.fixture(scope="session")
+def digits_small():
+    """96 real digits (uint8, 32 px) and labels from the held-out split."""
+    from distributed_attr.data import digits_uint8
+
+    return digits_uint8(32, n=96)
+
+
+@pytest.fixture(scope="session")
+def parquet_dir(tmp_path_factory, digits_small):
+    from distributed_attr.data import write_parquet_shards
+
+    d = tmp_path_factory.mktemp("parquet")
+    write_parquet_shards(d, *digits_small, shards=3, row_group_size=10)
+    return d
+
+
+@pytest.fixture(scope="session")
+def zoo_cnn():
+    from distributed_attr import zoo
+
+    model, path = zoo.pretrained("digits_cnn")
+    return model, path
+
+
+def base_config(data_path, store, **run) -> dict:
+    cfg = {
+        "data": {"format": "parquet", "path": str(data_path), "image_size": 32, "channels": 1,
+                 "mean": [0.5], "std": [0.5]},
+        "store": str(store),
+        "model": {"kind": "zoo", "name": "digits_cnn"},
+        "methods": {"saliency": {}, "integrated_gradients": {"steps": 4}},
+        "spectra": {"enabled": False},
+        "run": {"num_workers": 0, "unit_size": 16, "batch_size": 8, **run},
+    }
+    return cfg
+
+
+@pytest.fixture
+def make_config():
+    return base_config

@@ -1,0 +1,76 @@
+"""The job on a local Ray instance: actors, fault tolerance, cluster config."""
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+from distributed_attr.runner import run  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, object_store_memory=150_000_000, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _arrays(path):
+    g = zarr.open_group(str(path), mode="r")
+    return {k: g[k][:] for k in ("maps/saliency", "maps/integrated_gradients", "target", "ok", "image")}
+
+
+def test_actors_write_the_same_store_as_the_in_process_loop(tmp_path, parquet_dir, make_config, local_ray):
+    run(make_config(parquet_dir, tmp_path / "local.zarr"), progress=False)
+    s = run(make_config(parquet_dir, tmp_path / "ray.zarr", num_workers=2), progress=False)
+    assert s.units_done == 6 and s.workers == 2
+    a, b = _arrays(tmp_path / "local.zarr"), _arrays(tmp_path / "ray.zarr")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_killed_actor_loses_nothing_and_writes_every_image_once(tmp_path, parquet_dir, make_config, local_ray):
+    run(make_config(parquet_dir, tmp_path / "ref.zarr"), progress=False)
+    killed = []
+
+    def kill_mid_unit(unit, actor):
+        # Kill the actor holding unit 2 while it works on it; Ray restarts the actor and the
+        # runner resubmits the unit (and whatever else that actor had in flight).
+        if unit == 2 and not killed:
+            killed.append(unit)
+
+            def later():
+                time.sleep(0.3)
+                ray.kill(actor, no_restart=False)
+
+            threading.Thread(target=later, daemon=True).start()
+
+    s = run(make_config(parquet_dir, tmp_path / "crash.zarr", num_workers=2, unit_size=16),
+            progress=False, _after_dispatch=kill_mid_unit)
+    assert killed == [2]
+    assert s.retries >= 1, "the kill should have cost at least one unit a retry"
+    assert s.units_done == s.units == 6 and not s.failures
+    a, b = _arrays(tmp_path / "ref.zarr"), _arrays(tmp_path / "crash.zarr")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal(np.sort(b["image"]), np.arange(96))  # each image exactly once
+
+
+def test_cluster_yaml_passes_rays_own_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(cfg))
+    assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0}
+    broken = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    broken["available_node_types"]["gpu_worker"]["max_worker"] = 3  # a typo the schema must catch
+    with pytest.raises(Exception):
+        validate_config(prepare_config(broken))
