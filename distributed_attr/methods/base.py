@@ -71,6 +71,8 @@ class Method:
     needs_layer: ClassVar[bool] = False
     share_group: ClassVar[str | None] = None
     channel_rule: ClassVar[str] = "sum over channels"
+    #: what ``cost()`` counts: "forward+backward" passes, or "forward" passes (no backward)
+    cost_unit: ClassVar[str] = "forward+backward"
 
     @dataclass
     class Params:
@@ -102,6 +104,7 @@ class Method:
             "needs_layer": cls.needs_layer,
             "share_group": cls.share_group,
             "channel_rule": cls.channel_rule,
+            "cost_unit": cls.cost_unit,
             "params": describe_params(cls.Params),
             "doc": (cls.__doc__ or "").strip().split("\n")[0],
         }
@@ -146,6 +149,38 @@ def per_image_rand(
     """``(N, *shape)`` uniform [0, 1) draws, image i drawn from ``gens[i]``."""
     out = torch.stack([torch.rand(tuple(shape), generator=g, dtype=dtype) for g in gens])
     return out.to(device)
+
+
+def per_sample_seeds(gens: Sequence[torch.Generator], n: int) -> Tensor:
+    """``(N, n)`` int64 seeds, one per (image, sample), drawn from the per-image generators.
+
+    Methods that draw a large tensor per sample (SmoothGrad's noise) seed one generator per
+    sample from these instead of drawing everything up front: memory stays one chunk's worth, and
+    a chunk retried after an out-of-memory error redraws exactly the same numbers."""
+    return torch.stack([torch.randint(0, 2**62, (n,), generator=g, dtype=torch.int64) for g in gens])
+
+
+def sample_randn(seed: int, shape: Sequence[int], dtype=torch.float32) -> Tensor:
+    """Standard normal draws of ``shape`` from a CPU generator seeded with ``seed``."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed))
+    return torch.randn(tuple(shape), generator=g, dtype=dtype)
+
+
+def working_dtype(x: Tensor) -> torch.dtype:
+    """float64 inputs (tests against references) stay float64; everything else runs in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def output_scores(out: Tensor, target: Tensor, output: str = "logit") -> Tensor:
+    """``out[i, target[i]]`` as float32 (or float64), after a softmax when ``output`` is
+    "probability"."""
+    out = out.double() if out.dtype == torch.float64 else out.float()
+    if output == "probability":
+        out = torch.softmax(out, dim=1)
+    elif output != "logit":
+        raise ValueError(f"output must be 'logit' or 'probability', got {output!r}")
+    return select_scores(out, target)
 
 
 def autocast_ctx(ctx: Context, device: torch.device):

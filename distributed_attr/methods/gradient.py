@@ -1,45 +1,151 @@
-"""Plain-gradient methods that share one forward and one backward pass.
+"""Methods built from one forward and one backward pass.
 
-``saliency`` (Simonyan et al. 2014) and ``gradient_x_input`` (Shrikumar et al. 2016) both need
-only d f_target / d x; computing them in one group costs one pass instead of one per method.
+``saliency`` (Simonyan et al. 2014), ``gradient_x_input`` (Shrikumar et al. 2016), ``gradcam``
+(Selvaraju et al. 2017) and ``gradcam_pp`` (Chattopadhay et al. 2018) all need the gradient of
+the target logit, w.r.t. the input or w.r.t. the activation of one layer. They form the share
+group "gradient": whichever of them are requested, the batch goes through the model once, the
+CAM layer's output is caught by a forward hook, and one ``torch.autograd.grad`` call returns the
+gradients w.r.t. the input and the activation together.
+
+``guided_backprop`` (Springenberg et al. 2015) changes the backward pass of every ReLU, so it
+cannot share that pass and runs on its own.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Iterator, Literal, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from .base import Context, Method, input_gradient, register
+from .base import Context, Method, autocast_ctx, register, run_in_chunks, select_scores, working_dtype
 
 
-@register
-class Saliency(Method):
-    """Gradient magnitude: max over channels of |d f_target / d x| (Simonyan et al. 2014)."""
+# --------------------------------------------------------------------------------------------
+# One shared forward + backward pass
+# --------------------------------------------------------------------------------------------
 
-    name = "saliency"
+
+@dataclass
+class GradientPass:
+    """What one forward+backward pass of a slice of the batch yields."""
+
+    x: Tensor  #: (k, C, H, W) the inputs, in the working dtype
+    input_grad: Tensor | None  #: (k, C, H, W) d logit_target / d x, when asked for
+    activation: Tensor | None  #: (k, K, h, w) the CAM layer's output, when a layer is hooked
+    activation_grad: Tensor | None  #: (k, K, h, w) d logit_target / d activation
+
+
+def gradient_pass(
+    model: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    ctx: Context,
+    *,
+    input_grad: bool = True,
+    layer: nn.Module | None = None,
+) -> GradientPass:
+    """Forward ``x`` (one slice; no chunking here), then differentiate the summed target logits
+    w.r.t. the input and/or the output of ``layer`` in a single ``autograd.grad`` call.
+
+    Only the requested tensors are differentiated: no parameter gradient is computed or
+    accumulated (``p.grad`` stays None). The input always requires grad so that the layer's
+    activation is part of the graph even when the model's weights are frozen."""
+    dtype = working_dtype(x)
+    xi = x.detach().to(dtype).requires_grad_(True)
+    caught: list[Tensor] = []
+
+    def catch(_module, _inputs, output):
+        if not isinstance(output, Tensor):
+            raise TypeError(f"the CAM layer must output one tensor, got {type(output).__name__}")
+        caught.append(output)
+
+    handle = layer.register_forward_hook(catch) if layer is not None else None
+    try:
+        with torch.enable_grad(), autocast_ctx(ctx, xi.device):
+            out = model(xi)
+            score = select_scores(out, target.to(out.device)).to(dtype).sum()
+    finally:
+        if handle is not None:
+            handle.remove()
+    wrt: list[Tensor] = []
+    if input_grad:
+        wrt.append(xi)
+    act = None
+    if layer is not None:
+        if not caught:
+            raise ValueError(f"the CAM layer {type(layer).__name__} was not called by the model's forward")
+        act = caught[-1]  # a module called twice: the last call is the one nearest the output
+        if act.dim() != 4:
+            raise ValueError(f"the CAM layer must output (N, K, h, w) feature maps, got shape {tuple(act.shape)}")
+        wrt.append(act)
+    grads = torch.autograd.grad(score, wrt) if wrt else ()
+    grads = [g.to(dtype) for g in grads]
+    return GradientPass(
+        x=xi.detach(),
+        input_grad=grads[0] if input_grad else None,
+        activation=act.detach().to(dtype) if act is not None else None,
+        activation_grad=grads[-1] if act is not None else None,
+    )
+
+
+class GradientGroupMethod(Method):
+    """Base of the members of the "gradient" share group; each member turns a ``GradientPass``
+    into its map with ``from_pass``."""
+
     family = "gradient"
-    signed = False
     share_group = "gradient"
-    channel_rule = "max over channels of the absolute gradient"
+    uses_input_grad: ClassVar[bool] = True
+    uses_layer: ClassVar[bool] = False
 
     @dataclass
     class Params:
         pass
 
-    def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
-        return self.from_gradient(input_gradient(model, x, target, ctx), x)
+    def from_pass(self, p: GradientPass) -> Tensor:
+        raise NotImplementedError
 
-    @staticmethod
-    def from_gradient(grad: Tensor, x: Tensor) -> Tensor:
-        return grad.abs().amax(dim=1)
+    def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
+        return self.attribute_group([self], model, x, target, ctx)[self.name]
 
     @classmethod
     def attribute_group(
         cls, methods: Sequence[Method], model: nn.Module, x: Tensor, target: Tensor, ctx: Context
     ) -> dict[str, Tensor]:
-        grad = input_gradient(model, x, target, ctx)
-        return {m.name: m.from_gradient(grad, x) for m in methods}  # type: ignore[attr-defined]
+        members: list[GradientGroupMethod] = list(methods)  # type: ignore[arg-type]
+        need_input = any(m.uses_input_grad for m in members)
+        layer = None
+        if any(m.uses_layer for m in members):
+            if ctx.layer is None:
+                names = [m.name for m in members if m.uses_layer]
+                raise ValueError(f"{names} need a layer: set ctx.layer (see resolve_layer)")
+            layer = ctx.layer
+
+        def one(sl: slice) -> Tensor:
+            p = gradient_pass(model, x[sl], target[sl], ctx, input_grad=need_input, layer=layer)
+            return torch.stack([m.from_pass(p) for m in members], dim=1)
+
+        maps = run_in_chunks(one, x.shape[0], ctx)
+        return {m.name: maps[:, k] for k, m in enumerate(members)}
+
+
+@register
+class Saliency(GradientGroupMethod):
+    """Gradient magnitude: max over channels of |d f_target / d x| (Simonyan et al. 2014)."""
+
+    name = "saliency"
+    signed = False
+    channel_rule = "max over channels of the absolute gradient"
+
+    def from_pass(self, p: GradientPass) -> Tensor:
+        return self.from_gradient(p.input_grad, p.x)  # type: ignore[arg-type]
+
+    @staticmethod
+    def from_gradient(grad: Tensor, x: Tensor) -> Tensor:
+        return grad.abs().amax(dim=1)
 
 
 @register
@@ -52,4 +158,148 @@ class GradientXInput(Saliency):
 
     @staticmethod
     def from_gradient(grad: Tensor, x: Tensor) -> Tensor:
-        return (grad * x.float()).sum(dim=1)
+        return (grad * x).sum(dim=1)
+
+
+def upsample_to(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, h, w) -> (N, H, W), bilinear with half-pixel centres (``align_corners=False``), the
+    interpolation Captum's ``LayerAttribution.interpolate`` and OpenCV's ``resize`` use."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+@register
+class GradCAM(GradientGroupMethod):
+    """Grad-CAM: ReLU of the activation weighted by its spatially averaged gradient."""
+
+    name = "gradcam"
+    signed = False
+    needs_layer = True
+    uses_input_grad = False
+    uses_layer = True
+    channel_rule = "weighted sum over the CAM layer's channels (input channels never enter)"
+
+    def from_pass(self, p: GradientPass) -> Tensor:
+        weights = self.channel_weights(p.activation, p.activation_grad)  # type: ignore[arg-type]
+        cam = torch.relu((weights[:, :, None, None] * p.activation).sum(dim=1))  # type: ignore[operator]
+        return upsample_to(cam, tuple(p.x.shape[-2:]))
+
+    @staticmethod
+    def channel_weights(act: Tensor, grad: Tensor) -> Tensor:
+        """(N, K): the gradient averaged over the layer's positions."""
+        return grad.mean(dim=(2, 3))
+
+
+@register
+class GradCAMPlusPlus(GradCAM):
+    """Grad-CAM++: channel weights from positive gradients weighted by the closed-form alphas."""
+
+    name = "gradcam_pp"
+
+    #: added to the alphas' denominator; pytorch-grad-cam's value, so that both agree
+    EPS: ClassVar[float] = 1e-6
+
+    @staticmethod
+    def channel_weights(act: Tensor, grad: Tensor) -> Tensor:
+        # Chattopadhay et al. eq. 19 with the exponential's derivatives written out:
+        # alpha = g^2 / (2 g^2 + sum_ab(A) g^3); alpha = 0 where g = 0.
+        g2 = grad * grad
+        total = act.sum(dim=(2, 3), keepdim=True)
+        alpha = g2 / (2 * g2 + total * g2 * grad + GradCAMPlusPlus.EPS)
+        alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+        return (torch.relu(grad) * alpha).sum(dim=(2, 3))
+
+
+# --------------------------------------------------------------------------------------------
+# Guided backpropagation
+# --------------------------------------------------------------------------------------------
+
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward passes only positive gradients, and only where the input was > 0."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> Tensor:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return grad_out.clamp(min=0) * (out > 0).to(grad_out.dtype)
+
+
+_RELU_FUNCTIONS = frozenset(
+    {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, torch.Tensor.relu}
+)
+
+
+class _GuidedReLUMode(TorchFunctionMode):
+    """Routes every ReLU call made while active (``nn.ReLU`` modules call ``F.relu`` too) through
+    ``_GuidedReLU``. In-place calls become out-of-place: the returned tensor is right, but a caller
+    relying on the side effect alone (ignoring the return value) would see the input unchanged."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _RELU_FUNCTIONS:
+            return _GuidedReLU.apply(args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def guided_relus(model: nn.Module, which: str) -> Iterator[None]:
+    """Make the model's ReLUs guided while the context is open.
+
+    ``which="modules"``: only ``nn.ReLU`` modules (a forward hook swaps their output for a guided
+    ReLU of their input), which is what Captum's GuidedBackprop covers. ``which="all"``: also
+    ``F.relu``/``torch.relu``/``Tensor.relu`` called inside ``forward`` (a TorchFunctionMode)."""
+    if which == "all":
+        with _GuidedReLUMode():
+            yield
+        return
+
+    def swap(_module, inputs, _output):
+        # In-place ReLU: inputs[0] already holds relu(x); relu of it is the same values and the
+        # same (x > 0) mask, so recomputing from it is exact in both cases.
+        return _GuidedReLU.apply(inputs[0])
+
+    handles = [m.register_forward_hook(swap) for m in model.modules() if isinstance(m, nn.ReLU)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@register
+class GuidedBackprop(Method):
+    """Guided backpropagation: the gradient with negative gradients stopped at every ReLU."""
+
+    name = "guided_backprop"
+    family = "gradient"
+    signed = True
+    channel_rule = "sum over channels"
+
+    @dataclass
+    class Params:
+        #: "all": nn.ReLU modules and functional relu calls; "modules": nn.ReLU modules only
+        #: (Captum's GuidedBackprop; a model calling F.relu keeps plain ReLU gradients there)
+        relu: Literal["all", "modules"] = "all"
+
+    def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
+        return self.attribute_full(model, x, target, ctx).sum(dim=1)
+
+    def attribute_full(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
+        """The guided gradient (N, C, H, W) before the channel reduction."""
+
+        def one(sl: slice) -> Tensor:
+            dtype = working_dtype(x)
+            xi = x[sl].detach().to(dtype).requires_grad_(True)
+            with torch.enable_grad(), autocast_ctx(ctx, xi.device), guided_relus(model, self.params.relu):
+                out = model(xi)
+                score = select_scores(out, target[sl].to(out.device)).to(dtype).sum()
+            (grad,) = torch.autograd.grad(score, xi)
+            return grad.to(dtype)
+
+        return run_in_chunks(one, x.shape[0], ctx)

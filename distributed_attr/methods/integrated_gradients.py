@@ -2,8 +2,8 @@
 
 IG_i(x) = (x_i - b_i) * integral_0^1 d f(b + a (x - b)) / d x_i da, approximated by a quadrature
 rule over ``steps`` points. All steps x images go through the model as one flattened batch split
-to ``ctx.max_batch`` samples, so the cost is ``steps`` forward+backward passes per image whatever
-the batch size.
+to ``ctx.max_batch`` samples (a chunk's path points are built when it runs), so the cost is
+``steps`` forward+backward passes per image whatever the batch size.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Context, Method, input_gradient, register
+from .base import Context, Method, register, run_in_chunks, working_dtype
+from .gradient import gradient_pass
 
 Rule = Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"]
 
@@ -69,14 +70,24 @@ class IntegratedGradients(Method):
         """Per-channel IG, (N, C, H, W)."""
         p = self.params
         alphas, weights = quadrature(p.rule, p.steps)
-        x = x.float()
+        dtype = working_dtype(x)
+        x = x.detach().to(dtype)
         base = torch.full_like(x, p.baseline)
         delta = x - base
-        a = torch.as_tensor(alphas, dtype=x.dtype, device=x.device)
-        w = torch.as_tensor(weights, dtype=x.dtype, device=x.device)
+        a = torch.as_tensor(alphas, dtype=dtype, device=x.device)
+        w = torch.as_tensor(weights, dtype=dtype, device=x.device)
         n, s = x.shape[0], p.steps
-        # Interleave as (image, step) so consecutive chunks finish whole images early.
-        path = base.unsqueeze(1) + a.view(1, s, 1, 1, 1) * delta.unsqueeze(1)
-        grads = input_gradient(model, path.reshape(n * s, *x.shape[1:]), target.repeat_interleave(s), ctx)
-        avg = (grads.view(n, s, *x.shape[1:]) * w.view(1, s, 1, 1, 1)).sum(dim=1)
-        return avg * delta
+        total = torch.zeros_like(x)
+
+        # Flattened (image, step) pairs, image-major; each chunk builds only its own path points,
+        # so memory is one chunk, not steps x images.
+        def one(sl: slice) -> Tensor:
+            pair = torch.arange(sl.start, sl.stop, device=x.device)
+            img, step = pair // s, pair % s
+            points = base[img] + a[step].view(-1, 1, 1, 1) * delta[img]
+            grad = gradient_pass(model, points, target[img], ctx).input_grad
+            total.index_add_(0, img, grad * w[step].view(-1, 1, 1, 1))  # type: ignore[operator]
+            return grad.new_empty(0)  # type: ignore[union-attr]
+
+        run_in_chunks(one, n * s, ctx)
+        return total * delta
