@@ -48,7 +48,7 @@ def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
 class DigitsCNN(nn.Module):
     """Strided convolutions downsample (the aliasing-prone design)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 32):
+    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 16):
         super().__init__()
         self.features = nn.Sequential(
             *_conv_bn(in_channels, width), *_conv_bn(width, width, stride=2),
@@ -64,7 +64,7 @@ class DigitsCNN(nn.Module):
 class DigitsVGG(nn.Module):
     """Max-pooling downsamples."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 24):
+    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 16):
         super().__init__()
         self.features = nn.Sequential(
             *_conv_bn(in_channels, width), nn.MaxPool2d(2),
@@ -99,7 +99,7 @@ class _Block(nn.Module):
 class DigitsResNet(nn.Module):
     """A small residual network; strided 3x3 and 1x1 convolutions downsample."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 16):
+    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES, width: int = 8):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
@@ -166,7 +166,7 @@ def pretrained(name: str, size: int = 32, epochs: int = 8, seed: int = 0) -> tup
 
     Returns the model (eval mode, CPU) and the weights file, which later loads with
     ``torch.load(path, weights_only=True)``. Training takes seconds on a laptop CPU."""
-    key = hashlib.sha1(f"{name}/{size}/{epochs}/{seed}/v1".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{name}/{size}/{epochs}/{seed}/v2".encode()).hexdigest()[:10]
     path = cache_dir() / f"{name}-{size}px-{key}.pt"
     model = build(name)
     if path.exists():
