@@ -1,6 +1,13 @@
 """Fourier analysis of attribution maps: radial power spectra, high-frequency fractions,
 low-pass filters (FORGrad and linear ones) and, in ``downsampling``, where a CNN's gradient
 high frequencies come from. The recipe and its identities are documented in docs/spectra.md."""
+from .downsampling import (
+    BlurPool2d,
+    antialiased,
+    compare_input_gradient_spectra,
+    downsampling_stages,
+    stage_gradient_spectra,
+)
 from .filters import (
     LOW_PASS_KINDS,
     REFERENCE_SWEEP,
@@ -19,6 +26,11 @@ from .radial import (
 )
 
 __all__ = [
+    "BlurPool2d",
+    "antialiased",
+    "compare_input_gradient_spectra",
+    "downsampling_stages",
+    "stage_gradient_spectra",
     "LOW_PASS_KINDS",
     "REFERENCE_SWEEP",
     "cutoff_sweep_spectra",
