@@ -1,0 +1,93 @@
+"""The job's images/s against the same methods in a bare loop, on the same machine, in one run.
+
+    python3 bench/pipeline.py [--images 512] [--workers 2]
+
+Bare loop: one process using every core (torch threads = cores), images already decoded in memory,
+the same methods, model and batch size, no spectra, nothing written. The job: Parquet shards ->
+decode -> Ray actors (one thread each, as many as cores) -> Zarr store. The ratio job/bare is the
+cost of orchestration, decoding and storage (target: >= 0.9). A second job run with spectra on
+measures what the spectra add (target: < 5% of attribution time).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from distributed_attr import zoo  # noqa: E402
+from distributed_attr.data import digits_uint8, write_parquet_shards  # noqa: E402
+from distributed_attr.methods import Context, build_method, compute_maps  # noqa: E402
+from distributed_attr.runner import run  # noqa: E402
+
+METHODS = {"saliency": {}, "gradient_x_input": {}, "integrated_gradients": {"steps": 16},
+           "smoothgrad": {"samples": 16}}
+
+
+def bare_loop(x: torch.Tensor, batch_size: int, threads: int) -> float:
+    torch.set_num_threads(threads)
+    model, _ = zoo.pretrained("digits_cnn")
+    methods = [build_method(n, p) for n, p in METHODS.items()]
+    ctx = Context(seed=0, max_batch=256)
+    compute_maps(model, x[:batch_size], model(x[:batch_size]).argmax(1), methods, ctx)  # warm-up
+    t = time.perf_counter()
+    for b in range(0, len(x), batch_size):
+        xb = x[b:b + batch_size]
+        with torch.no_grad():
+            target = model(xb).argmax(1)
+        ctx.indices = torch.arange(b, b + len(xb))
+        compute_maps(model, xb, target, methods, ctx)
+    return len(x) / (time.perf_counter() - t)
+
+
+def job(data: Path, store: Path, workers: int, batch_size: int, spectra: bool, n: int) -> float:
+    cfg = {
+        "data": {"format": "parquet", "path": str(data), "image_size": 32, "channels": 1, "mean": [0.5], "std": [0.5]},
+        "store": str(store), "model": {"kind": "zoo", "name": "digits_cnn"}, "methods": METHODS,
+        "spectra": {"enabled": spectra},
+        "run": {"num_workers": workers, "unit_size": 64, "batch_size": batch_size},
+    }
+    s = run(cfg, overwrite=True, progress=False)
+    assert s.units_done == s.units and not s.failures
+    return s.images_per_second
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=768)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+    import ray
+
+    ray.init(num_cpus=args.workers, include_dashboard=False, object_store_memory=200_000_000,
+             configure_logging=False)
+    imgs, labels = digits_uint8(32, n=args.images, split="all")
+    x = (torch.from_numpy(imgs).float().div(255).unsqueeze(1) - 0.5) / 0.5
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        write_parquet_shards(tmp / "data", imgs, labels, shards=4)
+        zoo.pretrained("digits_cnn")
+        job(tmp / "data", tmp / "warm.zarr", args.workers, args.batch_size, False, args.images)  # warm caches
+        j_plain = job(tmp / "data", tmp / "a.zarr", args.workers, args.batch_size, False, args.images)
+        bare = bare_loop(x, args.batch_size, threads=args.workers)
+        j_spectra = job(tmp / "data", tmp / "b.zarr", args.workers, args.batch_size, True, args.images)
+    ray.shutdown()
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, device cpu")
+    print(f"methods: {', '.join(f'{k}{v or ''}' for k, v in METHODS.items())}; {args.images} digits at 32 px; "
+          f"batch {args.batch_size}; {args.workers} workers")
+    print(f"bare loop (in memory, {args.workers} threads)   {bare:8.1f} images/s")
+    print(f"job, no spectra                           {j_plain:8.1f} images/s   ratio {j_plain / bare:.3f} (target >= 0.9)")
+    print(f"job, with spectra                         {j_spectra:8.1f} images/s   spectra cost "
+          f"{100 * (j_plain / j_spectra - 1):.1f}% of attribution time (target < 5%)")
+
+
+if __name__ == "__main__":
+    main()
