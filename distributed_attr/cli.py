@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the whole pipeline on bundled digits, offline, on the CPU")
     d.add_argument("--out", default="demo-output")
-    d.add_argument("--images", type=int, default=256)
+    d.add_argument("--images", type=int, default=192)
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--quick", action="store_true", help="fewer methods and steps (for a smoke test)")
     d.set_defaults(func=_cmd_demo)

@@ -28,9 +28,9 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "gradcam": {},
     "gradcam_pp": {},
     "occlusion": {"patch": 4, "stride": 4},
-    "rise": {"masks": 500, "grid": 4},
-    "sobol": {"grid": 4, "design": 16},
-    "soundness_saliency": {"steps": 60, "references": 4},
+    "rise": {"masks": 200, "grid": 4},
+    "sobol": {"grid": 4, "design": 8},
+    "soundness_saliency": {"steps": 30, "references": 4},
 }
 QUICK_METHODS = ("saliency", "gradient_x_input", "integrated_gradients", "gradcam", "occlusion")
 DEMO_METRICS: dict[str, dict[str, Any]] = {
@@ -61,7 +61,7 @@ def demo_config(out: Path, data_dir: Path, quick: bool, workers: int) -> dict[st
         "model": {"kind": "zoo", "name": "digits_cnn", "weights": str(weights)},
         "methods": methods,
         "spectra": {"enabled": True, "hf_cutoff": 0.25},
-        "filters": {"kind": "forgrad", "sweep": [100, 50, 30, 15], "reference_size": 224, "store_maps": [50, 15]},
+        "filters": {"kind": "forgrad", "sweep": [50, 15], "reference_size": 224, "store_maps": [50, 15]},
         "metrics": metrics,
         "evaluators": {} if quick else evaluators,
         "run": {"num_workers": workers, "unit_size": 32, "batch_size": 32, "seed": 0},
@@ -69,7 +69,7 @@ def demo_config(out: Path, data_dir: Path, quick: bool, workers: int) -> dict[st
 
 
 
-def run_demo(out_dir: str = "demo-output", images: int = 256, workers: int = 2, quick: bool = False) -> dict[str, Any]:
+def run_demo(out_dir: str = "demo-output", images: int = 192, workers: int = 2, quick: bool = False) -> dict[str, Any]:
     from . import zoo
     from .data import digits_uint8, write_parquet_shards
     from .runner import run
