@@ -12,7 +12,15 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import gradient, integrated_gradients  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    gradient,
+    integrated_gradients,
+    occlusion,
+    rise,
+    smoothgrad,
+    sobol,
+    soundness,
+)
 from .base import (
     METHODS,
     Context,
