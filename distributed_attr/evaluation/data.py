@@ -1,0 +1,144 @@
+"""Reading metric arrays out of an attribution store (schema 1.x, see docs/store.md).
+
+Only images that are ``ok`` and belong to a unit marked done are used: a unit that was running
+when the job stopped may hold a partial block, and failed images hold fill values.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+StoreLike = "str | Path | zarr.Group"
+
+
+def open_store(store: Any) -> zarr.Group:
+    """A read-only Zarr group from a path or an open group."""
+    if isinstance(store, zarr.Group):
+        return store
+    path = Path(store)
+    if not path.exists():
+        raise FileNotFoundError(f"no store at {str(path)!r}")
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    version = str(group.attrs.get("schema_version", "?"))
+    if version.split(".")[0] != "1":
+        raise ValueError(f"{str(path)!r} has store schema {version}; this version reads 1.x")
+    return group
+
+
+def store_path(store: Any) -> Path | None:
+    if isinstance(store, (str, Path)):
+        return Path(store)
+    path = getattr(getattr(store, "store", None), "root", None)
+    return Path(path) if path is not None else None
+
+
+def model_name(group: zarr.Group, default: str = "model") -> str:
+    """The explaining model's name from the store's config (``config.model.name``)."""
+    config = group.attrs.get("config") or {}
+    model = config.get("model") if isinstance(config, dict) else None
+    name = model.get("name") if isinstance(model, dict) else None
+    return str(name) if name else default
+
+
+def usable_positions(group: zarr.Group) -> np.ndarray:
+    """Positions (along the image axis) of images that are ok and in a done unit."""
+    n = int(group.attrs["n_images"])
+    unit_size = int(group.attrs["unit_size"])
+    done = np.asarray(group["units/done"][:]) == 1
+    in_done = np.repeat(done, unit_size)[:n]
+    ok = np.asarray(group["ok"][:]).astype(bool)
+    return np.flatnonzero(in_done & ok)
+
+
+def metric_names(group: zarr.Group) -> list[str]:
+    """Metrics present in the store, in the order the store's attributes list them."""
+    listed = [str(m) for m in group.attrs.get("metrics", [])]
+    if "metrics" not in group:
+        return []
+    present = {name for name, _ in group["metrics"].groups()}
+    return [m for m in listed if m in present] + sorted(present - set(listed))
+
+
+def metric_info(metric: str) -> tuple[bool, str]:
+    """(higher_is_better, score_output) of a registered metric."""
+    from ..metrics import METRICS
+
+    cls = METRICS.get(metric)
+    return bool(cls.higher_is_better), str(cls.score_output)
+
+
+@dataclass
+class MetricTable:
+    """One output of one metric for every method, restricted to usable images."""
+
+    metric: str
+    output: str
+    higher_is_better: bool
+    cutoffs: np.ndarray  # (K,) cycles per image, inf = unfiltered
+    images: np.ndarray  # (n,) global image index
+    values: dict[str, np.ndarray]  # method -> (n, K, *trailing) float64
+    dims: tuple[str, ...] = ()  # trailing dims
+    coords: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.values)
+
+    @property
+    def unfiltered_index(self) -> int:
+        inf = np.flatnonzero(np.isinf(self.cutoffs))
+        if len(inf) == 0:
+            raise ValueError(f"metrics/cutoff of the store has no unfiltered entry (+inf): {self.cutoffs.tolist()}")
+        return int(inf[0])
+
+    def cutoff_index(self, cutoff: float) -> int:
+        if math.isinf(cutoff):
+            return self.unfiltered_index
+        hits = np.flatnonzero(np.isclose(self.cutoffs, cutoff))
+        if len(hits) == 0:
+            raise ValueError(f"cutoff {cutoff} is not in the store; stored cutoffs: {self.cutoffs.tolist()}")
+        return int(hits[0])
+
+
+def load_metric(store: Any, metric: str, output: str | None = None,
+                methods: list[str] | None = None) -> MetricTable:
+    """Values of ``metrics/<metric>/<output>/<method>`` for usable images (float64).
+
+    ``output`` defaults to the metric's score output."""
+    group = open_store(store)
+    available = metric_names(group)
+    if metric not in available:
+        raise ValueError(f"metric {metric!r} is not in the store; metrics in the store: {available}")
+    higher, score_output = metric_info(metric)
+    output = output or score_output
+    mgroup = group[f"metrics/{metric}"]
+    outputs = sorted(name for name, _ in mgroup.groups())
+    if output not in outputs:
+        raise ValueError(f"metric {metric!r} has no output {output!r}; outputs in the store: {outputs}")
+    ogroup = mgroup[output]
+    stored_methods = [m for m in (group.attrs.get("methods") or []) if m in ogroup]
+    stored_methods += sorted(name for name, _ in ogroup.arrays() if name not in stored_methods)
+    if methods is not None:
+        unknown = [m for m in methods if m not in stored_methods]
+        if unknown:
+            raise ValueError(f"methods {unknown} have no {metric}/{output} in the store; methods: {stored_methods}")
+        stored_methods = list(methods)
+    positions = usable_positions(group)
+    images = np.asarray(group["image"][:])[positions]
+    cutoffs = np.asarray(group["metrics/cutoff"][:], dtype=np.float64)
+    values: dict[str, np.ndarray] = {}
+    dims: tuple[str, ...] = ()
+    coords: dict[str, list] = {}
+    for method in stored_methods:
+        arr = ogroup[method]
+        data = np.asarray(arr[:], dtype=np.float64)[positions]
+        values[method] = data
+        names = tuple(arr.metadata.dimension_names or ())
+        dims = names[2:] if len(names) >= 2 else tuple(f"dim_{i}" for i in range(data.ndim - 2))
+        coords = dict(arr.attrs.get("coords") or {})
+    return MetricTable(metric, output, higher, cutoffs, images, values, dims, coords)

@@ -1,0 +1,105 @@
+"""PNG figures for the evaluation outputs (matplotlib, Agg backend: no display needed)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_cutoff_curves(curves: pd.DataFrame, best: pd.DataFrame, metric: str, higher_is_better: bool,
+                       path: Path) -> Path:
+    """Mean score against cutoff (log axis) per method with its 95% band; the unfiltered mean
+    as a dashed line of the same colour, the validation-chosen cutoff as a star."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (method, rows) in enumerate(curves.groupby("method", sort=False)):
+        color = f"C{i % 10}"
+        finite = rows[np.isfinite(rows["cutoff"])].sort_values("cutoff")
+        unf = rows[~np.isfinite(rows["cutoff"])]
+        if len(finite):
+            ax.plot(finite["cutoff"], finite["mean"], "-o", ms=3, color=color, label=method)
+            ax.fill_between(finite["cutoff"], finite["ci_low"], finite["ci_high"], color=color, alpha=0.15)
+        if len(unf):
+            ax.axhline(float(unf["mean"].iloc[0]), color=color, ls="--", lw=1)
+        b = best[best["method"] == method]
+        if len(b):
+            c = float(b["best_cutoff"].iloc[0])
+            if math.isfinite(c):
+                y = float(rows.loc[np.isclose(rows["cutoff"], c), "mean"].iloc[0])
+                ax.plot([c], [y], "*", ms=12, color=color, mec="k")
+    if (np.isfinite(curves["cutoff"]) & (curves["cutoff"] > 0)).any():
+        ax.set_xscale("log")
+    ax.set_xlabel("low-pass cutoff (cycles per image); dashed: unfiltered; star: chosen cutoff")
+    ax.set_ylabel(f"mean {metric} ({'higher' if higher_is_better else 'lower'} is better)")
+    ax.set_title(f"{metric}: score against filter cutoff")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_rank_table(ranks: pd.DataFrame, path: Path) -> Path:
+    """Heat map of ranks: methods x (metric, condition), rank and 95% interval in each cell."""
+    plt = _pyplot()
+    methods = list(dict.fromkeys(ranks["method"]))
+    cols = list(dict.fromkeys(zip(ranks["metric"], ranks["condition"])))
+    grid = np.full((len(methods), len(cols)), np.nan)
+    text = [["" for _ in cols] for _ in methods]
+    for r in ranks.itertuples():
+        i, j = methods.index(r.method), cols.index((r.metric, r.condition))
+        grid[i, j] = r.rank
+        text[i][j] = f"{r.rank:g}\n[{r.rank_ci_low:g}, {r.rank_ci_high:g}]"
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(cols), 0.9 + 0.6 * len(methods)))
+    ax.imshow(grid, cmap="viridis_r", aspect="auto", vmin=1, vmax=max(1, len(methods)))
+    for i in range(len(methods)):
+        for j in range(len(cols)):
+            light = np.isfinite(grid[i, j]) and grid[i, j] <= (1 + len(methods)) / 2  # yellow end of viridis_r
+            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7, color="k" if light else "w")
+    ax.set_xticks(range(len(cols)), [f"{m}\n{c}" for m, c in cols], fontsize=7, rotation=45, ha="right")
+    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    ax.set_title("rank (1 = best) with bootstrap 95% interval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cross_architecture(matrix: pd.DataFrame, path: Path) -> Path:
+    """One heat map per (method, keep level): explaining model x evaluator accuracy."""
+    plt = _pyplot()
+    panels = list(dict.fromkeys(zip(matrix["method"], matrix["keep"])))
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False)
+    for ax, (method, keep) in zip(axes.ravel(), panels):
+        sub = matrix[(matrix["method"] == method) & (matrix["keep"] == keep)]
+        ex, ev = list(dict.fromkeys(sub["explainer"])), list(dict.fromkeys(sub["evaluator"]))
+        grid = np.full((len(ex), len(ev)), np.nan)
+        for r in sub.itertuples():
+            grid[ex.index(r.explainer), ev.index(r.evaluator)] = r.accuracy
+        ax.imshow(grid, vmin=0, vmax=1, cmap="magma")
+        for i in range(len(ex)):
+            for j in range(len(ev)):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7, color="c")
+        ax.set_xticks(range(len(ev)), ev, fontsize=7, rotation=30)
+        ax.set_yticks(range(len(ex)), ex, fontsize=7)
+        ax.set_title(f"{method}, keep {keep:g}", fontsize=8)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.suptitle("feature detection accuracy: explaining model (rows) x evaluator (columns)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
