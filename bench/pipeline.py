@@ -49,7 +49,7 @@ def bare_loop(x: torch.Tensor, batch_size: int, threads: int) -> float:
 
 def job(data: Path, store: Path, workers: int, batch_size: int, spectra: bool, n: int) -> float:
     cfg = {
-        "data": {"format": "parquet", "path": str(data), "image_size": 32, "channels": 1, "mean": [0.5], "std": [0.5]},
+        "data": {"format": "parquet", "path": str(data), "image_size": 32, "channels": 1, "mean": [0.0], "std": [1.0]},
         "store": str(store), "model": {"kind": "zoo", "name": "digits_cnn"}, "methods": METHODS,
         "spectra": {"enabled": spectra},
         "run": {"num_workers": workers, "unit_size": 64, "batch_size": batch_size},
@@ -70,7 +70,7 @@ def main() -> None:
     ray.init(num_cpus=args.workers, include_dashboard=False, object_store_memory=200_000_000,
              configure_logging=False)
     imgs, labels = digits_uint8(32, n=args.images, split="all")
-    x = (torch.from_numpy(imgs).float().div(255).unsqueeze(1) - 0.5) / 0.5
+    x = torch.from_numpy(imgs).float().div(255).unsqueeze(1)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_parquet_shards(tmp / "data", imgs, labels, shards=4)

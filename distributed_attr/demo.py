@@ -55,8 +55,9 @@ def demo_config(out: Path, data_dir: Path, quick: bool, workers: int) -> dict[st
         evaluators[name] = {"kind": "zoo", "name": name, "weights": str(path)}
     _, weights = zoo.pretrained("digits_cnn")
     return {
+        # the zoo models were trained on pixels in [0, 1]: no normalisation
         "data": {"format": "parquet", "path": str(data_dir), "image_size": 32, "channels": 1,
-                 "mean": [0.5], "std": [0.5]},
+                 "mean": [0.0], "std": [1.0]},
         "store": str(out / "digits.zarr"),
         "model": {"kind": "zoo", "name": "digits_cnn", "weights": str(weights)},
         "methods": methods,

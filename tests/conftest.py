@@ -38,7 +38,7 @@ def zoo_cnn():
 def base_config(data_path, store, **run) -> dict:
     cfg = {
         "data": {"format": "parquet", "path": str(data_path), "image_size": 32, "channels": 1,
-                 "mean": [0.5], "std": [0.5]},
+                 "mean": [0.0], "std": [1.0]},
         "store": str(store),
         "model": {"kind": "zoo", "name": "digits_cnn"},
         "methods": {"saliency": {}, "integrated_gradients": {"steps": 4}},
