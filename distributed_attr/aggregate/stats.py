@@ -74,6 +74,8 @@ class Moments:
             if self.mean is None:
                 self._init(x.shape[1:])
             return self
+        if skip_nan and not np.isnan(x).any():
+            skip_nan = False  # the cheaper exact path
         if skip_nan:
             valid = ~np.isnan(x)
             n = valid.sum(axis=0).astype(np.int64)

@@ -29,7 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+#: non-DC energy at or below this share of a map's total energy is float rounding, not content
+NUMERICAL_FLOOR = 1e-10
+
 __all__ = [
+    "NUMERICAL_FLOOR",
     "radial_frequencies",
     "radial_bin_counts",
     "radial_bin_index",
@@ -150,14 +154,16 @@ def high_frequency_fraction_from_spectrum(
     """Share of the non-DC energy in the bins whose centre is above ``cutoff`` cycles per pixel.
 
     energy of a bin = profile x count (Parseval); the DC bin (the map's mean) is in neither the
-    numerator nor the denominator, so a constant offset does not change the fraction. A map with
-    no energy outside DC gives 0; a NaN profile gives NaN."""
+    numerator nor the denominator, so a constant offset does not change the fraction. A map whose
+    non-DC energy is at most ``NUMERICAL_FLOOR`` (1e-10) of its total energy is constant up to
+    float rounding (e.g. low-passed below the first ring) and gives 0; a NaN profile gives NaN."""
     counts = torch.as_tensor(counts, dtype=profile.dtype, device=profile.device)
     freqs = torch.as_tensor(freqs, device=profile.device)
     energy = profile * counts
     high = energy[..., (freqs > cutoff) & (freqs > 0)].sum(-1)
     total = energy[..., freqs > 0].sum(-1)
-    return torch.where(total == 0, torch.zeros_like(total), high / total)
+    constant = total <= NUMERICAL_FLOOR * energy.sum(-1)
+    return torch.where(constant, torch.zeros_like(total), high / total)
 
 
 def high_frequency_fraction(maps: Tensor, cutoff: float) -> Tensor:

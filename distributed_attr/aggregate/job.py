@@ -1,0 +1,605 @@
+"""The aggregation job: dataset-wide spectra, filter effects and mean maps from a store.
+
+Readers are Ray tasks, one per group of contiguous work units. Each task opens the store itself
+with ``zarr.open_group(path, mode="r")``, reads whole shards (a run of done units in one call,
+capped at ``READ_BYTES`` per call), keeps only images with ``ok`` in done units, and returns
+small mergeable states (``GroupedMoments`` per method and quantity), never maps. The driver
+merges the states as they arrive, derives slopes and high-frequency fractions, and is the only
+writer: the store's ``aggregates/`` group, Parquet tables and PNG plots in ``out_dir``.
+
+Per method, overall and per class (the class is ``target``, the class each map explains):
+* radial spectrum at every cutoff (``spectra/<method>``, (cutoff, frequency)): mean, sample std,
+  95 % CI half-width of the mean (1.96 std / sqrt n);
+* from the *mean* spectrum: log-log slope (least squares of log10 power on log10 frequency over
+  the bins with frequency > 0 and power > 0) and high-frequency fraction (energy above
+  ``hf_cutoff`` cycles/pixel over non-DC energy, energy = power x bin count);
+* per image, the same slope and fraction, aggregated (mean, std, CI);
+* the stored per-image ``hf_fraction/<method>`` as written by the workers, aggregated;
+* the mean and std map (``maps/<method>``).
+A store without ``spectra/`` gets its spectra computed by the readers from the maps
+(unfiltered = the raw map, then the config's sweep with its filter kind).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import zarr
+
+from .stats import GroupedMoments, Moments, MomentsResult
+
+__all__ = ["run_aggregation", "aggregate_units", "plan_groups", "PartialAggregate", "READ_BYTES"]
+
+#: most decoded bytes one read call asks for (whole units only; at least one unit)
+READ_BYTES = 64 << 20
+#: default frequency (cycles per pixel) above which power counts as high-frequency: the Nyquist
+#: frequency of a stride-2 stage, i.e. the band a 2x subsampling aliases into
+DEFAULT_HF_CUTOFF = 0.25
+#: quantities aggregated per method besides the maps
+QUANTITIES = ("spectrum", "image_slope", "image_hf_fraction", "stored_hf_fraction")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure helpers (NumPy, also used by the tests' expectations through their definitions)
+# ------------------------------------------------------------------------------------------------
+
+
+#: bins (and non-DC energies) below this share of the largest bin (of the total energy) are
+#: float rounding of filtered-out content, not signal
+NUMERICAL_FLOOR = 1e-10
+
+
+def loglog_slope(freqs: np.ndarray, power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares slope and intercept of log10(power) on log10(freq) along the last axis, over
+    the bins with freq > 0 and finite power above ``NUMERICAL_FLOOR`` x the largest bin (DC
+    included): a low-pass filter leaves the bins above its cutoff at rounding level, and those
+    would otherwise dominate the fit. NaN where fewer than two bins qualify."""
+    f = np.asarray(freqs, dtype=np.float64)
+    p = np.asarray(power, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        floor = NUMERICAL_FLOOR * np.nanmax(np.where(np.isfinite(p), p, np.nan), axis=-1, keepdims=True) \
+            if p.shape[-1] else 0.0
+        w = (f > 0) & np.isfinite(p) & (p > np.maximum(floor, 0.0))
+        x = np.where(f > 0, np.log10(np.where(f > 0, f, 1.0)), 0.0)
+        y = np.where(w, np.log10(np.where(w, p, 1.0)), 0.0)
+        x = np.broadcast_to(x, p.shape)
+        n = w.sum(-1)
+        sx, sy = (w * x).sum(-1), (w * y).sum(-1)
+        sxx, sxy = (w * x * x).sum(-1), (w * x * y).sum(-1)
+        den = n * sxx - sx * sx
+        slope = np.where((n >= 2) & (den > 0), (n * sxy - sx * sy) / den, np.nan)
+        intercept = np.where(n >= 2, (sy - slope * sx) / np.maximum(n, 1), np.nan)
+    return slope, intercept
+
+
+def hf_fraction_from_spectrum(
+    freqs: np.ndarray, power: np.ndarray, counts: np.ndarray, cutoff: float
+) -> np.ndarray:
+    """Energy above ``cutoff`` cycles/pixel over non-DC energy, along the last axis (the NumPy
+    twin of ``spectral.high_frequency_fraction_from_spectrum``); 0 where the non-DC energy is
+    at most ``NUMERICAL_FLOOR`` x the total (a constant map, up to rounding), NaN where the
+    spectrum is NaN."""
+    f = np.asarray(freqs, dtype=np.float64)
+    energy = np.asarray(power, dtype=np.float64) * np.asarray(counts, dtype=np.float64)
+    high = energy[..., (f > cutoff) & (f > 0)].sum(-1)
+    total = energy[..., f > 0].sum(-1)
+    everything = energy.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total <= NUMERICAL_FLOOR * everything, 0.0, high / total)
+
+
+def plan_groups(units: Iterable[int], n_groups: int) -> list[list[int]]:
+    """Split sorted unit indices into ``n_groups`` contiguous groups of near-equal size."""
+    units = sorted(int(u) for u in units)
+    n_groups = max(1, min(n_groups, len(units)))
+    bounds = np.linspace(0, len(units), n_groups + 1).round().astype(int)
+    return [units[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _runs(units: list[int]) -> list[tuple[int, int]]:
+    """Contiguous runs [first, last] of sorted unit indices."""
+    runs: list[tuple[int, int]] = []
+    for u in units:
+        if runs and u == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], u)
+        else:
+            runs.append((u, u))
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------
+# What the driver tells each reader, and what a reader sends back
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadPlan:
+    store: str
+    unit_size: int
+    n_images: int
+    methods: list[str]
+    image_shape: tuple[int, int, int]
+    have_spectra: bool
+    have_stored_hf: bool
+    hf_cutoff: float
+    cutoffs: list[float]  # cycles per image; inf first
+    frequencies: list[float]
+    counts: list[float]  # coefficients per frequency bin (for energies)
+    filter_kind: str = "forgrad"
+    filter_order: int = 2
+    read_maps: bool = True
+    read_bytes: int = READ_BYTES
+
+
+@dataclass
+class PartialAggregate:
+    """Mergeable per-method states from one group of units, plus what it cost to read them."""
+
+    stats: dict[str, dict[str, GroupedMoments]] = field(default_factory=dict)
+    images: int = 0
+    units: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    def merge(self, other: "PartialAggregate") -> "PartialAggregate":
+        for method, per_q in other.stats.items():
+            mine = self.stats.setdefault(method, {})
+            for q, state in per_q.items():
+                if q in mine:
+                    mine[q].merge(state)
+                else:
+                    mine[q] = state
+        self.images += other.images
+        self.units += other.units
+        self.bytes_read += other.bytes_read
+        self.seconds += other.seconds
+        return self
+
+
+def _spectra_from_maps(maps: np.ndarray, plan: ReadPlan) -> np.ndarray:
+    """(n, K, F) spectra computed from maps when the store has none (same recipe as the
+    workers: unfiltered = the raw map, then the sweep with the config's filter)."""
+    import torch
+
+    from ..spectral import cutoff_sweep_spectra, radial_spectrum
+
+    x = torch.from_numpy(np.asarray(maps, dtype=np.float32))
+    out = np.empty((x.shape[0], len(plan.cutoffs), len(plan.frequencies)), dtype=np.float32)
+    finite = [k for k, c in enumerate(plan.cutoffs) if not math.isinf(c)]
+    for k, c in enumerate(plan.cutoffs):
+        if math.isinf(c):
+            out[:, k] = radial_spectrum(x)[1].numpy()
+    if finite:
+        _, sweep = cutoff_sweep_spectra(x, [plan.cutoffs[k] for k in finite], kind=plan.filter_kind,
+                                        order=plan.filter_order)
+        out[:, finite] = sweep.numpy()
+    return out
+
+
+def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
+    """Read ``units`` (done units) of the store and return their partial statistics."""
+    t0 = time.perf_counter()
+    root = zarr.open_group(plan.store, mode="r")
+    ok_arr, target_arr = root["ok"], root["target"]
+    freqs = np.asarray(plan.frequencies)
+    counts = np.asarray(plan.counts)
+    part = PartialAggregate(stats={m: {} for m in plan.methods})
+    arrays = {m: {} for m in plan.methods}
+    for m in plan.methods:
+        if plan.read_maps or not plan.have_spectra:
+            arrays[m]["maps"] = root[f"maps/{m}"]
+        if plan.have_spectra:
+            arrays[m]["spectra"] = root[f"spectra/{m}"]
+        if plan.have_stored_hf:
+            arrays[m]["hf"] = root[f"hf_fraction/{m}"]
+    per_image = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for d in arrays.values() for a in d.values())
+    units_per_read = max(1, plan.read_bytes // max(1, per_image * plan.unit_size))
+    for first, last in _runs(units):
+        for u0 in range(first, last + 1, units_per_read):
+            u1 = min(last, u0 + units_per_read - 1)
+            start, stop = u0 * plan.unit_size, min(plan.n_images, (u1 + 1) * plan.unit_size)
+            ok = np.asarray(ok_arr[start:stop], dtype=bool)
+            target = np.asarray(target_arr[start:stop])
+            part.bytes_read += ok.nbytes + target.nbytes
+            part.units += u1 - u0 + 1
+            keep = np.flatnonzero(ok)
+            part.images += keep.size
+            if keep.size == 0:
+                continue
+            keys = target[keep]
+            for m in plan.methods:
+                got = {name: arr[start:stop] for name, arr in arrays[m].items()}
+                part.bytes_read += sum(v.nbytes for v in got.values())
+                st = part.stats[m]
+                if "maps" in got:
+                    maps = got["maps"][keep]
+                    if plan.read_maps:
+                        st.setdefault("map", GroupedMoments()).update(maps, keys, skip_nan=True)
+                spectra = got["spectra"][keep] if "spectra" in got else _spectra_from_maps(maps, plan)
+                spectra = spectra.astype(np.float64)
+                st.setdefault("spectrum", GroupedMoments()).update(spectra, keys, skip_nan=True)
+                slope, _ = loglog_slope(freqs, spectra)
+                st.setdefault("image_slope", GroupedMoments()).update(slope, keys, skip_nan=True)
+                hf = hf_fraction_from_spectrum(freqs, spectra, counts, plan.hf_cutoff)
+                st.setdefault("image_hf_fraction", GroupedMoments()).update(hf, keys, skip_nan=True)
+                if "hf" in got:
+                    st.setdefault("stored_hf_fraction", GroupedMoments()).update(got["hf"][keep], keys, skip_nan=True)
+    part.seconds = time.perf_counter() - t0
+    return part
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------
+
+
+def _default_out_dir(store: str) -> Path:
+    p = Path(store).resolve()
+    return p.parent / f"{p.stem}-outputs"
+
+
+def _make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:
+    from ..spectral import radial_bin_counts, radial_frequencies
+
+    attrs = dict(root.attrs)
+    missing = [k for k in ("unit_size", "n_images", "methods", "image_shape") if k not in attrs]
+    if missing:
+        raise ValueError(f"{store!r} is not an attribution store: root attributes {missing} are missing")
+    methods = list(attrs["methods"])
+    _, h, w = (int(v) for v in attrs["image_shape"])
+    config = attrs.get("config") or {}
+    spectra_cfg = config.get("spectra") or {}
+    filters_cfg = config.get("filters") or {}
+    have_spectra = all(f"spectra/{m}" in root for m in methods) and "spectra/cutoff" in root
+    if have_spectra:
+        cutoffs = [float(c) for c in root["spectra/cutoff"][:]]
+        frequencies = [float(f) for f in root["spectra/frequency"][:]]
+    else:
+        from ..spectral import scaled_cutoffs
+
+        image_size = int((config.get("data") or {}).get("image_size") or min(h, w))
+        sweep = filters_cfg.get("sweep") or []
+        cutoffs = [math.inf] + scaled_cutoffs(sweep, image_size, int(filters_cfg.get("reference_size", 224)))
+        frequencies = radial_frequencies(h, w).tolist()
+    expected = radial_frequencies(h, w)
+    if len(frequencies) == expected.size and np.allclose(frequencies, expected):
+        counts = radial_bin_counts(h, w).tolist()
+    else:  # another binning than ours: weight bins alike rather than guess
+        counts = [1.0] * len(frequencies)
+    have_hf = all(f"hf_fraction/{m}" in root for m in methods)
+    return ReadPlan(
+        store=str(store),
+        unit_size=int(attrs["unit_size"]),
+        n_images=int(attrs["n_images"]),
+        methods=methods,
+        image_shape=(int(attrs["image_shape"][0]), h, w),
+        have_spectra=have_spectra,
+        have_stored_hf=have_hf,
+        hf_cutoff=float(spectra_cfg.get("hf_cutoff", DEFAULT_HF_CUTOFF)),
+        cutoffs=cutoffs,
+        frequencies=frequencies,
+        counts=counts,
+        filter_kind=str(filters_cfg.get("kind", "forgrad")),
+        filter_order=int(filters_cfg.get("order", 2)),
+        read_maps=read_maps,
+    )
+
+
+def _init_ray(address: str | None, num_workers: int | None) -> bool:
+    """Start or join Ray unless it runs already; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, configure_logging=False)
+    else:
+        ray.init(num_cpus=num_workers or os.cpu_count(), object_store_memory=100 * 1024 * 1024,
+                 include_dashboard=False, configure_logging=False)
+    return True
+
+
+def _run_tasks(plan: ReadPlan, groups: list[list[int]], num_workers: int) -> PartialAggregate:
+    """At most ``num_workers`` reader tasks in flight; states merged in completion order."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=2)(aggregate_units)
+    plan_ref = ray.put(plan)
+    total = PartialAggregate()
+    pending = list(groups)
+    in_flight: list[Any] = []
+    while pending or in_flight:
+        while pending and len(in_flight) < num_workers:
+            in_flight.append(task.remote(plan_ref, pending.pop(0)))
+        ready, in_flight = ray.wait(in_flight, num_returns=1)
+        total.merge(ray.get(ready[0]))
+    return total
+
+
+def run_aggregation(
+    store: str,
+    *,
+    address: str | None = None,
+    num_workers: int | None = None,
+    out_dir: str | None = None,
+    read_maps: bool = True,
+    tasks_per_worker: int = 2,
+    plots: bool = True,
+) -> dict:
+    """Aggregate a store; returns a summary dict (paths, counts, timings, headline numbers).
+
+    ``num_workers``: reader tasks in flight (None: the cluster's CPUs; 0: in this process,
+    without Ray). ``address``: a Ray cluster to join ("auto" under ``ray job submit``); Ray is
+    started locally when it is not running yet (and shut down again at the end). ``out_dir``:
+    Parquet tables and PNG plots (default ``<store parent>/<store stem>-outputs``).
+    ``read_maps=False`` skips the mean maps (reads only the small spectral arrays)."""
+    t_start = time.perf_counter()
+    store = str(store)
+    if not Path(store).exists():
+        raise FileNotFoundError(f"no store at {store!r}")
+    root = zarr.open_group(store, mode="r")
+    plan = _make_plan(store, root, read_maps)
+    done = np.flatnonzero(np.asarray(root["units/done"][:]) == 1)
+    started_ray = False
+    t_read = time.perf_counter()
+    if num_workers == 0:
+        workers = 0
+        partial = PartialAggregate()
+        for group in plan_groups(done, 1):
+            partial.merge(aggregate_units(plan, group))
+    else:
+        started_ray = _init_ray(address, num_workers)
+        import ray
+
+        workers = int(num_workers or max(1, ray.cluster_resources().get("CPU", 1)))
+        groups = plan_groups(done, workers * max(1, tasks_per_worker))
+        try:
+            partial = _run_tasks(plan, groups, workers) if groups else PartialAggregate()
+        finally:
+            if started_ray:
+                ray.shutdown()
+    read_seconds = time.perf_counter() - t_read
+
+    results = _finalise(plan, partial)
+    out = Path(out_dir) if out_dir else _default_out_dir(store)
+    out.mkdir(parents=True, exist_ok=True)
+    t_write = time.perf_counter()
+    _write_store(store, plan, results, done)
+    tables = _write_tables(out, plan, results)
+    figures = _plot(out, plan, results) if plots and results else []
+    write_seconds = time.perf_counter() - t_write
+    headline = {
+        m: {
+            "n_images": int(r["all"]["n"]),
+            "slope_unfiltered": _round(r["all"]["slope"][0]),
+            "hf_fraction_unfiltered": _round(r["all"]["hf_fraction"][0]),
+        }
+        for m, r in results.items()
+    }
+    return {
+        "store": store,
+        "out_dir": str(out),
+        "workers": workers,
+        "units": int(partial.units),
+        "images": int(partial.images),
+        "methods": plan.methods,
+        "hf_cutoff": plan.hf_cutoff,
+        "spectra_source": "store" if plan.have_spectra else "computed from maps",
+        "summary": headline,
+        "tables": tables,
+        "plots": figures,
+        "bytes_read": int(partial.bytes_read),
+        "read_seconds": round(read_seconds, 4),
+        "write_seconds": round(write_seconds, 4),
+        "seconds": round(time.perf_counter() - t_start, 4),
+        "maps_per_s": round(partial.images * len(plan.methods) / read_seconds, 1) if read_seconds > 0 else None,
+        "mb_per_s": round(partial.bytes_read / 1e6 / read_seconds, 1) if read_seconds > 0 else None,
+    }
+
+
+def _round(v: float) -> float | None:
+    return None if not np.isfinite(v) else round(float(v), 6)
+
+
+def _scope_results(plan: ReadPlan, states: dict[str, Moments]) -> dict[str, Any]:
+    """Everything derived for one scope (all images, or one class) of one method."""
+    freqs = np.asarray(plan.frequencies)
+    spec: MomentsResult = states["spectrum"].compute()
+    slope, intercept = loglog_slope(freqs, spec.mean)
+    out = {
+        "n": int(spec.count.max()) if spec.count.size else 0,
+        "spectrum": spec,
+        "slope": slope,
+        "intercept": intercept,
+        "hf_fraction": hf_fraction_from_spectrum(freqs, spec.mean, np.asarray(plan.counts), plan.hf_cutoff),
+    }
+    for q in ("image_slope", "image_hf_fraction", "stored_hf_fraction", "map"):
+        if q in states:
+            out[q] = states[q].compute()
+    return out
+
+
+def _finalise(plan: ReadPlan, partial: PartialAggregate) -> dict[str, dict[Any, dict[str, Any]]]:
+    results: dict[str, dict[Any, dict[str, Any]]] = {}
+    for m in plan.methods:
+        per_q = partial.stats.get(m) or {}
+        if "spectrum" not in per_q:
+            continue
+        scopes: dict[Any, dict[str, Any]] = {"all": _scope_results(plan, {q: g.total() for q, g in per_q.items()})}
+        for cls in per_q["spectrum"].keys():
+            scopes[int(cls)] = _scope_results(plan, {q: g.groups[cls] for q, g in per_q.items() if cls in g.groups})
+        results[m] = scopes
+    return results
+
+
+def _write_store(store: str, plan: ReadPlan, results: dict, done: np.ndarray) -> None:
+    """The ``aggregates/`` group, rewritten as a whole by the driver (the single writer)."""
+    root = zarr.open_group(store, mode="r+")
+    agg = root.create_group("aggregates", overwrite=True)
+    cutoffs = np.asarray(plan.cutoffs, dtype=np.float64)
+    freqs = np.asarray(plan.frequencies, dtype=np.float64)
+    agg.create_array("cutoff", data=cutoffs, dimension_names=["cutoff"],
+                     attributes={"units": "cycles per image; inf = unfiltered"})
+    agg.create_array("frequency", data=freqs, dimension_names=["frequency"], attributes={"units": "cycles per pixel"})
+
+    def put(group, name, data, dims, **attrs):
+        group.create_array(name, data=np.asarray(data), dimension_names=list(dims), attributes=attrs)
+
+    for m, scopes in results.items():
+        g = agg.create_group(m)
+        classes = sorted(k for k in scopes if k != "all")
+        put(g, "class", np.asarray(classes, dtype=np.int64), ["class"], meaning="target class the maps explain")
+        for prefix, keys, lead in (("", ["all"], []), ("class_", classes, ["class"])):
+            def stack(fn, dtype=np.float64):
+                arr = np.stack([np.asarray(fn(scopes[k]), dtype=dtype) for k in keys]) if keys else None
+                return arr if prefix else (arr[0] if arr is not None else None)
+
+            if not keys:
+                continue
+            put(g, f"{prefix}n_images", stack(lambda s: s["n"], np.int64), lead)
+            put(g, f"{prefix}spectrum_mean", stack(lambda s: s["spectrum"].mean), lead + ["cutoff", "frequency"])
+            put(g, f"{prefix}spectrum_std", stack(lambda s: s["spectrum"].std), lead + ["cutoff", "frequency"])
+            put(g, f"{prefix}spectrum_ci95", stack(lambda s: s["spectrum"].ci95), lead + ["cutoff", "frequency"],
+                meaning="half-width of the normal 95% CI of the mean: 1.96 std / sqrt(n)")
+            put(g, f"{prefix}slope", stack(lambda s: s["slope"]), lead + ["cutoff"],
+                meaning="log-log slope of the mean spectrum (frequency > 0)")
+            put(g, f"{prefix}hf_fraction", stack(lambda s: s["hf_fraction"]), lead + ["cutoff"],
+                meaning=f"non-DC energy above {plan.hf_cutoff} cycles/pixel in the mean spectrum")
+            for q in ("image_slope", "image_hf_fraction", "stored_hf_fraction"):
+                if all(q in scopes[k] for k in keys):
+                    for stat in ("mean", "std", "ci95"):
+                        put(g, f"{prefix}{q}_{stat}", stack(lambda s: getattr(s[q], stat)), lead + ["cutoff"])
+            if all("map" in scopes[k] for k in keys):
+                put(g, f"{prefix}map_mean", stack(lambda s: s["map"].mean, np.float32), lead + ["y", "x"])
+                put(g, f"{prefix}map_std", stack(lambda s: s["map"].std, np.float32), lead + ["y", "x"])
+    agg.attrs.update(
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        units_aggregated=int(done.size),
+        hf_cutoff=plan.hf_cutoff,
+        methods=list(results),
+        spectra_source="store" if plan.have_spectra else "computed from maps",
+    )
+
+
+def _write_tables(out: Path, plan: ReadPlan, results: dict) -> dict[str, str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image_size = min(plan.image_shape[1:])
+    spectra_rows: dict[str, list] = {k: [] for k in ("method", "scope", "class", "cutoff", "sigma_at_224",
+                                                     "frequency", "mean", "std", "ci95", "lower", "upper", "n")}
+    summary_rows: dict[str, list] = {k: [] for k in ("method", "scope", "class", "cutoff", "sigma_at_224", "n",
+                                                     "slope", "intercept", "hf_fraction")}
+    extra = ("image_slope", "image_hf_fraction", "stored_hf_fraction")
+    for q in extra:
+        for stat in ("mean", "std", "ci95"):
+            summary_rows[f"{q}_{stat}"] = []
+    freqs = np.asarray(plan.frequencies)
+    for m, scopes in results.items():
+        for key, s in scopes.items():
+            scope, cls = ("all", None) if key == "all" else ("class", int(key))
+            spec = s["spectrum"]
+            for k, c in enumerate(plan.cutoffs):
+                sigma224 = c * 224 / image_size
+                for j, f in enumerate(freqs):
+                    mean, ci = float(spec.mean[k, j]), float(spec.ci95[k, j])
+                    for col, v in (("method", m), ("scope", scope), ("class", cls), ("cutoff", c),
+                                   ("sigma_at_224", sigma224), ("frequency", float(f)), ("mean", mean),
+                                   ("std", float(spec.std[k, j])), ("ci95", ci), ("lower", mean - ci),
+                                   ("upper", mean + ci), ("n", int(spec.count[k, j]))):
+                        spectra_rows[col].append(v)
+                row = {"method": m, "scope": scope, "class": cls, "cutoff": c, "sigma_at_224": sigma224,
+                       "n": int(s["n"]), "slope": float(s["slope"][k]), "intercept": float(s["intercept"][k]),
+                       "hf_fraction": float(s["hf_fraction"][k])}
+                for q in extra:
+                    for stat in ("mean", "std", "ci95"):
+                        row[f"{q}_{stat}"] = float(getattr(s[q], stat)[k]) if q in s else None
+                for col, v in row.items():
+                    summary_rows[col].append(v)
+    paths = {"spectra": str(out / "spectra.parquet"), "summary": str(out / "summary.parquet")}
+    pq.write_table(pa.table(spectra_rows), paths["spectra"])
+    pq.write_table(pa.table(summary_rows), paths["summary"])
+    return paths
+
+
+def _positive_band(mean: np.ndarray, ci: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 95 % band clipped to positive values for log axes."""
+    floor = np.nanmin(np.where(mean > 0, mean, np.inf)) * 1e-3 if np.any(mean > 0) else 1e-12
+    return np.maximum(mean - ci, floor), mean + ci
+
+
+def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    freqs = np.asarray(plan.frequencies)
+    pos = freqs > 0
+    paths = []
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for m, scopes in results.items():
+        s = scopes["all"]
+        mean, ci = s["spectrum"].mean[0], s["spectrum"].ci95[0]
+        lo, hi = _positive_band(mean[pos], ci[pos])
+        line, = ax.loglog(freqs[pos], mean[pos], label=f"{m} (slope {s['slope'][0]:.2f}, n={s['n']})")
+        ax.fill_between(freqs[pos], lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.axvline(plan.hf_cutoff, color="0.5", linestyle=":", linewidth=1)
+    ax.set_xlabel("spatial frequency (cycles per pixel)")
+    ax.set_ylabel("power |F|² / (H W)")
+    ax.set_title("Mean radial power spectrum of the maps (95% CI band)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(str(out / "spectra.png"))
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+
+    methods = list(results)
+    panels = len(methods) + 1  # one per method, then the high-frequency fraction against sigma
+    cols = min(3, panels)
+    rows = (panels + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    image_size = min(plan.image_shape[1:])
+    finite = [k for k, c in enumerate(plan.cutoffs) if not math.isinf(c)]
+    for ax, m in zip(axes.ravel(), methods):
+        s = results[m]["all"]
+        top = np.nanmax(s["spectrum"].mean[:, pos]) if np.any(pos) else 1.0
+        for k, c in enumerate(plan.cutoffs):
+            mean = s["spectrum"].mean[k]
+            label = "unfiltered" if math.isinf(c) else f"σ={c:.3g} (≙{c * 224 / image_size:.0f} @224)"
+            color = "black" if math.isinf(c) else cmap(k / max(1, len(plan.cutoffs) - 1))
+            ok = pos & (mean > 0)
+            ax.loglog(freqs[ok], mean[ok], color=color, linewidth=1.4 if math.isinf(c) else 1.0, label=label)
+        if np.isfinite(top) and top > 0:
+            ax.set_ylim(top * 1e-7, top * 3)  # filtered-out bins sit at rounding level: not informative
+        ax.set_title(m, fontsize=10)
+        ax.set_xlabel("cycles per pixel")
+        ax.set_ylabel("power")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes.ravel()[0].legend(fontsize=6)
+    ax = axes.ravel()[len(methods)]
+    for m in methods:
+        s = results[m]["all"]
+        sig = np.asarray([plan.cutoffs[k] * 224 / image_size for k in finite])
+        ax.semilogx(sig, s["hf_fraction"][finite], marker="o", markersize=3, label=m)
+        ax.axhline(s["hf_fraction"][0], linestyle=":", linewidth=0.8, color=ax.lines[-1].get_color())
+    ax.set_xlabel("σ at 224 px (cycles per image)")
+    ax.set_ylabel(f"energy share above {plan.hf_cutoff} c/px")
+    ax.set_title("high-frequency fraction (dotted: unfiltered)", fontsize=10)
+    ax.legend(fontsize=6)
+    for ax in axes.ravel()[panels:]:
+        ax.axis("off")
+    fig.suptitle(f"Low-pass filter ({plan.filter_kind}) effect on the mean spectrum")
+    fig.tight_layout()
+    paths.append(str(out / "filter_effect.png"))
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+    return paths
