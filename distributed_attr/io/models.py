@@ -95,7 +95,10 @@ def load_model(cfg: ModelConfig, where: str = "model") -> nn.Module:
             _load_state_dict(model, cfg.weights, where)
     else:  # the config's Literal type makes this unreachable
         raise ModelError(f"{where}.kind: unknown kind {cfg.kind!r}")
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # torch.export modules keep the mode they were exported in and refuse eval()
     for p in model.parameters():
         p.requires_grad_(False)  # gradients are taken w.r.t. the input only
     return model

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from distributed_attr import zoo
+from distributed_attr.config import ModelConfig
+from distributed_attr.io.models import ModelError, fingerprint, load_model
+
+
+def _same_outputs(a, b):
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+
+
+def test_every_loader_gives_the_same_model(tmp_path, zoo_cnn):
+    model, weights = zoo_cnn
+    loaded = load_model(ModelConfig(kind="zoo", name="digits_cnn", weights=str(weights)))
+    _same_outputs(model, loaded)
+    assert fingerprint(loaded) == fingerprint(model)
+    assert not any(p.requires_grad for p in loaded.parameters())  # gradients go to the input only
+
+    torch.jit.save(torch.jit.trace(model, torch.rand(1, 1, 32, 32)), tmp_path / "m.ts")
+    _same_outputs(model, load_model(ModelConfig(kind="torchscript", weights=str(tmp_path / "m.ts"))))
+
+    torch.export.save(torch.export.export(model, (torch.rand(2, 1, 32, 32),)), tmp_path / "m.pt2")
+    _same_outputs(model, load_model(ModelConfig(kind="export", weights=str(tmp_path / "m.pt2"))))
+
+    factory = load_model(ModelConfig(kind="callable", name="distributed_attr.zoo:DigitsCNN", weights=str(weights)))
+    _same_outputs(model, factory)
+
+
+def test_torchvision_by_name_with_a_local_weights_file(tmp_path):
+    import torchvision
+
+    net = torchvision.models.get_model("resnet18", weights=None, num_classes=7)
+    torch.save(net.state_dict(), tmp_path / "r18.pth")
+    loaded = load_model(ModelConfig(kind="torchvision", name="resnet18", num_classes=7, weights=str(tmp_path / "r18.pth")))
+    assert fingerprint(loaded) == fingerprint(net.eval())
+
+
+def test_fingerprint_changes_with_the_weights(zoo_cnn):
+    a = zoo.build("digits_cnn")
+    b = zoo.build("digits_cnn")
+    b.load_state_dict(a.state_dict())
+    assert fingerprint(a) == fingerprint(b)
+    with torch.no_grad():
+        b.classifier.bias[0] += 1e-3
+    assert fingerprint(a) != fingerprint(b)
+
+
+def test_loader_errors_say_what_is_wrong(tmp_path):
+    with pytest.raises(ModelError, match=r"model.weights: file .* does not exist"):
+        load_model(ModelConfig(kind="zoo", name="digits_cnn", weights=str(tmp_path / "missing.pt")))
+    torch.save(zoo.build("digits_vgg").state_dict(), tmp_path / "vgg.pt")
+    with pytest.raises(ModelError, match=r"does not fit the architecture"):
+        load_model(ModelConfig(kind="zoo", name="digits_cnn", weights=str(tmp_path / "vgg.pt")))
+    with pytest.raises(ModelError, match=r"not a zoo model; valid: \['digits_cnn'"):
+        load_model(ModelConfig(kind="zoo", name="lenet"))
+    with pytest.raises(ModelError, match=r"cannot import 'nowhere.module:f'"):
+        load_model(ModelConfig(kind="callable", name="nowhere.module:f"))
+    # pickled code is refused: only tensors load (weights_only=True)
+    torch.save({"state_dict": zoo.build("digits_cnn").state_dict(), "fn": print}, tmp_path / "evil.pt")
+    with pytest.raises(ModelError, match="weights_only=True"):
+        load_model(ModelConfig(kind="zoo", name="digits_cnn", weights=str(tmp_path / "evil.pt")))
