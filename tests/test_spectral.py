@@ -229,3 +229,11 @@ def test_same_numbers_on_gpu():
     f1, p1 = radial_spectrum(maps[:, 0])
     f2, p2 = radial_spectrum(maps[:, 0].cuda())
     torch.testing.assert_close(p2.cpu(), p1, rtol=1e-4, atol=1e-6)
+
+
+def test_hf_fraction_of_a_map_filtered_to_its_mean_is_zero():
+    maps = torch.rand(3, 16, 16)
+    flat = low_pass(maps, 0.5, "forgrad")  # the disk holds only the mean: a constant map
+    torch.testing.assert_close(flat, maps.mean((1, 2), keepdim=True).expand_as(flat), rtol=1e-5, atol=1e-6)
+    # its non-DC energy is float rounding (~1e-14 of the total), not high-frequency content
+    assert (high_frequency_fraction(flat, 0.1) == 0).all()

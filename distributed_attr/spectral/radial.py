@@ -106,11 +106,17 @@ def _binning_matrix(height: int, width: int, device: str, dtype: torch.dtype) ->
     entry = multiplicity / (count of the bin * H * W). A dense matmul is deterministic on every
     device (scatter-add on CUDA is not) and costs ~F multiply-adds per coefficient."""
     index, multiplicity, counts = _geometry(height, width)
+    weights = np.broadcast_to(multiplicity, index.shape) / (counts[index] * height * width)
     n_coef = index.size
     mat = np.zeros((n_coef, counts.size), dtype=np.float64)
-    weights = np.broadcast_to(multiplicity, index.shape).ravel() / (counts[index.ravel()] * height * width)
-    mat[np.arange(n_coef), index.ravel()] = weights
+    mat[np.arange(n_coef), index.ravel()] = weights.ravel()
     return torch.from_numpy(mat).to(device=device, dtype=dtype)
+
+
+def half_plane_power(x: Tensor) -> Tensor:
+    """``|rfft2(x)|^2`` (..., H, W//2+1), computed in the input's precision (float32 at least)."""
+    coef = torch.fft.rfft2(x)
+    return coef.real.square() + coef.imag.square()
 
 
 def as_maps(maps: Tensor, *, allow_channels: bool = False) -> Tensor:
@@ -142,10 +148,8 @@ def radial_spectrum(maps: Tensor) -> tuple[Tensor, Tensor]:
     float64 stays float64. A NaN map (a failed image) gives a NaN profile."""
     maps = as_maps(maps)
     _, height, width = maps.shape
-    coef = torch.fft.rfft2(maps)
-    power = coef.real.square() + coef.imag.square()
     freqs = torch.from_numpy(radial_frequencies(height, width)).to(maps.device, maps.dtype)
-    return freqs, power_to_profile(power, height, width)
+    return freqs, power_to_profile(half_plane_power(maps), height, width)
 
 
 def high_frequency_fraction_from_spectrum(
