@@ -19,10 +19,23 @@ def outputs_dir(store: str | Path) -> Path:
     return p.parent / f"{p.stem}-outputs"
 
 
+#: the order a reader wants: what the maps look like, their spectra, the filter's effect, the
+#: rankings, then the details; anything else follows alphabetically
+READING_ORDER = ("examples", "spectra", "filter_effect", "stage", "antialias", "rankings", "best_cutoffs",
+                 "summary", "cutoff_curves", "cross_architecture")
+
+
+def _reading_order(path: Path) -> tuple[int, str]:
+    for i, prefix in enumerate(READING_ORDER):
+        if path.stem.startswith(prefix):
+            return i, path.stem
+    return len(READING_ORDER), path.stem
+
+
 def _tables(out: Path):
     import pandas as pd
 
-    for path in sorted(out.glob("*.parquet")):
+    for path in sorted(out.glob("*.parquet"), key=_reading_order):
         try:
             df = pd.read_parquet(path)
         except Exception as exc:  # a broken table must not hide the rest of the report
@@ -37,7 +50,7 @@ def write_report(store: str, out_dir: str | None = None, max_rows: int = 60) -> 
     out = Path(out_dir) if out_dir else outputs_dir(store)
     out.mkdir(parents=True, exist_ok=True)
     examples = Path(store).resolve().parent / "examples.png"
-    figures = sorted(out.glob("*.png"))
+    figures = sorted(out.glob("*.png"), key=_reading_order)
     if examples.exists():
         figures.insert(0, examples)
     lr = info.get("last_run") or {}
