@@ -202,9 +202,9 @@ def test_infinite_cutoff_is_unfiltered_and_errors_name_the_problem():
 @pytest.mark.parametrize("n", [16, 17])
 def test_cutoff_sweep_equals_filter_then_spectrum(kind, n):
     maps = torch.from_numpy(_rng(5).normal(size=(3, n, n)))
-    cutoffs = [math.inf, 8.0, 3.0, 1.5]
+    cutoffs = [math.inf, 12.0, 8.0, 3.0, 1.5]  # 12: the disk holds every coefficient
     freqs, sweep = cutoff_sweep_spectra(maps, cutoffs, kind=kind, max_elements=2 * n * n * 3)
-    assert sweep.shape == (3, 4, n // 2 + 1)
+    assert sweep.shape == (3, 5, n // 2 + 1)
     for k, c in enumerate(cutoffs):
         _, ref = radial_spectrum(low_pass(maps, c, kind=kind))
         np.testing.assert_allclose(sweep[:, k].numpy(), ref.numpy(), rtol=1e-7, atol=1e-12)

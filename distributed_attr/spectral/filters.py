@@ -235,17 +235,19 @@ def cutoff_sweep_spectra(
         gains = _transfer_tensor(height, width, cutoffs, kind, int(order), str(x.device), x.dtype)
         out[:] = power_to_profile(power[:, None] * gains.square(), height, width)
         return freqs, out
-    finite = [k for k, c in enumerate(cutoffs) if not math.isinf(c)]
-    if len(finite) < len(cutoffs):
-        unfiltered = power_to_profile(half_plane_power(x), height, width)
-        for k, c in enumerate(cutoffs):
-            if math.isinf(c):
-                out[:, k] = unfiltered
+    # A disk holding every coefficient changes nothing when the width is even (no column is
+    # dropped): irfft2(rfft2(|x|)) = |x|. Those cutoffs (sigma >= the corner radius, e.g. 224 and
+    # 200 at 224 px) share the unfiltered spectrum of |x| instead of two FFTs each.
+    identity = [k for k, c in enumerate(cutoffs)
+                if math.isinf(c) or (width % 2 == 0 and _forgrad_mask_np(height, width, c).all())]
+    finite = [k for k in range(len(cutoffs)) if k not in identity]
+    coef = torch.fft.rfft2(x)
+    if identity:
+        out[:, identity] = power_to_profile(coef.real.square() + coef.imag.square(), height, width)[:, None]
     if finite:
         finite_cutoffs = tuple(cutoffs[k] for k in finite)
         masks = _transfer_tensor(height, width, finite_cutoffs, kind, 2, str(x.device), x.dtype)
         supports = _mask_support(height, width, finite_cutoffs)
-        coef = torch.fft.rfft2(x)
         step = max(1, max_elements // max(1, n * height * width))
         for start in range(0, len(finite), step):
             sl = slice(start, start + step)
