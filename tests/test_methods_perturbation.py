@@ -70,6 +70,7 @@ def test_occlusion_matches_captum(patch, stride, baseline):
     model = small_cnn()
     g = torch.Generator().manual_seed(1)
     x = torch.rand(3, 2, 16, 16, generator=g, dtype=torch.float64)
+    x[:, :, :9, :7] = baseline  # windows in here are skipped: occluding them changes nothing
     t = torch.tensor([2, 0, 1])
     m = build_method("occlusion", {"patch": patch, "stride": stride, "baseline": baseline})
     ours = compute_maps(model, x, t, [m], Context(max_batch=37))["occlusion"]
@@ -79,6 +80,18 @@ def test_occlusion_matches_captum(patch, stride, baseline):
     )
     assert torch.equal(ref[:, 0], ref[:, 1])  # all channels occluded together
     assert rel_err(ours, ref[:, 0]) < 1e-4
+
+
+def test_occlusion_skips_only_windows_that_change_nothing():
+    model = small_cnn()
+    seen = []
+    model.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].clone()))
+    x = torch.zeros(1, 2, 8, 8, dtype=torch.float64)
+    x[0, 1, 7, 7] = 1.0  # one non-baseline pixel: only windows covering it are evaluated
+    compute_maps(model, x, torch.tensor([0]), [build_method("occlusion", {"patch": 4, "stride": 2})], Context())
+    evaluated = torch.cat(seen)[1:]  # after the clean image
+    # windows start at 0, 2, 4 on each axis; only the one starting at (4, 4) covers (7, 7)
+    assert evaluated.shape[0] == 1 and evaluated.abs().sum() == 0
 
 
 def test_occlusion_probability_output_and_bad_params():

@@ -7,7 +7,10 @@ d = f(x) - f(x with the window set to ``baseline``); a pixel's attribution is th
 the windows that cover it. f is the target logit (Captum's convention) or probability.
 
 All window positions x images go through the model as one flattened batch in chunks of
-``ctx.max_batch``; a chunk builds its occluded images when it runs.
+``ctx.max_batch``; a chunk builds its occluded images when it runs. A window whose pixels all
+already equal the baseline (black background under baseline 0, padding) leaves the image
+unchanged, so its drop is exactly 0 and it is not evaluated: an exact saving, large on images
+with flat backgrounds, none on natural photographs.
 """
 from __future__ import annotations
 
@@ -74,8 +77,17 @@ class Occlusion(Method):
             with torch.no_grad(), autocast_ctx(ctx, inputs.device):
                 return output_scores(model(inputs), tgt, p.output).to(dtype)
 
+        # Which (image, window) pairs change the image at all: count the pixels that differ from
+        # the baseline in every window (a strided sum over a zero-padded map).
+        differs = (x != p.baseline).any(dim=1, keepdim=True).to(dtype)
+        pad_h, pad_w = (nh - 1) * p.stride + p.patch - height, (nw - 1) * p.stride + p.patch - width
+        differs = F.pad(differs, (0, max(0, pad_w), 0, max(0, pad_h)))
+        ones = torch.ones(1, 1, p.patch, p.patch, dtype=dtype, device=x.device)
+        active = (F.conv2d(differs, ones, stride=p.stride)[:, 0, :nh, :nw] > 0).flatten()
+        pairs = active.nonzero().squeeze(1)  # flat image-major (image, window) indices to evaluate
+
         def one(sl: slice) -> Tensor:
-            pair = torch.arange(sl.start, sl.stop, device=x.device)
+            pair = pairs[sl]
             img, win = pair // windows, pair % windows
             r0, c0 = rows[win // nw], cols[win % nw]
             in_rows = (ys[None, :] >= r0[:, None]) & (ys[None, :] < r0[:, None] + p.patch)
@@ -85,11 +97,12 @@ class Occlusion(Method):
             return scores(occluded, target[img])
 
         clean = run_in_chunks(lambda sl: scores(x[sl], target[sl]), n, ctx)
-        occluded = run_in_chunks(one, n * windows, ctx).view(n, 1, nh, nw)
-        drop = clean.view(n, 1, 1, 1) - occluded
+        drop = torch.zeros(n * windows, dtype=dtype, device=x.device)
+        if len(pairs):
+            drop[pairs] = clean[pairs // windows] - run_in_chunks(one, len(pairs), ctx)
+        drop = drop.view(n, 1, nh, nw)
         # Spread each window's drop over its pixels and count the covering windows: both are a
         # transposed convolution with a patch of ones, cropped to the image.
-        ones = torch.ones(1, 1, p.patch, p.patch, dtype=dtype, device=x.device)
         total = F.conv_transpose2d(drop, ones, stride=p.stride)[:, 0, :height, :width]
         count = F.conv_transpose2d(torch.ones_like(drop[:1]), ones, stride=p.stride)[:, 0, :height, :width]
         return total / count
