@@ -145,7 +145,7 @@ class UnitProcessor:
         return out
 
     # -- the unit of work ------------------------------------------------------------------------
-    def process(self, unit: int, write: bool = True) -> UnitResult | tuple[UnitResult, dict[str, np.ndarray]]:
+    def process(self, unit: int) -> UnitResult:
         """Attribute one unit and write its block of every array (one call per array)."""
         t0 = time.perf_counter()
         cfg = self.cfg
@@ -183,13 +183,10 @@ class UnitProcessor:
         ok = np.zeros(n, dtype=bool)
         ok[rows_t] = True
         arrays.update(image=np.arange(start, stop, dtype=np.int64), label=all_labels, ok=ok)
-        result = UnitResult(unit=unit, images=n, failures=failures)
-        if write:
-            if self._writer is None:
-                self._writer = UnitWriter(cfg.store)
-            self._writer.write(unit, arrays)
-        result.seconds = time.perf_counter() - t0
-        return result if write else (result, arrays)
+        if self._writer is None:
+            self._writer = UnitWriter(cfg.store)
+        self._writer.write(unit, arrays)
+        return UnitResult(unit=unit, images=n, failures=failures, seconds=time.perf_counter() - t0)
 
     def n_images(self) -> int:
         n = len(self.source)

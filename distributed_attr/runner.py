@@ -193,7 +193,7 @@ def run(
     try:
         if workers == 0 or not pending:
             for u in pending:
-                commit(probe.process(u))  # type: ignore[arg-type]
+                commit(probe.process(u))
         else:
             del probe  # free the driver's replica before actors load theirs
             _run_on_ray(cfg, pending, commit, address, state, _after_dispatch)
@@ -319,8 +319,8 @@ class AttributionWorker:
 
     def process(self, unit: int) -> UnitResult:
         res = self.processor.process(unit)
-        res.worker = self.name  # type: ignore[union-attr]
-        return res  # type: ignore[return-value]
+        res.worker = self.name
+        return res
 
     def pid(self) -> int:
         return os.getpid()
