@@ -100,3 +100,19 @@ def test_errors_say_what_is_wrong():
         Moments().compute()
     with pytest.raises(ValueError, match="one key per sample"):
         GroupedMoments().update(np.zeros((3, 2)), [0, 1])
+
+
+def test_block_wise_reduction_equals_one_block(monkeypatch):
+    """Moments.update reduces big batches in cache-sized row blocks merged with the same update;
+    with 3-row blocks (NaNs included) it must still equal NumPy."""
+    from distributed_attr.aggregate import stats
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(20, 4, 5)) * 3 + 50
+    x[[2, 9, 15], 1, 2] = np.nan
+    monkeypatch.setattr(stats, "BLOCK_BYTES", 3 * 4 * 5 * 8)
+    r = Moments().update(x.astype(np.float16), skip_nan=True).compute()
+    x16 = x.astype(np.float16).astype(np.float64)
+    np.testing.assert_allclose(r.mean, np.nanmean(x16, axis=0), rtol=1e-12)
+    np.testing.assert_allclose(r.std, np.nanstd(x16, axis=0, ddof=1), rtol=1e-10)
+    assert r.count[1, 2] == 17 and r.count[0, 0] == 20

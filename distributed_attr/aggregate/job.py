@@ -58,23 +58,26 @@ def loglog_slope(freqs: np.ndarray, power: np.ndarray) -> tuple[np.ndarray, np.n
     """Least-squares slope and intercept of log10(power) on log10(freq) along the last axis, over
     the bins with freq > 0 and finite power above ``NUMERICAL_FLOOR`` x the largest bin (DC
     included): a low-pass filter leaves the bins above its cutoff at rounding level, and those
-    would otherwise dominate the fit. NaN where fewer than two bins qualify."""
+    would otherwise dominate the fit. NaN where fewer than two bins qualify (or the spectrum is
+    NaN)."""
     f = np.asarray(freqs, dtype=np.float64)
     p = np.asarray(power, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        floor = NUMERICAL_FLOOR * np.nanmax(np.where(np.isfinite(p), p, np.nan), axis=-1, keepdims=True) \
-            if p.shape[-1] else 0.0
-        w = (f > 0) & np.isfinite(p) & (p > np.maximum(floor, 0.0))
-        x = np.where(f > 0, np.log10(np.where(f > 0, f, 1.0)), 0.0)
-        y = np.where(w, np.log10(np.where(w, p, 1.0)), 0.0)
-        x = np.broadcast_to(x, p.shape)
-        n = w.sum(-1)
-        sx, sy = (w * x).sum(-1), (w * y).sum(-1)
-        sxx, sxy = (w * x * x).sum(-1), (w * x * y).sum(-1)
+    lead = p.shape[:-1]
+    p2 = p.reshape(-1, f.size)
+    x = np.log10(np.where(f > 0, f, 1.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        floor = NUMERICAL_FLOOR * p2.max(axis=1, keepdims=True)  # NaN rows: every test below fails
+        use = (p2 > floor) & (p2 > 0) & np.isfinite(p2) & (f > 0)
+        y = np.log10(np.where(use, p2, 1.0))  # 0 where unused, so plain sums skip those bins
+        w = use.astype(np.float64)
+        n = w.sum(axis=1)
+        sx, sxx = w @ x, w @ (x * x)
+        sy, sxy = y.sum(axis=1), y @ x
         den = n * sxx - sx * sx
-        slope = np.where((n >= 2) & (den > 0), (n * sxy - sx * sy) / den, np.nan)
-        intercept = np.where(n >= 2, (sy - slope * sx) / np.maximum(n, 1), np.nan)
-    return slope, intercept
+        ok = (n >= 2) & (den > 0)
+        slope = np.where(ok, (n * sxy - sx * sy) / np.where(ok, den, 1.0), np.nan)
+        intercept = np.where(ok, (sy - slope * sx) / np.maximum(n, 1), np.nan)
+    return slope.reshape(lead), intercept.reshape(lead)
 
 
 def hf_fraction_from_spectrum(
@@ -85,10 +88,12 @@ def hf_fraction_from_spectrum(
     at most ``NUMERICAL_FLOOR`` x the total (a constant map, up to rounding), NaN where the
     spectrum is NaN."""
     f = np.asarray(freqs, dtype=np.float64)
-    energy = np.asarray(power, dtype=np.float64) * np.asarray(counts, dtype=np.float64)
-    high = energy[..., (f > cutoff) & (f > 0)].sum(-1)
-    total = energy[..., f > 0].sum(-1)
-    everything = energy.sum(-1)
+    p = np.asarray(power, dtype=np.float64)
+    c = np.asarray(counts, dtype=np.float64)
+    # energies as three dot products with the bin counts (no (n, K, F) temporaries)
+    high = p @ (c * ((f > cutoff) & (f > 0)))
+    total = p @ (c * (f > 0))
+    everything = p @ c
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total <= NUMERICAL_FLOOR * everything, 0.0, high / total)
 
@@ -181,54 +186,75 @@ def _spectra_from_maps(maps: np.ndarray, plan: ReadPlan) -> np.ndarray:
     return out
 
 
+def _blocks(units: list[int], units_per_read: int) -> list[tuple[int, int]]:
+    """Read calls: runs of contiguous units cut into blocks of at most ``units_per_read``."""
+    out = []
+    for first, last in _runs(units):
+        for u0 in range(first, last + 1, units_per_read):
+            out.append((u0, min(last, u0 + units_per_read - 1)))
+    return out
+
+
 def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
-    """Read ``units`` (done units) of the store and return their partial statistics."""
+    """Read ``units`` (done units) of the store and return their partial statistics.
+
+    Reads go block by block (whole units, one call per array and block) and are prefetched by
+    one thread: while zarr decodes block i+1 (its I/O thread, the codecs release the GIL), this
+    thread updates the statistics of block i."""
+    from concurrent.futures import ThreadPoolExecutor
+
     t0 = time.perf_counter()
     root = zarr.open_group(plan.store, mode="r")
-    ok_arr, target_arr = root["ok"], root["target"]
+    arrays: dict[str, Any] = {"ok": root["ok"], "target": root["target"]}
+    for m in plan.methods:
+        if plan.read_maps or not plan.have_spectra:
+            arrays[f"maps/{m}"] = root[f"maps/{m}"]
+        if plan.have_spectra:
+            arrays[f"spectra/{m}"] = root[f"spectra/{m}"]
+        if plan.have_stored_hf:
+            arrays[f"hf_fraction/{m}"] = root[f"hf_fraction/{m}"]
+    per_unit = plan.unit_size * sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in arrays.values())
+    # big enough to keep read calls few, small enough to give the prefetch something to overlap
+    units_per_read = max(1, min(plan.read_bytes // max(1, per_unit), math.ceil(len(units) / 4)))
+    blocks = _blocks(sorted(units), units_per_read)
+
+    def read(block: tuple[int, int]) -> tuple[tuple[int, int], dict[str, np.ndarray]]:
+        start = block[0] * plan.unit_size
+        stop = min(plan.n_images, (block[1] + 1) * plan.unit_size)
+        return block, {name: arr[start:stop] for name, arr in arrays.items()}
+
     freqs = np.asarray(plan.frequencies)
     counts = np.asarray(plan.counts)
     part = PartialAggregate(stats={m: {} for m in plan.methods})
-    arrays = {m: {} for m in plan.methods}
-    for m in plan.methods:
-        if plan.read_maps or not plan.have_spectra:
-            arrays[m]["maps"] = root[f"maps/{m}"]
-        if plan.have_spectra:
-            arrays[m]["spectra"] = root[f"spectra/{m}"]
-        if plan.have_stored_hf:
-            arrays[m]["hf"] = root[f"hf_fraction/{m}"]
-    per_image = sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for d in arrays.values() for a in d.values())
-    units_per_read = max(1, plan.read_bytes // max(1, per_image * plan.unit_size))
-    for first, last in _runs(units):
-        for u0 in range(first, last + 1, units_per_read):
-            u1 = min(last, u0 + units_per_read - 1)
-            start, stop = u0 * plan.unit_size, min(plan.n_images, (u1 + 1) * plan.unit_size)
-            ok = np.asarray(ok_arr[start:stop], dtype=bool)
-            target = np.asarray(target_arr[start:stop])
-            part.bytes_read += ok.nbytes + target.nbytes
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        pending = pool.submit(read, blocks[0]) if blocks else None
+        for i in range(len(blocks)):
+            (u0, u1), got = pending.result()
+            pending = pool.submit(read, blocks[i + 1]) if i + 1 < len(blocks) else None
+            part.bytes_read += sum(v.nbytes for v in got.values())
             part.units += u1 - u0 + 1
-            keep = np.flatnonzero(ok)
+            keep = np.flatnonzero(np.asarray(got["ok"], dtype=bool))
             part.images += keep.size
             if keep.size == 0:
                 continue
-            keys = target[keep]
+            keys = np.asarray(got["target"])[keep]
             for m in plan.methods:
-                got = {name: arr[start:stop] for name, arr in arrays[m].items()}
-                part.bytes_read += sum(v.nbytes for v in got.values())
                 st = part.stats[m]
-                if "maps" in got:
-                    maps = got["maps"][keep]
-                    if plan.read_maps:
-                        st.setdefault("map", GroupedMoments()).update(maps, keys, skip_nan=True)
-                spectra = got["spectra"][keep] if "spectra" in got else _spectra_from_maps(maps, plan)
-                spectra = spectra.astype(np.float64)
+                maps = got[f"maps/{m}"][keep] if f"maps/{m}" in got else None
+                if maps is not None and plan.read_maps:
+                    st.setdefault("map", GroupedMoments()).update(maps, keys, skip_nan=True)
+                if f"spectra/{m}" in got:
+                    spectra = got[f"spectra/{m}"][keep].astype(np.float64)
+                else:
+                    spectra = _spectra_from_maps(maps, plan).astype(np.float64)
                 st.setdefault("spectrum", GroupedMoments()).update(spectra, keys, skip_nan=True)
                 slope, _ = loglog_slope(freqs, spectra)
                 st.setdefault("image_slope", GroupedMoments()).update(slope, keys, skip_nan=True)
                 hf = hf_fraction_from_spectrum(freqs, spectra, counts, plan.hf_cutoff)
                 st.setdefault("image_hf_fraction", GroupedMoments()).update(hf, keys, skip_nan=True)
-                if "hf" in got:
-                    st.setdefault("stored_hf_fraction", GroupedMoments()).update(got["hf"][keep], keys, skip_nan=True)
+                if f"hf_fraction/{m}" in got:
+                    st.setdefault("stored_hf_fraction", GroupedMoments()).update(
+                        got[f"hf_fraction/{m}"][keep], keys, skip_nan=True)
     part.seconds = time.perf_counter() - t0
     return part
 
