@@ -330,11 +330,17 @@ def _init_ray(address: str | None, num_workers: int | None) -> bool:
     return True
 
 
+_REMOTE_TASK: Any = None
+
+
 def _run_tasks(plan: ReadPlan, groups: list[list[int]], num_workers: int) -> PartialAggregate:
     """At most ``num_workers`` reader tasks in flight; states merged in completion order."""
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=2)(aggregate_units)
+    global _REMOTE_TASK
+    if _REMOTE_TASK is None:  # exported to the cluster once per driver process, not per job
+        _REMOTE_TASK = ray.remote(num_cpus=1, max_retries=2)(aggregate_units)
+    task = _REMOTE_TASK
     plan_ref = ray.put(plan)
     total = PartialAggregate()
     pending = list(groups)
@@ -354,7 +360,7 @@ def run_aggregation(
     num_workers: int | None = None,
     out_dir: str | None = None,
     read_maps: bool = True,
-    tasks_per_worker: int = 2,
+    units_per_task: int = 64,
     plots: bool = True,
 ) -> dict:
     """Aggregate a store; returns a summary dict (paths, counts, timings, headline numbers).
@@ -363,7 +369,9 @@ def run_aggregation(
     without Ray). ``address``: a Ray cluster to join ("auto" under ``ray job submit``); Ray is
     started locally when it is not running yet (and shut down again at the end). ``out_dir``:
     Parquet tables and PNG plots (default ``<store parent>/<store stem>-outputs``).
-    ``read_maps=False`` skips the mean maps (reads only the small spectral arrays)."""
+    ``read_maps=False`` skips the mean maps (reads only the small spectral arrays).
+    ``units_per_task``: at most this many units per reader task (and at least one task per
+    worker): a lost task costs little to redo and fast workers take more tasks."""
     t_start = time.perf_counter()
     store = str(store)
     if not Path(store).exists():
@@ -383,7 +391,7 @@ def run_aggregation(
         import ray
 
         workers = int(num_workers or max(1, ray.cluster_resources().get("CPU", 1)))
-        groups = plan_groups(done, workers * max(1, tasks_per_worker))
+        groups = plan_groups(done, max(workers, math.ceil(len(done) / max(1, units_per_task))))
         try:
             partial = _run_tasks(plan, groups, workers) if groups else PartialAggregate()
         finally:
