@@ -41,7 +41,10 @@ from .gradient import upsample_to
 
 def sobol_design(dim: int, design: int, seed: int) -> np.ndarray:
     """(design * (dim + 2), dim) mask variables: the rows of A, then B, then C_1 .. C_dim."""
-    sampler = qmc.Sobol(2 * dim, scramble=True, rng=np.random.default_rng(seed))
+    try:
+        sampler = qmc.Sobol(2 * dim, scramble=True, rng=np.random.default_rng(seed))
+    except TypeError:  # SciPy < 1.15 names the argument ``seed``
+        sampler = qmc.Sobol(2 * dim, scramble=True, seed=np.random.default_rng(seed))
     ab = sampler.random(design)
     a, b = ab[:, :dim], ab[:, dim:]
     c = np.repeat(a[None], dim, axis=0)  # (dim, design, dim)
