@@ -123,9 +123,12 @@ def test_in_process_aggregation_equals_numpy(store, tmp_path):
 def test_ray_aggregation_equals_numpy(store, tmp_path):
     ray = pytest.importorskip("ray")
     expected = _expected(store)
-    ray.init(num_cpus=2, object_store_memory=100_000_000, include_dashboard=False, configure_logging=False)
+    # address="local": a fresh local instance even if RAY_ADDRESS or a `ray start` cluster is around
+    ray.init(address="local", num_cpus=2, object_store_memory=100_000_000, include_dashboard=False,
+             configure_logging=False)
     try:
-        result = run_aggregation(store, num_workers=2, out_dir=str(tmp_path / "ray-out"))
+        # one unit per task: 4 tasks over 2 workers, merged in completion order
+        result = run_aggregation(store, num_workers=2, out_dir=str(tmp_path / "ray-out"), units_per_task=1)
         assert ray.is_initialized()  # a Ray it did not start is left running
     finally:
         ray.shutdown()
