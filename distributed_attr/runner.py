@@ -240,7 +240,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
+        # address="local": a fresh instance even when a `ray start` cluster runs on this host
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
                  object_store_memory=200 * 1024 * 1024, configure_logging=False)
 
 

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, object_store_memory=150_000_000, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, object_store_memory=150_000_000, include_dashboard=False,
+             configure_logging=False)
     yield
     ray.shutdown()
 
