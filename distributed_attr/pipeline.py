@@ -121,28 +121,42 @@ class UnitProcessor:
             "prediction": prediction.cpu().numpy(),
             "probability": probability.cpu().numpy(),
         }
-        need_filtered = cfg.spectra.enabled or self.metrics or self.stored_positions
         mctx = metric_context(cfg, self.evaluators, indices) if self.metrics else None
         for name, m in maps.items():
             out[f"maps/{name}"] = m.cpu().numpy()
-            if not need_filtered:
+            if cfg.spectra.enabled:
+                out[f"spectra/{name}"], out[f"hf_fraction/{name}"] = self.spectra(m)
+            if not (self.metrics or self.stored_positions):
                 continue
-            from .spectral import high_frequency_fraction, low_pass, radial_spectrum
+            from .spectral import low_pass
 
+            # entry 0 is the raw map (the method's own output, FORGrad's "before" point)
             variants = [m if c == float("inf") else low_pass(m, c, kind=cfg.filters.kind, order=cfg.filters.order)
                         for c in self.cutoffs]
             if self.stored_positions:
                 out[f"filtered_maps/{name}"] = torch.stack([variants[i] for i in self.stored_positions], 1).cpu().numpy()
-            if cfg.spectra.enabled:
-                out[f"spectra/{name}"] = torch.stack([radial_spectrum(v)[1] for v in variants], 1).cpu().numpy()
-                out[f"hf_fraction/{name}"] = torch.stack(
-                    [high_frequency_fraction(v, cfg.spectra.hf_cutoff) for v in variants], 1).cpu().numpy()
             for metric in self.metrics:
                 per_cutoff = [metric.evaluate(self.model, x, v, target, mctx) for v in variants]
                 for output in per_cutoff[0]:
                     out[f"metrics/{metric.name}/{output}/{name}"] = torch.stack(
                         [r[output].float() for r in per_cutoff], 1).cpu().numpy()
         return out
+
+    def spectra(self, maps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Radial spectra (N, cutoffs, F) and high-frequency fractions (N, cutoffs): the raw map at
+        cutoff +inf, then the low-passed maps of the sweep, all from one batched FFT pass."""
+        from .spectral import cutoff_sweep_spectra, high_frequency_fraction_from_spectrum, radial_bin_counts
+        from .spectral import radial_spectrum
+
+        cfg = self.cfg
+        freqs, raw = radial_spectrum(maps)
+        parts = [raw[:, None]]
+        if len(self.cutoffs) > 1:
+            parts.append(cutoff_sweep_spectra(maps, self.cutoffs[1:], kind=cfg.filters.kind, order=cfg.filters.order)[1])
+        profile = torch.cat(parts, 1)
+        counts = radial_bin_counts(maps.shape[-2], maps.shape[-1])
+        hf = high_frequency_fraction_from_spectrum(freqs, profile, counts, cfg.spectra.hf_cutoff)
+        return profile.cpu().numpy(), hf.cpu().numpy()
 
     # -- the unit of work ------------------------------------------------------------------------
     def process(self, unit: int) -> UnitResult:

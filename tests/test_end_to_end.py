@@ -74,3 +74,22 @@ def test_aggregate_evaluate_and_report(full_store, tmp_path):
     assert "<table" in html and "soundness_saliency" in html and "forgrad_protocol" in html
     assert (out / "report.md").exists()
     assert list(out.glob("*.parquet")), "aggregation and evaluation wrote no tables"
+
+
+def test_stored_spectra_obey_parseval_and_match_the_filter(full_store):
+    import torch
+
+    from distributed_attr.spectral import low_pass, radial_bin_counts, radial_spectrum
+
+    g = zarr.open_group(full_store, mode="r")
+    cutoffs = g["spectra/cutoff"][:]
+    counts = radial_bin_counts(32, 32)
+    for m in ("saliency", "integrated_gradients", "rise"):
+        maps = torch.from_numpy(g[f"maps/{m}"][:].astype(np.float64))
+        spectra = g[f"spectra/{m}"][:].astype(np.float64)
+        # Parseval: the binned energy of the unfiltered spectrum is the map's energy
+        np.testing.assert_allclose((spectra[:, 0] * counts).sum(-1), (maps ** 2).sum((1, 2)).numpy(), rtol=5e-3)
+        # each sweep entry is the spectrum of the FORGrad-filtered map (float16 maps: loose rtol)
+        for k in (1, 2):
+            expected = radial_spectrum(low_pass(maps, float(cutoffs[k]), kind="forgrad"))[1].numpy()
+            np.testing.assert_allclose(spectra[:, k], expected, rtol=2e-2, atol=1e-6 * expected.max())
