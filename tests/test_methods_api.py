@@ -64,6 +64,8 @@ def test_every_method_is_registered_and_described():
         assert info["family"] in {"gradient", "prediction", "optimisation"}
         assert isinstance(info["params"], dict) and info["channel_rule"] and info["doc"]
     assert listed["rise"]["params"]["masks"] == 4000
+    assert listed["gradcam"]["params"] == {"layer": None} and listed["gradcam"]["needs_layer"]
+    assert [n for n in ALL if listed[n]["needs_references"]] == ["soundness_saliency"]
     assert listed["soundness_saliency"]["params"] == {
         "steps": 2000, "lr": 0.05, "l1": 2e-5, "tv": 0.01, "references": 10, "downsample": 4,
         "objective": "soundness",

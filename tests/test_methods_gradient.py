@@ -189,6 +189,22 @@ def test_gradient_group_shares_one_forward_pass_and_matches_members_alone():
         torch.testing.assert_close(together[n], alone, rtol=1e-6, atol=1e-12)
 
 
+def test_cam_layer_parameter_overrides_ctx_layer():
+    model, (x, t) = make_model(), make_inputs()
+    calls = []
+    model.register_forward_pre_hook(lambda mod, inp: calls.append(1))
+    named = build_method("gradcam", {"layer": "conv2"})
+    ms = [build_method("saliency"), named, build_method("gradcam_pp")]
+    out = compute_maps(model, x, t, ms, Context(layer=model.features))
+    assert len(calls) == 2  # two CAM layers: two passes, saliency riding on the first
+    by_ctx = compute_maps(model, x, t, [build_method("gradcam")], Context(layer=model.conv2))["gradcam"]
+    assert torch.equal(out["gradcam"], by_ctx)
+    pp = compute_maps(model, x, t, [build_method("gradcam_pp")], Context(layer=model.features))["gradcam_pp"]
+    torch.testing.assert_close(out["gradcam_pp"], pp, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="not a submodule"):
+        compute_maps(model, x, t, [build_method("gradcam", {"layer": "nope"})], Context())
+
+
 def test_gradient_methods_need_a_layer_only_for_cams():
     model, (x, t) = make_model(), make_inputs()
     with pytest.raises(ValueError, match="layer"):

@@ -73,6 +73,8 @@ class Method:
     channel_rule: ClassVar[str] = "sum over channels"
     #: what ``cost()`` counts: "forward+backward" passes, or "forward" passes (no backward)
     cost_unit: ClassVar[str] = "forward+backward"
+    #: whether the method wants ``ctx.references`` (other natural images of the dataset)
+    needs_references: ClassVar[bool] = False
 
     @dataclass
     class Params:
@@ -102,6 +104,7 @@ class Method:
             "family": cls.family,
             "signed": cls.signed,
             "needs_layer": cls.needs_layer,
+            "needs_references": cls.needs_references,
             "share_group": cls.share_group,
             "channel_rule": cls.channel_rule,
             "cost_unit": cls.cost_unit,

@@ -21,7 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .base import Context, Method, autocast_ctx, register, run_in_chunks, select_scores, working_dtype
+from .base import (
+    Context,
+    Method,
+    autocast_ctx,
+    register,
+    resolve_layer,
+    run_in_chunks,
+    select_scores,
+    working_dtype,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,20 +125,39 @@ class GradientGroupMethod(Method):
         cls, methods: Sequence[Method], model: nn.Module, x: Tensor, target: Tensor, ctx: Context
     ) -> dict[str, Tensor]:
         members: list[GradientGroupMethod] = list(methods)  # type: ignore[arg-type]
-        need_input = any(m.uses_input_grad for m in members)
-        layer = None
-        if any(m.uses_layer for m in members):
-            if ctx.layer is None:
-                names = [m.name for m in members if m.uses_layer]
-                raise ValueError(f"{names} need a layer: set ctx.layer (see resolve_layer)")
-            layer = ctx.layer
+        # One pass per distinct CAM layer (normally one: ctx.layer); the input-gradient members
+        # ride along with the first.
+        by_layer: list[tuple[nn.Module | None, list[GradientGroupMethod]]] = []
+        for m in (m for m in members if m.uses_layer):
+            layer = m.layer_module(model, ctx)
+            same = [grp for lay, grp in by_layer if lay is layer]
+            if same:
+                same[0].append(m)
+            else:
+                by_layer.append((layer, [m]))
+        plain = [m for m in members if not m.uses_layer]
+        passes = by_layer or [(None, [])]
+        passes[0] = (passes[0][0], plain + passes[0][1])
+        out: dict[str, Tensor] = {}
+        for layer, group in passes:
+            need_input = any(m.uses_input_grad for m in group)
 
-        def one(sl: slice) -> Tensor:
-            p = gradient_pass(model, x[sl], target[sl], ctx, input_grad=need_input, layer=layer)
-            return torch.stack([m.from_pass(p) for m in members], dim=1)
+            def one(sl: slice, layer=layer, group=group, need_input=need_input) -> Tensor:
+                p = gradient_pass(model, x[sl], target[sl], ctx, input_grad=need_input, layer=layer)
+                return torch.stack([m.from_pass(p) for m in group], dim=1)
 
-        maps = run_in_chunks(one, x.shape[0], ctx)
-        return {m.name: maps[:, k] for k, m in enumerate(members)}
+            maps = run_in_chunks(one, x.shape[0], ctx)
+            out.update({m.name: maps[:, k] for k, m in enumerate(group)})
+        return {m.name: out[m.name] for m in members}
+
+    def layer_module(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """The module a CAM member hooks: its ``layer`` parameter if set, else ``ctx.layer``."""
+        name = getattr(self.params, "layer", None)
+        if name:
+            return resolve_layer(model, name)
+        if ctx.layer is None:
+            raise ValueError(f"{self.name} needs a layer: set ctx.layer (see resolve_layer) or the 'layer' parameter")
+        return ctx.layer
 
 
 @register
@@ -179,6 +207,11 @@ class GradCAM(GradientGroupMethod):
     uses_input_grad = False
     uses_layer = True
     channel_rule = "weighted sum over the CAM layer's channels (input channels never enter)"
+
+    @dataclass
+    class Params:
+        #: dotted name of the module to hook; None: ctx.layer (by default the last spatial stage)
+        layer: str | None = None
 
     def from_pass(self, p: GradientPass) -> Tensor:
         weights = self.channel_weights(p.activation, p.activation_grad)  # type: ignore[arg-type]

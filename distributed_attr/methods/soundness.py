@@ -61,6 +61,7 @@ class SoundnessSaliency(Method):
     name = "soundness_saliency"
     family = "optimisation"
     signed = False
+    needs_references = True
     channel_rule = "none needed: one mask multiplies every channel"
 
     @dataclass
