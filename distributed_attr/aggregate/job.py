@@ -578,21 +578,24 @@ def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
     pos = freqs > 0
     paths = []
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    for m, scopes in results.items():
+    # tab10 repeats after ten methods: tab20 plus line styles keeps 13+ methods apart
+    palette = plt.get_cmap("tab20").colors
+    styles = ("-", "--", ":", "-.")
+    for i, (m, scopes) in enumerate(results.items()):
         s = scopes["all"]
         mean, ci = s["spectrum"].mean[0], s["spectrum"].ci95[0]
         lo, hi = _positive_band(mean[pos], ci[pos])
-        line, = ax.loglog(freqs[pos], mean[pos], label=f"{m} (slope {s['slope'][0]:.2f}, n={s['n']})")
+        line, = ax.loglog(freqs[pos], mean[pos], color=palette[(2 * i) % 20 + (i // 10) % 2],
+                          linestyle=styles[(i // 20) % 4], label=f"{m} (slope {s['slope'][0]:.2f}, n={s['n']})")
         ax.fill_between(freqs[pos], lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axvline(plan.hf_cutoff, color="0.5", linestyle=":", linewidth=1)
     ax.set_xlabel("spatial frequency (cycles per pixel)")
     ax.set_ylabel("power |F|² / (H W)")
     ax.set_title("Mean radial power spectrum of the maps (95% CI band)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside, not over, the curves
     paths.append(str(out / "spectra.png"))
-    fig.savefig(paths[-1], dpi=130)
+    fig.savefig(paths[-1], dpi=130, bbox_inches="tight")
     plt.close(fig)
 
     methods = list(results)
