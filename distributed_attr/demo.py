@@ -110,6 +110,7 @@ def run_demo(out_dir: str = "demo-output", images: int = 192, workers: int = 2, 
         result["evaluation"] = run_evaluation(cfg["store"])
         if not quick:
             result["cross_architecture"] = cross_architecture_demo(cfg, out)
+            result["downsampling"] = downsampling_demo(cfg["store"])
     grid = write_example_grid(cfg["store"], out / "examples.png")
     print(f"      example maps: {grid}")
 
@@ -163,6 +164,64 @@ def cross_architecture_demo(cfg: dict[str, Any], out: Path) -> Path:
           "(rows: explaining model, columns: evaluator)")
     print("        " + table.round(3).to_string().replace("\n", "\n        "))
     return dest / "cross_architecture_matrix.parquet"
+
+
+def downsampling_demo(store: str, n: int = 64) -> Path:
+    """Where the high frequencies come from: for each zoo architecture, the spectrum of the
+    gradient at the input of every downsampling stage, and the input gradient of the model
+    against its anti-aliased copy (BlurPool, same weights). One figure in the outputs folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from . import zoo
+    from .report import outputs_dir
+    from .spectral import high_frequency_fraction_from_spectrum, radial_bin_counts
+    from .spectral.downsampling import compare_input_gradient_spectra, stage_gradient_spectra
+
+    x, _ = zoo.digits_dataset(32)
+    _, test_idx = zoo.split_indices(len(x))
+    images = torch.from_numpy(x[test_idx[:n]])
+    fig, axes = plt.subplots(2, len(zoo.ARCHITECTURES), figsize=(4.2 * len(zoo.ARCHITECTURES), 7), squeeze=False)
+    print("      where the high frequencies come from: input-gradient power above 0.25 cycles/px")
+    for col, name in enumerate(zoo.ARCHITECTURES):
+        model, _ = zoo.pretrained(name)
+        with torch.no_grad():
+            target = model(images).argmax(1)
+        stages = stage_gradient_spectra(model, images, target)
+        ax = axes[0, col]
+        for label, (freqs, power) in stages.items():
+            keep = freqs > 0
+            ax.loglog(freqs[keep].numpy(), (power[keep] / power.sum()).numpy(), label=label)
+        ax.set_title(f"{name}: gradient at each stage's input", fontsize=9)
+        ax.set_xlabel("cycles per pixel of the stage's grid", fontsize=8)
+        ax.legend(fontsize=6)
+        pair = compare_input_gradient_spectra(model, images, target)
+        ax = axes[1, col]
+        hf = {}
+        for label, (freqs, power) in pair.items():
+            keep = freqs > 0
+            ax.loglog(freqs[keep].numpy(), (power[keep] / power.sum()).numpy(), label=label)
+            counts = torch.from_numpy(radial_bin_counts(32, 32)).to(power.dtype)
+            hf[label] = float(high_frequency_fraction_from_spectrum(freqs, power, counts, 0.25))
+        ax.set_title(f"{name}: input gradient, original vs anti-aliased", fontsize=9)
+        ax.set_xlabel("cycles per pixel", fontsize=8)
+        ax.legend(fontsize=7)
+        print(f"        {name:14s} original {hf['original']:.3f}  anti-aliased {hf['antialiased']:.3f}")
+    import matplotlib.ticker
+
+    for ax in axes.ravel():
+        ax.set_ylabel("power profile / its sum", fontsize=8)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    fig.tight_layout()
+    dest = outputs_dir(store)
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / "stage_gradient_spectra.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _print_spectra(store: str) -> None:
