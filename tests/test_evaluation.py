@@ -232,4 +232,6 @@ def test_run_evaluation_writes_tables_and_figures(tmp_path):
     assert summary["best_cutoffs"]["insertion"]["b"] == "inf"
     assert json.loads((out / "evaluation.json").read_text())["n_images"] == n
     ranks = pd.read_parquet(out / "rankings.parquet")
-    assert set(ranks["metric"]) == {"insertion", "sparseness", "feature_detection", "mean rank"}
+    # map-only statistics (sparseness) get cutoff curves but stay out of the faithfulness ranking
+    assert set(ranks["metric"]) == {"insertion", "feature_detection", "mean rank"}
+    assert set(summary["ranked_on"]) == {"insertion", "feature_detection"}

@@ -82,7 +82,12 @@ def run_evaluation(
     best.to_parquet(out / "best_cutoffs.parquet", index=False)
     files += [str(out / "cutoff_curves.parquet"), str(out / "best_cutoffs.parquet")]
 
-    ranks = rank_methods(group, scalar, validation_fraction, seed, n_boot, select_on=select_on)
+    # Rank on what the model says (faithfulness); map-only statistics (sparseness, complexity)
+    # describe the maps but are no verdict on them, so they stay out of the mean rank.
+    from ..metrics.base import METRICS
+
+    faithful = [m for m in scalar if m not in METRICS or METRICS.get(m).needs_model] or scalar
+    ranks = rank_methods(group, faithful, validation_fraction, seed, n_boot, select_on=select_on)
     ranks.to_parquet(out / "rankings.parquet", index=False)
     files += [str(out / "rankings.parquet"), str(plot_rank_table(ranks, out / "rankings.png"))]
 
@@ -90,6 +95,7 @@ def run_evaluation(
         "out_dir": str(out),
         "n_images": int(len(usable_positions(group))),
         "metrics": scalar,
+        "ranked_on": faithful,
         "best_cutoffs": {m: {k: _json_float(v) for k, v in d.items()} for m, d in best_cutoffs(stats).items()},
     }
     mean_rank = ranks[ranks["metric"] == "mean rank"]
