@@ -15,17 +15,10 @@ from typing import Sequence
 import numpy as np
 import zarr
 
+from ..io.store import _inner_chunk  # the same chunking policy as the job's stores
 from ..spectral import REFERENCE_SWEEP, scaled_cutoffs
 
 __all__ = ["write_synthetic_store"]
-
-
-def _inner_chunk(unit_size: int, bytes_per_image: int, target: int = 1 << 18) -> int:
-    best = 1
-    for c in range(1, unit_size + 1):
-        if unit_size % c == 0 and c * bytes_per_image <= target:
-            best = c
-    return best
 
 
 def _power_law_fields(rng: np.random.Generator, n: int, h: int, w: int, exponent: float) -> np.ndarray:
