@@ -62,7 +62,7 @@ def demo_config(out: Path, data_dir: Path, quick: bool, workers: int) -> dict[st
         "model": {"kind": "zoo", "name": "digits_cnn", "weights": str(weights)},
         "methods": methods,
         "spectra": {"enabled": True, "hf_cutoff": 0.25},
-        "filters": {"kind": "forgrad", "sweep": [50, 15], "reference_size": 224, "store_maps": [50, 15]},
+        "filters": {"kind": "forgrad", "sweep": [100, 50], "reference_size": 224, "store_maps": [100, 50]},
         "metrics": metrics,
         "evaluators": {} if quick else evaluators,
         "run": {"num_workers": workers, "unit_size": 32, "batch_size": 32, "seed": 0},
@@ -108,6 +108,7 @@ def run_demo(out_dir: str = "demo-output", images: int = 192, workers: int = 2, 
         from .evaluation import run_evaluation
 
         result["evaluation"] = run_evaluation(cfg["store"])
+        _print_rankings(cfg["store"])
         if not quick:
             result["cross_architecture"] = cross_architecture_demo(cfg, out)
             result["downsampling"] = downsampling_demo(cfg["store"])
@@ -222,6 +223,20 @@ def downsampling_demo(store: str, n: int = 64) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _print_rankings(store: str) -> None:
+    """Mean rank over the faithfulness metrics, unfiltered vs each method's best cutoff."""
+    import pandas as pd
+
+    from .report import outputs_dir
+
+    ranks = pd.read_parquet(outputs_dir(store) / "rankings.parquet")
+    mean = ranks[ranks["metric"] == "mean rank"].pivot_table(index="method", columns="condition", values="rank")
+    print("      mean rank over the faithfulness metrics (1 = most faithful; test images, cutoff chosen on validation)")
+    print("        method                 unfiltered  filtered")
+    for method, row in mean.sort_values("filtered").iterrows():
+        print(f"        {method:22s} {row['unfiltered']:10.1f}  {row['filtered']:8.1f}")
 
 
 def _print_spectra(store: str) -> None:
