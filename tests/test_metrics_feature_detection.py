@@ -40,10 +40,13 @@ def test_matches_a_reference_loop_for_the_model_and_every_evaluator():
 def test_a_real_map_keeps_more_evidence_than_a_random_one():
     model, _ = zoo.pretrained("digits_cnn")
     x, y = zoo.digits_dataset(32)
-    x, y = torch.from_numpy(x[:8]), torch.from_numpy(y[:8])
-    # keep the brightest strokes first (what the digit is made of) vs a random scatter
-    strokes = x[:, 0] + 1e-3 * torch.randn(8, 32, 32, generator=torch.Generator().manual_seed(1))
-    rnd = torch.randn(8, 32, 32, generator=torch.Generator().manual_seed(2))
-    good = evaluate(model, x, strokes, "feature_detection", y, keep=(0.2,))["correct"].mean()
-    bad = evaluate(model, x, rnd, "feature_detection", y, keep=(0.2,))["correct"].mean()
-    assert good > bad
+    n = 32  # enough images that the gap does not hinge on a few borderline digits
+    x, y = torch.from_numpy(x[:n]), torch.from_numpy(y[:n])
+    # keep the brightest strokes first (what the digit is made of) vs a random scatter; at 40% kept
+    # the strokes are recognised far more often (0.53-0.72 vs 0.09-0.13 across trainings of the model)
+    strokes = x[:, 0] + 1e-3 * torch.randn(n, 32, 32, generator=torch.Generator().manual_seed(1))
+    rnd = torch.randn(n, 32, 32, generator=torch.Generator().manual_seed(2))
+    good = evaluate(model, x, strokes, "feature_detection", y, keep=(0.4,))
+    bad = evaluate(model, x, rnd, "feature_detection", y, keep=(0.4,))
+    assert good["correct"].mean() > bad["correct"].mean() + 0.2
+    assert good["probability"].mean() > bad["probability"].mean()
