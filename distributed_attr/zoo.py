@@ -126,7 +126,22 @@ def build(name: str, in_channels: int = 1, num_classes: int = NUM_CLASSES) -> nn
 
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 8, seed: int = 0,
           batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
-    """Adam on cross-entropy with light shift augmentation; deterministic for a given seed."""
+    """Adam on cross-entropy with light shift augmentation; deterministic for a given seed.
+
+    Trains on one thread: the order of floating-point reductions depends on the thread count, so
+    two machines (or a test process and the demo) would otherwise train slightly different models
+    from the same seed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            return _train(model, x, y, epochs, seed, batch_size, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int, batch_size: int,
+           lr: float) -> nn.Module:
     torch.manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -166,9 +181,12 @@ def pretrained(name: str, size: int = 32, epochs: int = 8, seed: int = 0) -> tup
 
     Returns the model (eval mode, CPU) and the weights file, which later loads with
     ``torch.load(path, weights_only=True)``. Training takes seconds on a laptop CPU."""
-    key = hashlib.sha1(f"{name}/{size}/{epochs}/{seed}/v2".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{name}/{size}/{epochs}/{seed}/v4".encode()).hexdigest()[:10]
     path = cache_dir() / f"{name}-{size}px-{key}.pt"
-    model = build(name)
+    # Seed the initialisation too (build draws from the global RNG), without touching the caller's RNG.
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build(name)
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), path
