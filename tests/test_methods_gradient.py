@@ -15,14 +15,7 @@ from pytorch_grad_cam import GradCAM as RefGradCAM, GradCAMPlusPlus as RefGradCA
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP's spinning
-    threads make them ~50x slower; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SmallCNN(nn.Module):

@@ -11,13 +11,7 @@ from distributed_attr.methods.smoothgrad import NoiseSampler, noise_sigma
 captum_attr = pytest.importorskip("captum.attr")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model() -> nn.Module:

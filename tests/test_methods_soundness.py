@@ -11,13 +11,7 @@ from distributed_attr.methods import Context, build_method, compute_maps
 from distributed_attr.methods.soundness import fit_term, total_variation
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core machine they lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class RegionModel(nn.Module):

@@ -5,7 +5,6 @@ import numpy as np
 import torch
 
 from distributed_attr import zoo
-from distributed_attr.methods import attribute
 from distributed_attr.metrics import evaluate
 
 

@@ -21,7 +21,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from .data import metric_names, open_store, store_path, usable_positions
 from .plots import plot_cross_architecture, plot_cutoff_curves, plot_rank_table
