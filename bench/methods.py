@@ -22,7 +22,6 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from distributed_attr import zoo  # noqa: E402
 from distributed_attr.methods import Context, build_method, compute_maps, resolve_layer  # noqa: E402
