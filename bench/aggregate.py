@@ -7,11 +7,13 @@ spectral  cost per map of what a worker does for every map (radial spectrum of t
           as a share of the saliency time per image of the model that made the maps: zoo
           digits_cnn at 32 px and torchvision resnet18 (random weights) at 224 px. Measured in one
           run, interleaved, on one torch thread (one CPU per worker, the job's default).
-aggregate a synthetic store following the schema (default 4,096 maps of 64 x 64 for each of 2
+aggregate a synthetic store following the schema (default 8,192 maps of 64 x 64 for each of 2
           methods, float16, units of 256) read (a) by a single plain-zarr reader in one process,
           shard by shard, reading the same arrays and computing nothing, (b) by the job in
-          process (num_workers=0), (c) by the job on local Ray with 1 and 2 reader tasks.
-          maps/s = images x methods per second of the read phase; MB/s = decoded bytes.
+          process (num_workers=0), also with its reads through zarr (the ShardReader ablation),
+          (c) by the job on local Ray: 1 task of 2 threads (the default), and 1 and 2 tasks of
+          one thread each (the scaling with workers, one core per worker). maps/s = images x
+          methods per second of the read phase; MB/s = decoded bytes.
 """
 from __future__ import annotations
 
@@ -126,9 +128,12 @@ def _disk_bytes(path: str) -> int:
 
 
 def bench_aggregate(n_images: int, size: int, reps: int, workdir: str) -> None:
-    import ray
+    import dataclasses
 
-    from distributed_attr.aggregate import run_aggregation
+    import ray
+    import zarr
+
+    from distributed_attr.aggregate import job as agg
     from distributed_attr.aggregate.synthetic import write_synthetic_store
 
     store = os.path.join(workdir, "bench.zarr")
@@ -138,49 +143,83 @@ def bench_aggregate(n_images: int, size: int, reps: int, workdir: str) -> None:
           f"(11 cutoffs), units of 256: {_disk_bytes(store) / 1e6:.1f} MB on disk, "
           f"written in {time.perf_counter() - t:.1f} s")
     out = os.path.join(workdir, "out")
+    # Ray first, so that every variant runs beside Ray's own processes (they take CPU too)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=os.cpu_count(), object_store_memory=200_000_000, include_dashboard=False,
+             configure_logging=False)
+    print(f"ray.init {time.perf_counter() - t0:.1f} s")
 
-    rows = []
+    def job(read_maps, **kw):
+        def run():
+            r = agg.run_aggregation(store, out_dir=out, read_maps=read_maps, plots=False, **kw)
+            return r["read_seconds"], r["images"] * len(r["methods"]), r["bytes_read"]
+        return run
 
-    def record(label, fn, reps=reps):
-        results = []
-        for _ in range(reps):
+    def in_process_zarr_reads(read_maps):  # the ablation: the same job, every read through zarr
+        root = zarr.open_group(store, mode="r")
+        plan = dataclasses.replace(agg._make_plan(store, root, read_maps), fast_reads=False)
+        units = np.flatnonzero(root["units/done"][:] == 1).tolist()
+
+        def run():
             t0 = time.perf_counter()
-            res = fn()
-            results.append((time.perf_counter() - t0, res))
-        results.sort(key=lambda r: r[0])
-        rows.append((label, results[len(results) // 2]))
-        return results[len(results) // 2]
+            part = agg.aggregate_units(plan, units)
+            return time.perf_counter() - t0, part.images * len(plan.methods), part.bytes_read
+        return run
 
+    def single(read_maps):
+        def run():
+            t0 = time.perf_counter()
+            maps, nbytes = _single_reader(store, read_maps)
+            return time.perf_counter() - t0, maps, nbytes
+        return run
+
+    def interleaved(variants: dict, reps: int) -> dict:
+        """Median (seconds, maps, bytes) of each variant, the variants taking turns (fair under
+        load from other processes)."""
+        for f in variants.values():
+            f()
+        runs: dict[str, list] = {k: [] for k in variants}
+        for _ in range(reps):
+            for k, f in variants.items():
+                runs[k].append(f())
+        return {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+
+    def table(med: dict) -> None:
+        base = med[next(iter(med))]
+        base_rate = base[1] / base[0]
+        for k, (sec, maps, nbytes) in med.items():
+            print(f"| {k} | {sec:.3f} | {maps / sec:,.0f} | {nbytes / 1e6 / sec:.0f} | {maps / sec / base_rate:.2f} |")
+
+    t0 = time.perf_counter()
+    job(True, num_workers=2, threads=1)()  # warm-up: worker processes start and import the package
+    print(f"first job incl. worker start-up {time.perf_counter() - t0:.1f} s")
+    # Ray keeps idle workers per resource shape: alternating 1-CPU and 2-CPU tasks would start a
+    # worker process (~4 s) almost every turn, which no real job does. So the 2-thread Ray task
+    # (2 CPUs) takes turns only with the single reader, in its own set.
+    single_name = "single reader (plain zarr, shard by shard, no compute)"
     for read_maps in (True, False):
         tag = "maps + spectra" if read_maps else "spectra only"
-        single = record(f"single reader (plain zarr), {tag}", lambda: _single_reader(store, read_maps))
-        maps, nbytes = single[1]
-        base = maps / single[0]
-        print(f"\n## {tag}\n| reader | read s | maps/s | MB/s | vs single reader |\n|---|---|---|---|---|")
-        print(f"| single reader (plain zarr, no compute) | {single[0]:.3f} | {base:,.0f} | "
-              f"{nbytes / 1e6 / single[0]:.0f} | 1.00 |")
-        job0 = record("job in process", lambda: run_aggregation(store, num_workers=0, out_dir=out,
-                                                                read_maps=read_maps, plots=False))
-        r = job0[1]
-        print(f"| job, in process (num_workers=0) | {r['read_seconds']:.3f} | {r['maps_per_s']:,.0f} | "
-              f"{r['mb_per_s']:.0f} | {r['maps_per_s'] / base:.2f} |")
-        if not ray.is_initialized():
-            t0 = time.perf_counter()
-            ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False,
-                     configure_logging=False)
-            ray_start = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            run_aggregation(store, num_workers=2, out_dir=out, read_maps=read_maps, plots=False)  # warm-up
-            print(f"(ray.init {ray_start:.1f} s; first job incl. worker start-up {time.perf_counter() - t0:.1f} s)")
-        for w in (1, 2):
-            res = record(f"job on Ray, {w} worker(s)", lambda w=w: run_aggregation(
-                store, num_workers=w, out_dir=out, read_maps=read_maps, plots=False))
-            r = res[1]
-            print(f"| job on Ray, {w} reader task{'s' if w > 1 else ''} | {r['read_seconds']:.3f} | "
-                  f"{r['maps_per_s']:,.0f} | {r['mb_per_s']:.0f} | {r['maps_per_s'] / base:.2f} |")
+        print(f"\n## {tag} (median of {reps}, variants interleaved)\n"
+              "| reader | read s | maps/s | MB/s | vs single reader |\n|---|---|---|---|---|")
+        med = interleaved({
+            single_name: single(read_maps),
+            "job, in process (`num_workers=0`, 2 threads)": job(read_maps, num_workers=0),
+            "job, in process, reads through zarr instead of `ShardReader`": in_process_zarr_reads(read_maps),
+            "job on Ray, 1 reader task, `threads=1` (one core)": job(read_maps, num_workers=1, threads=1),
+            "job on Ray, 2 reader tasks, `threads=1` (one core each)": job(read_maps, num_workers=2, threads=1),
+        }, reps)
+        table(med)
+        med2 = interleaved({
+            single_name + " (second set)": single(read_maps),
+            "job on Ray, 1 reader task (default: 2 threads, 2 CPUs)": job(read_maps, num_workers=1),
+        }, reps)
+        table(med2)
+        one = med["job on Ray, 1 reader task, `threads=1` (one core)"]
+        two = med["job on Ray, 2 reader tasks, `threads=1` (one core each)"]
+        print(f"scaling, one core per task: 2 tasks / 1 task = {one[0] / two[0]:.2f}x")
     t0 = time.perf_counter()
-    full = run_aggregation(store, num_workers=2, out_dir=out)
-    print(f"\nfull job with tables + plots, 2 workers: {time.perf_counter() - t0:.2f} s "
+    full = agg.run_aggregation(store, out_dir=out)
+    print(f"\nfull job with tables + plots (default workers and threads): {time.perf_counter() - t0:.2f} s "
           f"(read {full['read_seconds']:.2f} s, write {full['write_seconds']:.2f} s)")
     ray.shutdown()
 
@@ -188,9 +227,9 @@ def bench_aggregate(n_images: int, size: int, reps: int, workdir: str) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["spectral", "aggregate", "all"], default="all")
-    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--images", type=int, default=8192)
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  cpus={os.cpu_count()}  torch {torch.__version__}")
     if args.part in ("spectral", "all"):

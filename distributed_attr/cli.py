@@ -37,7 +37,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_aggregate(args: argparse.Namespace) -> int:
     from .aggregate import run_aggregation
 
-    result = run_aggregation(args.store, address=args.address, num_workers=args.workers, out_dir=args.out)
+    result = run_aggregation(args.store, address=args.address, num_workers=args.workers, out_dir=args.out,
+                             threads=args.threads)
     print(json.dumps(result, indent=2, default=str) if args.json else _short(result))
     return 0
 
@@ -101,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("aggregate", help="dataset-wide spectra and filter statistics over a store")
     a.add_argument("store")
     a.add_argument("--address", default=None)
-    a.add_argument("--workers", type=int, default=None)
+    a.add_argument("--workers", type=int, default=None,
+                   help="reader tasks in flight (default: the cluster's CPUs / --threads; 0: no Ray)")
+    a.add_argument("--threads", type=int, default=None,
+                   help="threads (and Ray CPUs) per reader task (default 2: read ahead while reducing)")
     a.add_argument("--out", default=None, help="folder for tables and plots (default: <store>-outputs)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=_cmd_aggregate)

@@ -164,3 +164,37 @@ def test_missing_store_and_non_store_errors(tmp_path):
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
     with pytest.raises(ValueError, match="not an attribution store.*unit_size"):
         run_aggregation(str(tmp_path / "plain.zarr"), num_workers=0)
+
+
+def test_read_paths_and_threads_give_identical_states(store):
+    """The fast shard reader, zarr's reader, one thread or several, blocks of one unit (buffers
+    reused every other block) or of several: the very same partial states, bit for bit."""
+    import dataclasses
+
+    from distributed_attr.aggregate.job import _BlockReader, _make_plan, aggregate_units
+
+    root = zarr.open_group(store, mode="r")
+    plan = _make_plan(store, root, read_maps=True)
+    arrays = {n: root[n] for n in ("ok", "target", "maps/saliency", "spectra/saliency", "hf_fraction/saliency")}
+    reader = _BlockReader(plan, arrays, 1, threads=1)
+    assert sorted(reader.readers) == sorted(arrays)  # the synthetic store is in our layout: all fast
+    reader.close()
+
+    def states(**kw):
+        part = aggregate_units(dataclasses.replace(plan, **kw), DONE)
+        assert part.images == 70 - 16 - 3 and part.units == len(DONE)
+        return {(m, q, k): r for m, per_q in part.stats.items() for q, g in per_q.items()
+                for k, r in g.compute().items()}
+
+    reference = states(threads=1, fast_reads=False)
+    for kw in (dict(threads=1), dict(threads=2, read_bytes=1), dict(threads=3), dict(threads=2, fast_reads=False)):
+        got = states(**kw)
+        assert got.keys() == reference.keys()
+        for key, r in reference.items():
+            for a, b in zip(r, got[key]):
+                np.testing.assert_array_equal(a, b, err_msg=f"{kw} {key}")
+
+
+def test_threads_must_be_positive(store, tmp_path):
+    with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
+        run_aggregation(store, num_workers=0, out_dir=str(tmp_path), threads=0)

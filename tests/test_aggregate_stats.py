@@ -116,3 +116,31 @@ def test_block_wise_reduction_equals_one_block(monkeypatch):
     np.testing.assert_allclose(r.mean, np.nanmean(x16, axis=0), rtol=1e-12)
     np.testing.assert_allclose(r.std, np.nanstd(x16, axis=0, ddof=1), rtol=1e-10)
     assert r.count[1, 2] == 17 and r.count[0, 0] == 20
+
+
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_grouped_small_and_wide_paths_equal_numpy(monkeypatch, with_nan):
+    """GroupedMoments reduces narrow samples for all groups at once (indicator-matrix products)
+    and wide ones group by group; a batch with NaN always goes group by group. Both paths, with
+    a large offset (cancellation) and int keys in any order, equal NumPy per group."""
+    from distributed_attr.aggregate import stats
+
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(57, 3, 7)) * 2 + 1e4
+    if with_nan:
+        x[[1, 30], 2, 5] = np.nan
+    keys = rng.choice([7, -2, 40], size=57)
+    results = {}
+    for path, limit in (("small", 10_000), ("wide", 0)):
+        monkeypatch.setattr(stats, "SMALL_SAMPLE", limit)
+        g = GroupedMoments()
+        for a, b in ((0, 20), (20, 21), (21, 57)):  # shards of uneven size, one of a single row
+            g.update(x[a:b], keys[a:b], skip_nan=True)
+        results[path] = g.compute()
+    for path, res in results.items():
+        assert sorted(res) == [-2, 7, 40], path
+        for k, r in res.items():
+            xk = x[keys == k]
+            np.testing.assert_allclose(r.mean, np.nanmean(xk, axis=0), rtol=1e-12, err_msg=path)
+            np.testing.assert_allclose(r.std, np.nanstd(xk, axis=0, ddof=1), rtol=1e-9, err_msg=path)
+            np.testing.assert_array_equal(r.count, (~np.isnan(xk)).sum(axis=0))

@@ -26,6 +26,11 @@ __all__ = ["Moments", "GroupedMoments", "MomentsResult", "Z95"]
 Z95 = 1.96
 #: float64 bytes per reduction block in ``Moments.update`` (fits in a CPU's L2/L3 cache)
 BLOCK_BYTES = 2 << 20
+#: ``GroupedMoments.update`` reduces samples of at most this many elements (spectra, per-image
+#: scalars) for all groups at once with two matrix products; wider ones (maps) group by group.
+#: Measured on 256 samples in 10 groups: (256, 11) per-image values 2.4x faster, 363-element
+#: spectra 1.1x faster, 4,096-element maps 1.3x *slower* than group by group.
+SMALL_SAMPLE = 1024
 
 
 def _to_float64(batch: Any) -> np.ndarray:
@@ -177,6 +182,9 @@ class GroupedMoments:
             raise ValueError(f"GroupedMoments.update: need one key per sample ({x.shape[0]}), got shape {keys.shape}")
         if x.shape[0] == 0:
             return self
+        width = int(np.prod(x.shape[1:], dtype=np.int64))
+        if width <= SMALL_SAMPLE and x.dtype.kind in "fiub" and self._update_small(x, keys, width):
+            return self
         # one stable sort and one gather, then contiguous slices (cheaper than a mask per key)
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
@@ -186,6 +194,30 @@ class GroupedMoments:
             key = sorted_keys[a].item()
             self.groups.setdefault(key, Moments()).update(xs[a:b], skip_nan=skip_nan)
         return self
+
+    def _update_small(self, x: np.ndarray, keys: np.ndarray, width: int) -> bool:
+        """All groups at once: per-group sums and centred squares as products with the (groups x
+        samples) indicator matrix. Only without NaN (0 x NaN would leak into every group); returns
+        False to leave such a batch to the group-by-group path."""
+        xf = np.asarray(x, dtype=np.float64).reshape(x.shape[0], width)
+        if np.isnan(xf).any():
+            return False
+        uniq, gid = np.unique(keys, return_inverse=True)
+        gid = gid.reshape(-1)
+        indicator = np.zeros((uniq.size, xf.shape[0]))
+        indicator[gid, np.arange(xf.shape[0])] = 1.0
+        counts = np.bincount(gid, minlength=uniq.size)
+        mean = (indicator @ xf) / counts[:, None]
+        centred = xf - mean[gid]
+        np.multiply(centred, centred, out=centred)
+        m2 = indicator @ centred
+        shape = x.shape[1:]
+        for g, key in enumerate(uniq.tolist()):
+            state = self.groups.setdefault(key, Moments())
+            state._check_shape(shape)
+            state._merge_arrays(np.full(shape, counts[g], dtype=np.int64), mean[g].reshape(shape),
+                                m2[g].reshape(shape))
+        return True
 
     def merge(self, other: "GroupedMoments") -> "GroupedMoments":
         for key, state in other.groups.items():
