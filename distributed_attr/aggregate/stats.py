@@ -39,6 +39,17 @@ def _to_float64(batch: Any) -> np.ndarray:
     return np.asarray(batch, dtype=np.float64)
 
 
+def _float64_copy(x: np.ndarray) -> np.ndarray:
+    """A float64 copy of ``x``. float16 (how the store keeps maps) is widened by torch, whose
+    vectorised conversion is ~2x faster than NumPy's (measured: 32 vs 59 ms for 33 M values);
+    the result is the same exactly (every float16 is a float64)."""
+    if x.dtype == np.float16 and x.flags.writeable and x.flags.c_contiguous:
+        import torch
+
+        return torch.from_numpy(x).to(torch.float64).numpy()
+    return np.array(x, dtype=np.float64)
+
+
 class MomentsResult(NamedTuple):
     mean: np.ndarray
     std: np.ndarray
@@ -87,7 +98,7 @@ class Moments:
         per_row = max(1, int(np.prod(raw.shape[1:], dtype=np.int64)) * 8)
         rows = max(1, BLOCK_BYTES // per_row)
         for start in range(0, raw.shape[0], rows):
-            self._update_block(np.array(raw[start:start + rows], dtype=np.float64), skip_nan)
+            self._update_block(_float64_copy(raw[start:start + rows]), skip_nan)
         return self
 
     def _update_block(self, x: np.ndarray, skip_nan: bool) -> None:
