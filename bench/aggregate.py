@@ -11,8 +11,8 @@ aggregate a synthetic store following the schema (default 8,192 maps of 64 x 64 
           methods, float16, units of 256) read (a) by a single plain-zarr reader in one process,
           shard by shard, reading the same arrays and computing nothing, (b) by the job in
           process (num_workers=0), also with its reads through zarr (the ShardReader ablation),
-          (c) by the job on local Ray: 1 task of 2 threads (the default), and 1 and 2 tasks of
-          one thread each (the scaling with workers, one core per worker). maps/s = images x
+          (c) by the job on local Ray: 1 task of 2 threads (the default), and 1, 2, 4, ... tasks
+          of one thread each up to the machine's CPUs (the scaling with workers, one core each). maps/s = images x
           methods per second of the read phase; MB/s = decoded bytes.
 """
 from __future__ import annotations
@@ -190,8 +190,10 @@ def bench_aggregate(n_images: int, size: int, reps: int, workdir: str) -> None:
         for k, (sec, maps, nbytes) in med.items():
             print(f"| {k} | {sec:.3f} | {maps / sec:,.0f} | {nbytes / 1e6 / sec:.0f} | {maps / sec / base_rate:.2f} |")
 
+    # one-core tasks: 1, 2, 4, ... up to this machine's CPUs (the scaling with workers)
+    task_counts = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= (os.cpu_count() or 1)]
     t0 = time.perf_counter()
-    job(True, num_workers=2, threads=1)()  # warm-up: worker processes start and import the package
+    job(True, num_workers=task_counts[-1], threads=1)()  # warm-up: worker processes start and import the package
     print(f"first job incl. worker start-up {time.perf_counter() - t0:.1f} s")
     # Ray keeps idle workers per resource shape: alternating 1-CPU and 2-CPU tasks would start a
     # worker process (~4 s) almost every turn, which no real job does. So the 2-thread Ray task
@@ -205,8 +207,8 @@ def bench_aggregate(n_images: int, size: int, reps: int, workdir: str) -> None:
             single_name: single(read_maps),
             "job, in process (`num_workers=0`, 2 threads)": job(read_maps, num_workers=0),
             "job, in process, reads through zarr instead of `ShardReader`": in_process_zarr_reads(read_maps),
-            "job on Ray, 1 reader task, `threads=1` (one core)": job(read_maps, num_workers=1, threads=1),
-            "job on Ray, 2 reader tasks, `threads=1` (one core each)": job(read_maps, num_workers=2, threads=1),
+            **{f"job on Ray, {k} reader task{'s' if k > 1 else ''}, `threads=1` (one core{' each' if k > 1 else ''})":
+               job(read_maps, num_workers=k, threads=1) for k in task_counts},
         }, reps)
         table(med)
         med2 = interleaved({
@@ -214,9 +216,9 @@ def bench_aggregate(n_images: int, size: int, reps: int, workdir: str) -> None:
             "job on Ray, 1 reader task (default: 2 threads, 2 CPUs)": job(read_maps, num_workers=1),
         }, reps)
         table(med2)
-        one = med["job on Ray, 1 reader task, `threads=1` (one core)"]
-        two = med["job on Ray, 2 reader tasks, `threads=1` (one core each)"]
-        print(f"scaling, one core per task: 2 tasks / 1 task = {one[0] / two[0]:.2f}x")
+        scaled = [v for k, v in med.items() if "`threads=1`" in k]
+        print("scaling, one core per task (time of 1 task / time of k tasks): " + ", ".join(
+            f"{k}: {scaled[0][0] / v[0]:.2f}x" for k, v in zip(task_counts, scaled)))
     t0 = time.perf_counter()
     full = agg.run_aggregation(store, out_dir=out)
     print(f"\nfull job with tables + plots (default workers and threads): {time.perf_counter() - t0:.2f} s "
