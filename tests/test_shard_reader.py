@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,12 +80,12 @@ def test_corrupt_shards_raise_naming_the_file(tmp_path):
     a[:] = x
     reader = ShardReader.for_array(a)
     shard = os.path.join(str(tmp_path / "c.zarr"), "m", "c", "0", "0")
-    data = bytearray(open(shard, "rb").read())
+    data = bytearray(Path(shard).read_bytes())
     data[-10] ^= 0xFF  # a flipped bit in the index
-    open(shard, "wb").write(bytes(data))
+    Path(shard).write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"c/0/0: the shard index checksum does not match"):
         reader.read(0, 0)
-    open(shard, "wb").write(b"\x00" * 10)  # truncated
+    Path(shard).write_bytes(b"\x00" * 10)  # truncated
     with pytest.raises(ValueError, match="shorter than its index"):
         reader.read(0, 0)
     _same_bytes(reader.read(1, 1), x[8:])  # the other shard is unaffected
@@ -108,7 +109,7 @@ def test_a_chunk_of_the_wrong_size_is_refused(tmp_path):
     a = root.create_array("v", shape=(8,), chunks=(4,), dtype="float32", fill_value=0.0)
     a[:] = np.arange(8, dtype=np.float32)
     chunk = os.path.join(str(tmp_path / "w.zarr"), "v", "c", "1")
-    open(chunk, "wb").write(Zstd().encode(np.zeros(3, np.float32).tobytes()))
+    Path(chunk).write_bytes(Zstd().encode(np.zeros(3, np.float32).tobytes()))
     reader = ShardReader.for_array(a)
     with pytest.raises(ValueError, match=r"c/1: a chunk holds 12 bytes, the array's chunk shape needs 16"):
         reader.read(0, 1)
