@@ -27,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="reader tasks in flight (default: the cluster's CPUs / --threads; 0: no Ray)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads (and Ray CPUs) per reader task (default 2: read ahead while reducing)")
+    parser.add_argument("--no-maps", action="store_true",
+                        help="skip the mean/std maps: read only the small spectral arrays")
     parser.add_argument("--address", default=None, help="Ray address (default: auto when RAY_ADDRESS is set)")
     args = parser.parse_args(argv)
     address = args.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     result = run_aggregation(args.store, address=address, num_workers=args.workers, out_dir=args.out,
-                             threads=args.threads)
+                             threads=args.threads, read_maps=not args.no_maps)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -26,3 +26,32 @@ def test_a_wrong_config_fails_before_work_naming_the_key(tmp_path, parquet_dir, 
     err = capsys.readouterr().err
     assert "run.autocast: 'fp8' is not one of ['none', 'bfloat16', 'float16']" in err
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_aggregate_from_the_command_line_and_the_ray_job_entrypoint(tmp_path, capsys):
+    """`distributed-attr aggregate` and `jobs/aggregate.py` pass --workers, --threads and
+    --no-maps through: without maps the store's aggregates have spectra but no mean maps."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import zarr
+
+    from distributed_attr.aggregate.synthetic import write_synthetic_store
+
+    store = write_synthetic_store(tmp_path / "s.zarr", n_images=40, unit_size=8, height=12)
+    assert main(["aggregate", str(store), "--workers", "0", "--threads", "1", "--no-maps", "--json",
+                 "--out", str(tmp_path / "out")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["threads_per_worker"] == 1 and result["workers"] == 0 and result["images"] > 0
+    agg = zarr.open_group(str(store), mode="r")["aggregates/saliency"]
+    assert "spectrum_mean" in agg and "map_mean" not in agg
+
+    spec = importlib.util.spec_from_file_location(
+        "aggregate_job", Path(__file__).resolve().parents[1] / "jobs" / "aggregate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert job.main([str(store), "--workers", "0", "--threads", "2", "--out", str(tmp_path / "out2")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["threads_per_worker"] == 2
+    assert "map_mean" in zarr.open_group(str(store), mode="r")["aggregates/saliency"]
