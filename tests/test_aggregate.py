@@ -198,3 +198,23 @@ def test_read_paths_and_threads_give_identical_states(store):
 def test_threads_must_be_positive(store, tmp_path):
     with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
         run_aggregation(store, num_workers=0, out_dir=str(tmp_path), threads=0)
+
+
+def test_local_ray_gets_the_cpus_the_tasks_ask_for(monkeypatch):
+    """A local Ray started by the job has this machine's CPUs, or workers x threads when more
+    was asked for, so the tasks asked for run side by side."""
+    import os
+
+    import ray
+
+    from distributed_attr.aggregate.job import _init_ray
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    assert _init_ray(None, 1, 2)
+    assert seen["num_cpus"] == max(os.cpu_count(), 2)
+    assert _init_ray(None, 8, 2)
+    assert seen["num_cpus"] == max(os.cpu_count(), 16)
+    assert _init_ray(None, None, 2)
+    assert seen["num_cpus"] == os.cpu_count()

@@ -144,3 +144,23 @@ def test_grouped_small_and_wide_paths_equal_numpy(monkeypatch, with_nan):
             np.testing.assert_allclose(r.mean, np.nanmean(xk, axis=0), rtol=1e-12, err_msg=path)
             np.testing.assert_allclose(r.std, np.nanstd(xk, axis=0, ddof=1), rtol=1e-9, err_msg=path)
             np.testing.assert_array_equal(r.count, (~np.isnan(xk)).sum(axis=0))
+
+
+def test_an_infinite_value_stays_in_its_own_group():
+    """float16 maps can overflow to inf: it must make its own group's moments inf/NaN and leave
+    the other groups alone (an indicator-matrix product would spread 0 x inf = NaN)."""
+    x = np.array([[1.0, 5.0], [2.0, 6.0], [np.inf, 7.0], [4.0, 8.0]])
+    with np.errstate(invalid="ignore"):  # inf - inf in the group that holds the inf
+        res = GroupedMoments().update(x, [0, 0, 1, 1]).compute()
+    np.testing.assert_allclose(res[0].mean, [1.5, 5.5])
+    np.testing.assert_allclose(res[1].mean[1], 7.5)
+    assert not np.isfinite(res[1].mean[0])
+
+
+def test_many_groups_equal_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(600, 11))
+    keys = rng.integers(0, 300, size=600)  # more groups than the all-at-once path takes
+    res = GroupedMoments().update(x, keys).compute()
+    for k in (int(keys[0]), int(keys[-1])):
+        np.testing.assert_allclose(res[k].mean, x[keys == k].mean(axis=0), rtol=1e-12)

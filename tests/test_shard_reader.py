@@ -67,7 +67,9 @@ def test_other_layouts_are_left_to_zarr(tmp_path):
     raw = root.create_array("raw", data=x, chunks=(4, 4), compressors=None)
     tiled = root.create_array("tiled", data=x, chunks=(4, 2))  # chunked along a second axis
     big_endian = root.create_array("big", data=x, chunks=(4, 4), serializer=BytesCodec(endian="big"))
-    for arr in (blosc, raw, tiled, big_endian):
+    # a big-endian dtype stored little-endian: the bytes on disk are not the buffer's byte order
+    big_dtype = root.create_array("big_dtype", data=np.arange(64, dtype=">i4").reshape(16, 4), chunks=(4, 4))
+    for arr in (blosc, raw, tiled, big_endian, big_dtype):
         assert ShardReader.for_array(arr) is None, arr.path
     memory = zarr.create_array(store={}, shape=(16, 4), chunks=(4, 4), dtype="float32")
     assert ShardReader.for_array(memory) is None  # not a local file system
@@ -89,6 +91,22 @@ def test_corrupt_shards_raise_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match="shorter than its index"):
         reader.read(0, 0)
     _same_bytes(reader.read(1, 1), x[8:])  # the other shard is unaffected
+    # an index entry with only its offset marked absent (a corrupt index with a valid checksum)
+    Path(shard).unlink()
+    a[:8] = x[:8]
+    data = bytearray(Path(shard).read_bytes())
+    n_inner = 4
+    index = np.frombuffer(bytes(data[-(16 * n_inner + 4):-4]), dtype="<u8").copy().reshape(n_inner, 2)
+    index[1, 0] = 2**64 - 1
+    import google_crc32c
+
+    raw = index.astype("<u8").tobytes()
+    data[-(16 * n_inner + 4):] = raw + np.uint32(google_crc32c.value(raw)).tobytes()
+    Path(shard).write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"c/0/0: inner chunk 1 points past the shard's data"):
+        reader.read(0, 0)
+    with pytest.raises(ValueError, match="need 0 <= first_chunk <= last_chunk"):
+        reader.read(1, 0)
 
 
 def test_zstd_content_size_from_the_frame_header():

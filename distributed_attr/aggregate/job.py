@@ -404,8 +404,10 @@ def _make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:
     )
 
 
-def _init_ray(address: str | None, num_workers: int | None) -> bool:
-    """Start or join Ray unless it runs already; True when this call started it."""
+def _init_ray(address: str | None, num_workers: int | None, threads: int = 1) -> bool:
+    """Start or join Ray unless it runs already; True when this call started it. A local Ray
+    gets this machine's CPUs, or more when ``num_workers`` tasks of ``threads`` CPUs were asked
+    for: they then run side by side as asked (oversubscribing the cores)."""
     import ray
 
     if ray.is_initialized():
@@ -413,7 +415,8 @@ def _init_ray(address: str | None, num_workers: int | None) -> bool:
     if address:
         ray.init(address=address, configure_logging=False)
     else:
-        ray.init(num_cpus=num_workers or os.cpu_count(), object_store_memory=100 * 1024 * 1024,
+        cpus = max(os.cpu_count() or 1, (num_workers or 0) * threads)
+        ray.init(num_cpus=cpus, object_store_memory=100 * 1024 * 1024,
                  include_dashboard=False, configure_logging=False)
     return True
 
@@ -485,13 +488,23 @@ def run_aggregation(
         for group in plan_groups(done, 1):
             partial.merge(aggregate_units(plan, group))
     else:
-        started_ray = _init_ray(address, num_workers)
+        started_ray = _init_ray(address, num_workers, plan.threads)
         import ray
 
-        node_cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-        plan.threads = max(1, min(plan.threads, int(max(node_cpus, default=1))))
-        workers = int(num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)) // plan.threads))
-        groups = plan_groups(done, max(workers, math.ceil(len(done) / max(1, units_per_task))))
+        # a task must fit on a node; with no CPU node up yet (an autoscaling cluster whose head
+        # has CPU: 0) the request stands and the autoscaler brings nodes
+        largest = int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
+        if largest >= 1:
+            plan.threads = min(plan.threads, largest)
+        n_tasks = math.ceil(len(done) / max(1, units_per_task))
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        if num_workers:
+            workers = int(num_workers)
+        elif cpus >= plan.threads:
+            workers = cpus // plan.threads
+        else:  # no CPUs yet: put every task up, so that the autoscaler sees the whole demand
+            workers = max(1, n_tasks)
+        groups = plan_groups(done, max(workers, n_tasks))
         try:
             partial = _run_tasks(plan, groups, workers) if groups else PartialAggregate()
         finally:

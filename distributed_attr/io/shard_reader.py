@@ -27,7 +27,7 @@ import numpy as np
 __all__ = ["ShardReader"]
 
 #: an inner chunk that was never written has offset and length 2**64 - 1 in the shard index
-_ABSENT = np.uint64(2**64 - 1)
+_ABSENT = 2**64 - 1
 
 
 def _codec_names(codecs: Any) -> list[str]:
@@ -85,7 +85,8 @@ class ShardReader:
             if meta["chunk_grid"].get("name") != "regular" or meta.get("storage_transformers"):
                 return None
             dtype = np.dtype(array.dtype)
-            if dtype.hasobject or dtype.kind not in "biuf":
+            # the buffer takes the bytes as they are: they must be in the dtype's own byte order
+            if dtype.hasobject or dtype.kind not in "biuf" or dtype.byteorder not in "=|<":
                 return None
             shape = tuple(int(s) for s in array.shape)
             chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -122,6 +123,8 @@ class ShardReader:
 
     def read(self, first_chunk: int, last_chunk: int, out: np.ndarray | None = None) -> np.ndarray:
         n = last_chunk - first_chunk + 1
+        if first_chunk < 0 or n < 1:
+            raise ValueError(f"ShardReader.read: need 0 <= first_chunk <= last_chunk, got {first_chunk}, {last_chunk}")
         rows = n * self.rows_per_chunk
         if out is None:
             out = self.buffer(n)
@@ -156,7 +159,7 @@ class ShardReader:
         stored = bytes(memoryview(data)[len(data) - 4:])
         if np.uint32(google_crc32c.value(bytes(index_raw))).tobytes() != stored:
             raise ValueError(f"{file}: the shard index checksum does not match (corrupt or truncated shard)")
-        index = np.frombuffer(index_raw, dtype="<u8").reshape(n_inner, 2)
+        index = np.frombuffer(index_raw, dtype="<u8").reshape(n_inner, 2).tolist()  # Python ints: no wrap-around
         per_inner = flat.size // n_inner
         view = memoryview(data)
         for j, (offset, length) in enumerate(index):
@@ -166,13 +169,16 @@ class ShardReader:
                 continue
             if offset + length > len(data) - index_bytes - 4:
                 raise ValueError(f"{file}: inner chunk {j} points past the shard's data")
-            self._decode(view[int(offset):int(offset + length)], target, file)
+            self._decode(view[offset:offset + length], target, file)
 
     def _decode(self, src: Any, target: np.ndarray, file: str) -> None:
-        size = zstd_content_size(src)
-        if size is not None and size != target.nbytes:
-            raise ValueError(f"{file}: a chunk holds {size} bytes, the array's chunk shape needs {target.nbytes}")
-        self._zstd.decode(src, out=target)
+        try:
+            size = zstd_content_size(src)
+            if size is not None and size != target.nbytes:
+                raise ValueError(f"a chunk holds {size} bytes, the array's chunk shape needs {target.nbytes}")
+            self._zstd.decode(src, out=target)
+        except (ValueError, RuntimeError) as err:  # numcodecs raises RuntimeError for bad frames
+            raise ValueError(f"{file}: {err}") from err
 
 
 def zstd_content_size(frame: Any) -> int | None:
