@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_inspect)
 
     a = sub.add_parser("aggregate", help="dataset-wide spectra and filter statistics over a store")
-    a.add_argument("store")
-    a.add_argument("--address", default=None)
+    a.add_argument("store", help="path of the Zarr store written by the attribution job")
+    a.add_argument("--address", default=None, help="Ray cluster to join ('auto' under ray job submit)")
     a.add_argument("--workers", type=int, default=None,
                    help="reader tasks in flight (default: the cluster's CPUs / --threads; 0: no Ray)")
     a.add_argument("--threads", type=int, default=None,
