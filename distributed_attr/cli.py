@@ -38,7 +38,7 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     from .aggregate import run_aggregation
 
     result = run_aggregation(args.store, address=args.address, num_workers=args.workers, out_dir=args.out,
-                             threads=args.threads, read_maps=not args.no_maps)
+                             threads=args.threads, read_maps=not args.no_maps, class_maps=args.class_maps)
     print(json.dumps(result, indent=2, default=str) if args.json else _short(result))
     return 0
 
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads (and Ray CPUs) per reader task (default 2: read ahead while reducing)")
     a.add_argument("--no-maps", action="store_true",
                    help="skip the mean/std maps: read only the small spectral arrays")
+    a.add_argument("--class-maps", type=int, default=100,
+                   help="mean/std maps per class only up to this many classes (default 100)")
     a.add_argument("--out", default=None, help="folder for tables and plots (default: <store>-outputs)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=_cmd_aggregate)

@@ -218,3 +218,20 @@ def test_local_ray_gets_the_cpus_the_tasks_ask_for(monkeypatch):
     assert seen["num_cpus"] == max(os.cpu_count(), 16)
     assert _init_ray(None, None, 2)
     assert seen["num_cpus"] == os.cpu_count()
+
+
+def test_class_maps_only_up_to_a_number_of_classes(store, tmp_path):
+    """Per-class mean maps cost a map per class in every task's state: above ``class_maps``
+    classes only the overall mean/std map is kept (and is still exact); spectra stay per class."""
+    expected = _expected(store)
+    result = run_aggregation(store, num_workers=0, out_dir=str(tmp_path / "o"), plots=False, class_maps=3)
+    assert result["class_maps"] is False  # the store's maps explain 4 classes
+    a = zarr.open_group(store, mode="r")["aggregates/saliency"]
+    assert "class_map_mean" not in a and "class_spectrum_mean" in a
+    np.testing.assert_allclose(a["map_mean"][:], expected["saliency"]["all"]["map_mean"], rtol=1e-5, atol=1e-6)
+    result = run_aggregation(store, num_workers=0, out_dir=str(tmp_path / "o"), plots=False, class_maps=4)
+    assert result["class_maps"] is True
+    a = zarr.open_group(store, mode="r")["aggregates/saliency"]
+    classes = a["class"][:].tolist()
+    np.testing.assert_allclose(a["class_map_mean"][classes.index(1)], expected["saliency"][1]["map_mean"],
+                               rtol=1e-5, atol=1e-6)

@@ -39,6 +39,10 @@ __all__ = ["run_aggregation", "aggregate_units", "plan_groups", "PartialAggregat
 #: holds two blocks. Fewer, bigger blocks pay the per-block grouping fewer times (measured on
 #: the benchmark store: 3-unit blocks 1.3x slower than 4-unit ones)
 READ_BYTES = 64 << 20
+#: per-class mean/std maps only up to this many classes: at 224 px one class costs 3 float64 maps
+#: (count, mean, M2) of 50,176 values per method in every task's state, 1.2 GB per method for
+#: ImageNet's 1,000 classes; spectra per class are small and always kept
+CLASS_MAPS = 100
 #: threads a reader task uses: that many read arrays of the next block while as many reduce the
 #: current block's methods (file reads, zstd and NumPy's loops release the GIL); 1 = everything in
 #: the task's own thread, one core (what the scaling benchmark uses)
@@ -146,6 +150,7 @@ class ReadPlan:
     filter_kind: str = "forgrad"
     filter_order: int = 2
     read_maps: bool = True
+    class_maps: bool = True  # mean/std maps per class as well as overall
     read_bytes: int = READ_BYTES
     threads: int = THREADS
     fast_reads: bool = True  # ShardReader for arrays in the store's own layout (else zarr only)
@@ -270,7 +275,9 @@ def _reduce_method(plan: ReadPlan, stats: dict[str, GroupedMoments], method: str
     freqs = np.asarray(plan.frequencies)
     maps = got[f"maps/{method}"][keep] if f"maps/{method}" in got else None
     if maps is not None and plan.read_maps:
-        stats.setdefault("map", GroupedMoments()).update(maps, keys, skip_nan=True)
+        # without class maps, one group under a key no class has: only the overall map survives
+        map_keys = keys if plan.class_maps else np.full(keys.shape, "all")
+        stats.setdefault("map", GroupedMoments()).update(maps, map_keys, skip_nan=True)
     if f"spectra/{method}" in got:
         spectra = got[f"spectra/{method}"][keep].astype(np.float64)
     else:
@@ -404,6 +411,17 @@ def _make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:
     )
 
 
+def _count_classes(root: zarr.Group, plan: ReadPlan, done: np.ndarray) -> int:
+    """Distinct ``target`` classes of the ok images of done units (8 + 1 bytes per image read)."""
+    if done.size == 0:
+        return 0
+    in_done = np.zeros(plan.n_images, dtype=bool)
+    for u in done:
+        in_done[u * plan.unit_size:(u + 1) * plan.unit_size] = True
+    ok = np.asarray(root["ok"][:], dtype=bool) & in_done
+    return int(np.unique(np.asarray(root["target"][:])[ok]).size)
+
+
 def _init_ray(address: str | None, num_workers: int | None, threads: int = 1) -> bool:
     """Start or join Ray unless it runs already; True when this call started it. A local Ray
     gets this machine's CPUs, or more when ``num_workers`` tasks of ``threads`` CPUs were asked
@@ -456,6 +474,7 @@ def run_aggregation(
     units_per_task: int = 64,
     plots: bool = True,
     threads: int | None = None,
+    class_maps: int = CLASS_MAPS,
 ) -> dict:
     """Aggregate a store; returns a summary dict (paths, counts, timings, headline numbers).
 
@@ -469,7 +488,8 @@ def run_aggregation(
     ``threads``: threads per reader task (default ``THREADS`` = 2: reading the next block while
     reducing this one); each task reserves that many CPUs from Ray (capped at the largest node's),
     and the default ``num_workers`` is the cluster's CPUs divided by it. 1 = strictly one core
-    per task."""
+    per task. ``class_maps``: mean/std maps per class when the maps explain at most this many
+    classes (counted by the driver from ``target``), else the overall mean/std map only."""
     t_start = time.perf_counter()
     store = str(store)
     if not Path(store).exists():
@@ -480,6 +500,8 @@ def run_aggregation(
     if plan.threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     done = np.flatnonzero(np.asarray(root["units/done"][:]) == 1)
+    if plan.read_maps:
+        plan.class_maps = _count_classes(root, plan, done) <= class_maps
     started_ray = False
     t_read = time.perf_counter()
     if num_workers == 0:
@@ -533,6 +555,7 @@ def run_aggregation(
         "out_dir": str(out),
         "workers": workers,
         "threads_per_worker": plan.threads,
+        "class_maps": bool(plan.read_maps and plan.class_maps),
         "units": int(partial.units),
         "images": int(partial.images),
         "methods": plan.methods,
