@@ -31,8 +31,9 @@ BLOCK_BYTES = 2 << 20
 #: Measured on 256 samples in 10 groups: (256, 11) per-image values 2.4x faster, 363-element
 #: spectra 1.1x faster, 4,096-element maps 1.3x *slower* than group by group.
 SMALL_SAMPLE = 1024
-#: ... and only for batches with at most this many distinct keys (the indicator matrix is dense:
-#: with 1,000 classes it is 8x slower than group by group)
+#: ... with the dense indicator matrix for at most this many distinct keys, above it with sorted
+#: sums (the dense products grow with the groups: 1,000 groups of 8,192 x 363 values 303 ms;
+#: with 10 groups the products are 1.2-2x faster than group by group)
 SMALL_GROUPS = 64
 
 
@@ -210,23 +211,36 @@ class GroupedMoments:
         return self
 
     def _update_small(self, x: np.ndarray, keys: np.ndarray, width: int) -> bool:
-        """All groups at once: per-group sums and centred squares as products with the (groups x
-        samples) indicator matrix. Only for finite batches with few groups; returns False to leave
-        any other batch to the group-by-group path."""
+        """All groups at once, for finite batches (returns False to leave any other batch to the
+        group-by-group path: a NaN or inf must not reach other groups). Few groups: per-group sums
+        and centred squares as products with the dense (groups x samples) indicator matrix; many
+        groups (1,000 ImageNet classes): the same sums by ``np.add.reduceat`` over the rows sorted
+        by key, whose cost does not grow with the groups, where it beats group by group (measured
+        with 1,000 groups: rows of 11 values 5-7 ms against 28-29 ms for 4,096-8,192 rows; rows of
+        363 values 18 against 28 ms at 1 row per group, 75 against 42 ms at 8 rows per group)."""
         xf = np.asarray(x, dtype=np.float64).reshape(x.shape[0], width)
-        if not np.isfinite(xf).all():  # 0 x NaN and 0 x inf are NaN: they would reach every group
+        if not np.isfinite(xf).all():
             return False
         uniq, gid = np.unique(keys, return_inverse=True)
-        if uniq.size > SMALL_GROUPS:  # the dense indicator grows with the groups: not worth it
-            return False
         gid = gid.reshape(-1)
-        indicator = np.zeros((uniq.size, xf.shape[0]))
-        indicator[gid, np.arange(xf.shape[0])] = 1.0
         counts = np.bincount(gid, minlength=uniq.size)
-        mean = (indicator @ xf) / counts[:, None]
-        centred = xf - mean[gid]
-        np.multiply(centred, centred, out=centred)
-        m2 = indicator @ centred
+        if uniq.size <= SMALL_GROUPS:
+            indicator = np.zeros((uniq.size, xf.shape[0]))
+            indicator[gid, np.arange(xf.shape[0])] = 1.0
+            mean = (indicator @ xf) / counts[:, None]
+            centred = xf - mean[gid]
+            np.multiply(centred, centred, out=centred)
+            m2 = indicator @ centred
+        elif width > 64 and xf.shape[0] > 4 * uniq.size:
+            return False  # several rows per group of wide samples: group by group is faster
+        else:
+            order = np.argsort(gid, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            xs = xf[order]
+            mean = np.add.reduceat(xs, starts, axis=0) / counts[:, None]
+            xs -= np.repeat(mean, counts, axis=0)
+            np.multiply(xs, xs, out=xs)
+            m2 = np.add.reduceat(xs, starts, axis=0)
         shape = x.shape[1:]
         for g, key in enumerate(uniq.tolist()):
             state = self.groups.setdefault(key, Moments())
