@@ -54,6 +54,18 @@ def _float64_copy(x: np.ndarray) -> np.ndarray:
     return np.array(x, dtype=np.float64)
 
 
+def _chan_merge(na, ma, m2a, nb, mb, m2b):
+    """Chan et al.'s pairwise merge of (count, mean, M2), elementwise on any broadcastable shapes."""
+    n = na + nb
+    safe_n = np.maximum(n, 1).astype(np.float64)
+    delta = mb - ma
+    # where a side has no samples its (zero) mean must not contribute: the weights below are
+    # exactly 0 or 1 there, so the merge leaves the other side untouched
+    mean = ma + delta * (nb / safe_n)
+    m2 = m2a + m2b + delta * delta * (na.astype(np.float64) * nb / safe_n)
+    return n, mean, m2
+
+
 class MomentsResult(NamedTuple):
     mean: np.ndarray
     std: np.ndarray
@@ -133,15 +145,7 @@ class Moments:
         if self.mean is None:
             self.count, self.mean, self.m2 = nb.copy(), mb.copy(), m2b.copy()
             return self
-        na, ma, m2a = self.count, self.mean, self.m2
-        n = na + nb
-        safe_n = np.maximum(n, 1).astype(np.float64)
-        delta = mb - ma
-        # where a side has no samples its (zero) mean must not contribute: the weights below are
-        # exactly 0 or 1 there, so the merge leaves the other side untouched
-        self.mean = ma + delta * (nb / safe_n)
-        self.m2 = m2a + m2b + delta * delta * (na.astype(np.float64) * nb / safe_n)
-        self.count = n
+        self.count, self.mean, self.m2 = _chan_merge(self.count, self.mean, self.m2, nb, mb, m2b)
         return self
 
     def merge(self, other: "Moments") -> "Moments":
@@ -177,20 +181,59 @@ class Moments:
         return MomentsResult(mean, std, ci95, self.count.copy())
 
 
-@dataclass
 class GroupedMoments:
-    """One ``Moments`` per key (a class label, a method, ...). ``update(batch, keys)`` routes each
-    sample to the state of its key; ``merge`` unions keys; ``total()`` merges every group."""
+    """Running moments per key (a class label, a method, ...), held densely: one (keys, *shape)
+    array each for count, mean and M2, so that updating and merging hundreds of groups (1,000
+    ImageNet classes) are a few array operations, not a Python loop, and the state pickles as
+    three arrays. ``update(batch, keys)`` routes each sample to its key's moments; ``merge``
+    unions keys; ``total()`` merges every group; ``groups`` gives a ``Moments`` per key."""
 
-    groups: dict[Hashable, Moments] | None = None
+    def __init__(self) -> None:
+        self._index: dict[Hashable, int] = {}
+        self._keys: list[Hashable] = []
+        self.count: np.ndarray | None = None  # (G, *shape) int64
+        self.mean: np.ndarray | None = None   # (G, *shape) float64
+        self.m2: np.ndarray | None = None     # (G, *shape) float64
 
-    def __post_init__(self) -> None:
-        if self.groups is None:
-            self.groups = {}
+    # -- state -----------------------------------------------------------------------------------
+    def _rows(self, keys: list[Hashable], shape: tuple[int, ...]) -> np.ndarray:
+        """Row of each key, adding rows (with no samples) for new keys."""
+        if self.mean is None:
+            self.count = np.zeros((0, *shape), dtype=np.int64)
+            self.mean = np.zeros((0, *shape))
+            self.m2 = np.zeros((0, *shape))
+        elif self.mean.shape[1:] != tuple(shape):
+            raise ValueError(f"GroupedMoments: element shape {tuple(shape)} does not match the state's "
+                             f"{self.mean.shape[1:]}")
+        new = [k for k in keys if k not in self._index]
+        if new:
+            for k in new:
+                self._index[k] = len(self._keys)
+                self._keys.append(k)
+            pad = ((0, len(new)),) + ((0, 0),) * len(shape)
+            self.count = np.pad(self.count, pad)
+            self.mean = np.pad(self.mean, pad)
+            self.m2 = np.pad(self.m2, pad)
+        return np.asarray([self._index[k] for k in keys], dtype=np.int64)
 
+    def _merge_groups(self, keys: list[Hashable], nb: np.ndarray, mb: np.ndarray, m2b: np.ndarray) -> None:
+        rows = self._rows(keys, mb.shape[1:])
+        if not (self.count.flags.writeable and self.mean.flags.writeable and self.m2.flags.writeable):
+            # a state that came through Ray's object store is read-only (zero-copy): own it first
+            self.count, self.mean, self.m2 = self.count.copy(), self.mean.copy(), self.m2.copy()
+        self.count[rows], self.mean[rows], self.m2[rows] = _chan_merge(
+            self.count[rows], self.mean[rows], self.m2[rows], nb, mb, m2b)
+
+    @property
+    def groups(self) -> dict[Hashable, Moments]:
+        """One ``Moments`` (a copy) per key."""
+        return {k: Moments(self.count[i].copy(), self.mean[i].copy(), self.m2[i].copy())
+                for k, i in self._index.items()}
+
+    # -- update, merge, compute ------------------------------------------------------------------
     def update(self, batch: Any, keys: Any, skip_nan: bool = False) -> "GroupedMoments":
         # gather in the batch's own dtype (float16 maps: a quarter of the bytes); each group is
-        # widened to float64 by Moments.update
+        # widened to float64 on its way in
         x = batch.detach().cpu().numpy() if hasattr(batch, "detach") else np.asarray(batch)
         keys = np.asarray(keys.detach().cpu().numpy() if hasattr(keys, "detach") else keys)
         if keys.shape != (x.shape[0],):
@@ -198,70 +241,105 @@ class GroupedMoments:
         if x.shape[0] == 0:
             return self
         width = int(np.prod(x.shape[1:], dtype=np.int64))
-        if width <= SMALL_SAMPLE and x.dtype.kind in "fiub" and self._update_small(x, keys, width):
-            return self
-        # one stable sort and one gather, then contiguous slices (cheaper than a mask per key)
+        got = None
+        if width <= SMALL_SAMPLE and x.dtype.kind in "fiub":
+            got = self._reduce_small(x, keys, width, skip_nan)
+        if got is None:
+            got = self._reduce_by_group(x, keys, skip_nan)
+        self._merge_groups(*got)
+        return self
+
+    @staticmethod
+    def _reduce_by_group(x: np.ndarray, keys: np.ndarray, skip_nan: bool):
+        """Per-group (keys, count, mean, M2), one group at a time: one stable sort and one gather,
+        then contiguous slices (cheaper than a mask per key), each reduced by ``Moments``."""
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order]
         xs = x[order]
         bounds = [0, *(np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1).tolist(), len(keys)]
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            key = sorted_keys[a].item()
-            self.groups.setdefault(key, Moments()).update(xs[a:b], skip_nan=skip_nan)
-        return self
+        states = [Moments().update(xs[a:b], skip_nan=skip_nan) for a, b in zip(bounds[:-1], bounds[1:])]
+        return ([sorted_keys[a].item() for a in bounds[:-1]], np.stack([m.count for m in states]),
+                np.stack([m.mean for m in states]), np.stack([m.m2 for m in states]))
 
-    def _update_small(self, x: np.ndarray, keys: np.ndarray, width: int) -> bool:
-        """All groups at once, for finite batches (returns False to leave any other batch to the
-        group-by-group path: a NaN or inf must not reach other groups). Few groups: per-group sums
-        and centred squares as products with the dense (groups x samples) indicator matrix; many
-        groups (1,000 ImageNet classes): the same sums by ``np.add.reduceat`` over the rows sorted
-        by key, whose cost does not grow with the groups, where it beats group by group (measured
-        with 1,000 groups: rows of 11 values 5-7 ms against 28-29 ms for 4,096-8,192 rows; rows of
-        363 values 18 against 28 ms at 1 row per group, 75 against 42 ms at 8 rows per group)."""
-        xf = np.asarray(x, dtype=np.float64).reshape(x.shape[0], width)
-        if not np.isfinite(xf).all():
-            return False
+    @staticmethod
+    def _reduce_small(x: np.ndarray, keys: np.ndarray, width: int, skip_nan: bool):
+        """All groups at once (None leaves the batch to the group-by-group path). Few groups:
+        per-group sums and centred squares as products with the dense (groups x samples)
+        indicator matrix; many groups (1,000 ImageNet classes): the same sums by
+        ``np.add.reduceat`` over the rows sorted by key, whose cost does not grow with the groups,
+        where it beats group by group (measured with 1,000 groups: rows of 11 values 5-7 ms against
+        28-29 ms for 4,096-8,192 rows; rows of 363 values 18 against 28 ms at 1 row per group, 75
+        against 42 ms at 8 rows per group). NaN with ``skip_nan`` is counted out element by
+        element (per-image slopes are NaN where too few bins remain); an inf, or NaN without
+        ``skip_nan``, goes group by group, so that it cannot reach other groups (0 x inf = NaN)."""
+        xf = np.array(x, dtype=np.float64).reshape(x.shape[0], width)
+        nan = np.isnan(xf)
+        valid = None
+        if nan.any():
+            if not skip_nan:
+                return None
+            valid = ~nan
+            xf[nan] = 0.0
+        if np.isinf(xf).any():
+            return None
         uniq, gid = np.unique(keys, return_inverse=True)
         gid = gid.reshape(-1)
-        counts = np.bincount(gid, minlength=uniq.size)
+        rows = np.bincount(gid, minlength=uniq.size)
         if uniq.size <= SMALL_GROUPS:
             indicator = np.zeros((uniq.size, xf.shape[0]))
             indicator[gid, np.arange(xf.shape[0])] = 1.0
-            mean = (indicator @ xf) / counts[:, None]
-            centred = xf - mean[gid]
-            np.multiply(centred, centred, out=centred)
-            m2 = indicator @ centred
+
+            def group_sum(a):
+                return indicator @ a
+            member = gid
         elif width > 64 and xf.shape[0] > 4 * uniq.size:
-            return False  # several rows per group of wide samples: group by group is faster
+            return None  # several rows per group of wide samples: group by group is faster
         else:
             order = np.argsort(gid, kind="stable")
-            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            xs = xf[order]
-            mean = np.add.reduceat(xs, starts, axis=0) / counts[:, None]
-            xs -= np.repeat(mean, counts, axis=0)
-            np.multiply(xs, xs, out=xs)
-            m2 = np.add.reduceat(xs, starts, axis=0)
+            starts = np.concatenate([[0], np.cumsum(rows)[:-1]])
+            xf = xf[order]
+            valid = None if valid is None else valid[order]
+            member = gid[order]
+
+            def group_sum(a):
+                return np.add.reduceat(a, starts, axis=0)
+        if valid is None:
+            n = np.broadcast_to(rows[:, None], (uniq.size, width)).astype(np.int64)
+        else:
+            n = np.rint(group_sum(valid.astype(np.float64))).astype(np.int64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, group_sum(xf) / np.maximum(n, 1), 0.0)
+        centred = xf - mean[member]
+        if valid is not None:
+            centred[~valid] = 0.0
+        np.multiply(centred, centred, out=centred)
+        m2 = group_sum(centred)
         shape = x.shape[1:]
-        for g, key in enumerate(uniq.tolist()):
-            state = self.groups.setdefault(key, Moments())
-            state._check_shape(shape)
-            state._merge_arrays(np.full(shape, counts[g], dtype=np.int64), mean[g].reshape(shape),
-                                m2[g].reshape(shape))
-        return True
+        return (uniq.tolist(), n.reshape(uniq.size, *shape), mean.reshape(uniq.size, *shape),
+                m2.reshape(uniq.size, *shape))
 
     def merge(self, other: "GroupedMoments") -> "GroupedMoments":
-        for key, state in other.groups.items():
-            if key in self.groups:
-                self.groups[key].merge(state)
-            else:
-                self.groups[key] = state.copy()
+        """Add another state (in place); returns self."""
+        if other.mean is not None:
+            self._merge_groups(list(other._keys), other.count, other.mean, other.m2)
         return self
 
     def total(self) -> Moments:
-        return Moments.combine(self.groups[k] for k in sorted(self.groups, key=repr))
+        """Every group merged into one ``Moments``: the parallel formula over all groups at once
+        (mean = sum(n mean) / N, M2 = sum(M2) + sum(n (mean - total mean)^2)), elementwise."""
+        if self.mean is None:
+            return Moments()
+        n = self.count.sum(axis=0)
+        w = self.count.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, (w * self.mean).sum(axis=0) / np.maximum(n, 1), 0.0)
+        delta = self.mean - mean
+        m2 = self.m2.sum(axis=0) + (w * delta * delta).sum(axis=0)
+        return Moments(n, mean, m2)
 
     def keys(self) -> list[Hashable]:
-        return sorted(self.groups)
+        return sorted(self._keys)
 
     def compute(self, ddof: int = 1) -> dict[Hashable, MomentsResult]:
-        return {k: self.groups[k].compute(ddof) for k in self.keys()}
+        groups = self.groups
+        return {k: groups[k].compute(ddof) for k in self.keys()}
