@@ -127,7 +127,7 @@ def _disk_bytes(path: str) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def bench_aggregate(n_images: int, size: int, reps: int, workdir: str) -> None:
+def bench_aggregate(n_images: int, size: int, reps: int, workdir: str, classes: int = 10) -> None:
     import dataclasses
 
     import ray
@@ -138,8 +138,8 @@ def bench_aggregate(n_images: int, size: int, reps: int, workdir: str) -> None:
 
     store = os.path.join(workdir, "bench.zarr")
     t = time.perf_counter()
-    write_synthetic_store(store, n_images=n_images, unit_size=256, height=size, seed=1)
-    print(f"synthetic store: {n_images} images x 2 methods, {size}x{size} float16 maps, spectra "
+    write_synthetic_store(store, n_images=n_images, unit_size=256, height=size, seed=1, n_classes=classes)
+    print(f"synthetic store: {n_images} images of {classes} classes x 2 methods, {size}x{size} float16 maps, spectra "
           f"(11 cutoffs), units of 256: {_disk_bytes(store) / 1e6:.1f} MB on disk, "
           f"written in {time.perf_counter() - t:.1f} s")
     out = os.path.join(workdir, "out")
@@ -232,13 +232,14 @@ def main() -> int:
     p.add_argument("--images", type=int, default=8192)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--classes", type=int, default=10, help="classes of the synthetic store (per-class statistics)")
     args = p.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M')}  cpus={os.cpu_count()}  torch {torch.__version__}")
     if args.part in ("spectral", "all"):
         bench_spectral()
     if args.part in ("aggregate", "all"):
         with tempfile.TemporaryDirectory() as d:
-            bench_aggregate(args.images, args.size, args.reps, d)
+            bench_aggregate(args.images, args.size, args.reps, d, args.classes)
     return 0
 
 

@@ -602,8 +602,9 @@ def _finalise(plan: ReadPlan, partial: PartialAggregate) -> dict[str, dict[Any, 
         if "spectrum" not in per_q:
             continue
         scopes: dict[Any, dict[str, Any]] = {"all": _scope_results(plan, {q: g.total() for q, g in per_q.items()})}
+        groups = {q: g.groups for q, g in per_q.items()}  # built once: a property that copies
         for cls in per_q["spectrum"].keys():
-            scopes[int(cls)] = _scope_results(plan, {q: g.groups[cls] for q, g in per_q.items() if cls in g.groups})
+            scopes[int(cls)] = _scope_results(plan, {q: gq[cls] for q, gq in groups.items() if cls in gq})
         results[m] = scopes
     return results
 
@@ -658,43 +659,68 @@ def _write_store(store: str, plan: ReadPlan, results: dict, done: np.ndarray) ->
 
 
 def _write_tables(out: Path, plan: ReadPlan, results: dict) -> dict[str, str]:
+    """``spectra.parquet`` (a row per method, scope, cutoff and frequency) and ``summary.parquet``
+    (a row per method, scope and cutoff), built column-wise: with 1,000 classes that is ~0.7 M
+    spectrum rows, which row-by-row Python would take seconds to assemble."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     image_size = min(plan.image_shape[1:])
-    spectra_rows: dict[str, list] = {k: [] for k in ("method", "scope", "class", "cutoff", "sigma_at_224",
-                                                     "frequency", "mean", "std", "ci95", "lower", "upper", "n")}
-    summary_rows: dict[str, list] = {k: [] for k in ("method", "scope", "class", "cutoff", "sigma_at_224", "n",
-                                                     "slope", "intercept", "hf_fraction")}
-    extra = ("image_slope", "image_hf_fraction", "stored_hf_fraction")
-    for q in extra:
-        for stat in ("mean", "std", "ci95"):
-            summary_rows[f"{q}_{stat}"] = []
-    freqs = np.asarray(plan.frequencies)
+    cutoffs = np.asarray(plan.cutoffs, dtype=np.float64)
+    freqs = np.asarray(plan.frequencies, dtype=np.float64)
+    n_cut, n_freq = cutoffs.size, freqs.size
+    sigma224 = cutoffs * 224 / image_size
+    extra = [(q, stat) for q in ("image_slope", "image_hf_fraction", "stored_hf_fraction")
+             for stat in ("mean", "std", "ci95")]
+    spectra_cols: dict[str, list] = {}
+    summary_cols: dict[str, list] = {}
+
+    def add(cols: dict, name: str, values, mask=None) -> None:
+        cols.setdefault(name, []).append((np.asarray(values), mask))
+
     for m, scopes in results.items():
         for key, s in scopes.items():
             scope, cls = ("all", None) if key == "all" else ("class", int(key))
             spec = s["spectrum"]
-            for k, c in enumerate(plan.cutoffs):
-                sigma224 = c * 224 / image_size
-                for j, f in enumerate(freqs):
-                    mean, ci = float(spec.mean[k, j]), float(spec.ci95[k, j])
-                    for col, v in (("method", m), ("scope", scope), ("class", cls), ("cutoff", c),
-                                   ("sigma_at_224", sigma224), ("frequency", float(f)), ("mean", mean),
-                                   ("std", float(spec.std[k, j])), ("ci95", ci), ("lower", mean - ci),
-                                   ("upper", mean + ci), ("n", int(spec.count[k, j]))):
-                        spectra_rows[col].append(v)
-                row = {"method": m, "scope": scope, "class": cls, "cutoff": c, "sigma_at_224": sigma224,
-                       "n": int(s["n"]), "slope": float(s["slope"][k]), "intercept": float(s["intercept"][k]),
-                       "hf_fraction": float(s["hf_fraction"][k])}
-                for q in extra:
-                    for stat in ("mean", "std", "ci95"):
-                        row[f"{q}_{stat}"] = float(getattr(s[q], stat)[k]) if q in s else None
-                for col, v in row.items():
-                    summary_rows[col].append(v)
+            rows = n_cut * n_freq
+            for cols, k in ((spectra_cols, rows), (summary_cols, n_cut)):
+                add(cols, "method", np.full(k, m, dtype=object))
+                add(cols, "scope", np.full(k, scope, dtype=object))
+                add(cols, "class", np.full(k, -1 if cls is None else cls, dtype=np.int64),
+                    np.full(k, cls is None))
+            add(spectra_cols, "cutoff", np.repeat(cutoffs, n_freq))
+            add(spectra_cols, "sigma_at_224", np.repeat(sigma224, n_freq))
+            add(spectra_cols, "frequency", np.tile(freqs, n_cut))
+            mean, ci = spec.mean.ravel(), spec.ci95.ravel()
+            add(spectra_cols, "mean", mean)
+            add(spectra_cols, "std", spec.std.ravel())
+            add(spectra_cols, "ci95", ci)
+            add(spectra_cols, "lower", mean - ci)
+            add(spectra_cols, "upper", mean + ci)
+            add(spectra_cols, "n", spec.count.ravel().astype(np.int64))
+            add(summary_cols, "cutoff", cutoffs)
+            add(summary_cols, "sigma_at_224", sigma224)
+            add(summary_cols, "n", np.full(n_cut, int(s["n"]), dtype=np.int64))
+            for col in ("slope", "intercept", "hf_fraction"):
+                add(summary_cols, col, np.asarray(s[col], dtype=np.float64))
+            for q, stat in extra:
+                present = q in s
+                add(summary_cols, f"{q}_{stat}",
+                    np.asarray(getattr(s[q], stat), dtype=np.float64) if present else np.full(n_cut, np.nan),
+                    None if present else np.ones(n_cut, dtype=bool))
+
+    def table(cols: dict) -> "pa.Table":
+        arrays = {}
+        for name, parts in cols.items():
+            values = np.concatenate([v for v, _ in parts])
+            masks = [mk if mk is not None else np.zeros(len(v), dtype=bool) for v, mk in parts]
+            mask = np.concatenate(masks) if any(mk is not None for _, mk in parts) else None
+            arrays[name] = pa.array(values, mask=mask) if mask is not None else pa.array(values)
+        return pa.table(arrays)
+
     paths = {"spectra": str(out / "spectra.parquet"), "summary": str(out / "summary.parquet")}
-    pq.write_table(pa.table(spectra_rows), paths["spectra"])
-    pq.write_table(pa.table(summary_rows), paths["summary"])
+    pq.write_table(table(spectra_cols), paths["spectra"])
+    pq.write_table(table(summary_cols), paths["summary"])
     return paths
 
 
