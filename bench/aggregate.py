@@ -158,7 +158,9 @@ def bench_aggregate(n_images: int, size: int, reps: int, workdir: str, classes: 
     def in_process_zarr_reads(read_maps):  # the ablation: the same job, every read through zarr
         root = zarr.open_group(store, mode="r")
         plan = dataclasses.replace(agg._make_plan(store, root, read_maps), fast_reads=False)
-        units = np.flatnonzero(root["units/done"][:] == 1).tolist()
+        done = np.flatnonzero(root["units/done"][:] == 1)
+        plan.class_maps = agg._count_classes(root, plan, done) <= agg.CLASS_MAPS  # as run_aggregation does
+        units = done.tolist()
 
         def run():
             t0 = time.perf_counter()
