@@ -51,23 +51,17 @@ class ShardReader:
     (the caller slices them off); chunks or inner chunks never written read as the fill value,
     as in zarr."""
 
-    def __init__(self, path: str, meta: dict, dtype: np.dtype, shape: tuple[int, ...], key_of, fill: Any):
-        self.path = path
-        self.dtype = dtype
-        self.shape = shape
-        self.row_shape = tuple(shape[1:])
-        self._key_of = key_of
-        self._fill = fill
-        chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        self.rows_per_chunk = int(chunk_shape[0])
-        codecs = meta["codecs"]
-        if codecs[0].get("name") == "sharding_indexed":
-            conf = codecs[0]["configuration"]
-            self.rows_per_inner = int(conf["chunk_shape"][0])
-        else:
-            self.rows_per_inner = None  # one zstd frame per chunk
+    def __init__(self, path: str, dtype: np.dtype, row_shape: tuple[int, ...], rows_per_chunk: int,
+                 rows_per_inner: int | None, key_of, fill: Any):
         from numcodecs import Zstd
 
+        self.path = path
+        self.dtype = dtype
+        self.row_shape = tuple(row_shape)
+        self.rows_per_chunk = int(rows_per_chunk)
+        self.rows_per_inner = rows_per_inner  # None: one zstd frame per chunk (no sharding)
+        self._key_of = key_of
+        self._fill = fill
         self._zstd = Zstd()
 
     @classmethod
@@ -93,6 +87,7 @@ class ShardReader:
             if len(shape) == 0 or tuple(chunk_shape[1:]) != shape[1:]:
                 return None  # chunked along axis 0 only
             codecs = meta["codecs"]
+            rows_per_inner = None
             if len(codecs) == 1 and codecs[0].get("name") == "sharding_indexed":
                 conf = codecs[0].get("configuration") or {}
                 inner = tuple(conf.get("chunk_shape", ()))
@@ -103,6 +98,7 @@ class ShardReader:
                             != "little")
                         or conf.get("index_location", "end") != "end"):
                     return None
+                rows_per_inner = int(inner[0])
             elif not _plain_chain(codecs):
                 return None
             root = str(store_path.store.root)
@@ -112,7 +108,7 @@ class ShardReader:
                 return encoding.encode_chunk_key((chunk,) + (0,) * (len(shape) - 1))
 
             path = os.path.join(root, store_path.path) if store_path.path else root
-            return cls(path, meta, dtype, shape, key_of, array.fill_value)
+            return cls(path, dtype, shape[1:], int(chunk_shape[0]), rows_per_inner, key_of, array.fill_value)
         except (AttributeError, KeyError, TypeError, ValueError, ImportError):
             return None
 
