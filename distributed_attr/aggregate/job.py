@@ -24,12 +24,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import zarr
+from threadpoolctl import threadpool_limits
 
 from .stats import GroupedMoments, Moments, MomentsResult
 
@@ -210,16 +212,6 @@ def _blocks(units: list[int], units_per_read: int) -> list[tuple[int, int]]:
     return out
 
 
-class _Done:
-    """A finished read, for tasks that read in their own thread (``threads=1``)."""
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def result(self) -> Any:
-        return self.value
-
-
 class _BlockReader:
     """Reads blocks of whole units of every array the job needs into two alternating sets of
     reusable buffers: one is filled (by ``threads`` threads, an array each) while the caller
@@ -231,8 +223,6 @@ class _BlockReader:
 
     def __init__(self, plan: ReadPlan, arrays: dict[str, Any], units_per_read: int, threads: int,
                  fast: bool = True):
-        from concurrent.futures import ThreadPoolExecutor
-
         from ..io.shard_reader import ShardReader
 
         self.plan = plan
@@ -257,7 +247,11 @@ class _BlockReader:
                 job = (self._fast, reader, block, self.buffers[slot][name], stop - start)
             else:
                 job = (arr.__getitem__, slice(start, stop))
-            futures[name] = self.pool.submit(*job) if self.pool else _Done(job[0](*job[1:]))
+            if self.pool:
+                futures[name] = self.pool.submit(*job)
+            else:  # threads=1: read now, in this thread
+                futures[name] = Future()
+                futures[name].set_result(job[0](*job[1:]))
         return futures
 
     @staticmethod
@@ -315,13 +309,9 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
     threads = max(1, int(plan.threads))
     reader = _BlockReader(plan, arrays, units_per_read, threads, fast=plan.fast_reads)
     part = PartialAggregate(stats={m: {} for m in plan.methods})
-    from concurrent.futures import ThreadPoolExecutor
-
     # methods are independent states: with threads, each block's methods are reduced side by side
     reducers = ThreadPoolExecutor(max_workers=min(threads, len(plan.methods)), thread_name_prefix="reduce") \
         if threads > 1 and len(plan.methods) > 1 else None
-    from threadpoolctl import threadpool_limits
-
     # the products here are tiny: a multi-threaded BLAS only spins its threads and takes the
     # cores from the reader and reducer threads (measured: 1.5x slower on 2 cores)
     blas_limit = threadpool_limits(limits=1, user_api="blas")
@@ -413,11 +403,7 @@ def _make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:
 
 def _count_classes(root: zarr.Group, plan: ReadPlan, done: np.ndarray) -> int:
     """Distinct ``target`` classes of the ok images of done units (8 + 1 bytes per image read)."""
-    if done.size == 0:
-        return 0
-    in_done = np.zeros(plan.n_images, dtype=bool)
-    for u in done:
-        in_done[u * plan.unit_size:(u + 1) * plan.unit_size] = True
+    in_done = np.isin(np.arange(plan.n_images) // plan.unit_size, done)
     ok = np.asarray(root["ok"][:], dtype=bool) & in_done
     return int(np.unique(np.asarray(root["target"][:])[ok]).size)
 
