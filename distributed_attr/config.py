@@ -41,6 +41,9 @@ class DataConfig:
     labels_path: str | None = None
     #: process only the first ``limit`` images
     limit: int | None = None
+    #: images whose width x height exceeds this are refused (a per-image failure) before they are
+    #: decoded: a few-KB PNG can declare 10^10 pixels (a decompression bomb)
+    max_pixels: int = 64_000_000
 
     def validate(self) -> None:
         if not self.path:
@@ -54,6 +57,8 @@ class DataConfig:
             raise ValueError("std values must be > 0")
         if self.limit is not None and self.limit < 1:
             raise ValueError("limit must be >= 1")
+        if self.max_pixels < 1:
+            raise ValueError("max_pixels must be >= 1")
 
 
 @dataclass
@@ -99,6 +104,10 @@ class FiltersConfig:
     def validate(self) -> None:
         if any(s <= 0 for s in self.sweep):
             raise ValueError("sweep cutoffs must be > 0")
+        if self.reference_size < 1:
+            raise ValueError("reference_size must be >= 1")
+        if self.order < 1:
+            raise ValueError("order must be >= 1")
         missing = [s for s in self.store_maps if s not in self.sweep]
         if missing:
             raise ValueError(f"store_maps {missing} are not in the sweep {self.sweep}")
@@ -129,18 +138,56 @@ class RunConfig:
     units_in_flight: int = 2
     #: number of reference images for methods that need them (Soundness Saliency)
     references: int = 16
+    #: seconds the job waits while no actor is alive (all dead, restarting or unschedulable)
+    #: before it fails
+    actor_timeout: float = 600.0
 
     def validate(self) -> None:
-        for name in ("batch_size", "unit_size", "max_batch", "units_in_flight"):
+        for name in ("batch_size", "unit_size", "max_batch", "units_in_flight", "references"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.num_workers < 0:
-            raise ValueError("num_workers must be >= 0")
+        for name in ("num_workers", "max_retries", "cpus_per_worker"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.gpus_per_worker != "auto" and self.gpus_per_worker < 0:
+            raise ValueError("gpus_per_worker must be >= 0 or 'auto'")
+        if not isinstance(self.target, str) and self.target < 0:
+            raise ValueError("target must be 'prediction', 'label' or a class index >= 0")
+        if self.actor_timeout <= 0:
+            raise ValueError("actor_timeout must be > 0 seconds")
 
 
 #: keys that change how fast a job runs but never what it writes: a resume may change them
 _RESUMABLE_KEYS = {"run.num_workers", "run.gpus_per_worker", "run.cpus_per_worker", "run.units_in_flight",
-                   "run.max_retries", "run.batch_size", "run.max_batch"}
+                   "run.max_retries", "run.batch_size", "run.max_batch", "run.actor_timeout"}
+#: keys that are neither results nor speed: where the store lives (a moved store may be resumed)
+_IGNORED_KEYS = {"store"}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a key given twice in one mapping (plain PyYAML keeps the last one
+    silently, so a duplicated ``methods:`` section would drop the first one's methods)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # "<<": merged keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKeyError(key, line, seen[key])
+                except TypeError:  # an unhashable key: SafeLoader reports it below
+                    continue
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r} on line {line} (first given on line {first})")
 
 
 @dataclass
@@ -186,16 +233,20 @@ class Config:
         metrics = {str(k): dict(v or {}) for k, v in _mapping(raw.get("metrics", {}), "metrics").items()}
         cfg = cls(data=data, store=raw["store"], model=model, methods=methods, spectra=spectra,
                   filters=filters, metrics=metrics, evaluators=evaluators, run=run)
-        cfg.check_registries()
+        # Store every parameter with its default filled in, so that a default changed between
+        # versions shows up in the resume check and the hash instead of silently mixing results.
+        cfg.methods, cfg.metrics = cfg.check_registries()
         return cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Config":
         path = Path(path)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
         except FileNotFoundError:
             raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except _DuplicateKeyError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         cfg = cls.from_dict(raw or {})
@@ -210,20 +261,25 @@ class Config:
                 m.weights = _relative_to(m.weights, base)
         return cfg
 
-    def check_registries(self) -> None:
-        """Method and metric names and parameters exist (fails with the valid lists)."""
+    def check_registries(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """Method and metric names and parameters exist (fails with the valid lists).
+
+        Returns the resolved parameters (every one, defaults filled in) of the methods and of the
+        metrics."""
         from .methods import build_method
 
         if not self.methods:
             raise ConfigError("methods: at least one method is required")
         try:
-            for name, params in self.methods.items():
-                build_method(name, params)
+            methods = {name: dataclasses.asdict(build_method(name, params).params)
+                       for name, params in self.methods.items()}
+            metrics: dict[str, dict[str, Any]] = {}
             if self.metrics:
-                from .metrics.base import METRICS
+                from .metrics.base import build_metric
 
-                for name, params in self.metrics.items():
-                    METRICS.get(name)(**params)
+                metrics = {name: dataclasses.asdict(build_metric(name, params).params)
+                           for name, params in self.metrics.items()}
+            return methods, metrics
         except RegistryError as exc:
             msg = str(exc)
             raise ConfigError(msg if msg.startswith(("methods.", "metrics.")) else f"methods/metrics: {msg}") from None
@@ -234,7 +290,8 @@ class Config:
 
     def result_hash(self) -> str:
         """Hash of every setting that changes what the job writes (not how fast it runs)."""
-        flat = {k: v for k, v in _flatten(self.to_dict()).items() if k not in _RESUMABLE_KEYS}
+        flat = {k: v for k, v in _flatten(self.to_dict()).items()
+                if k not in _RESUMABLE_KEYS and k not in _IGNORED_KEYS}
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
     def cutoffs(self) -> list[float]:
@@ -248,7 +305,7 @@ def diff_configs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in _RESUMABLE_KEYS:
+        if key in _RESUMABLE_KEYS or key in _IGNORED_KEYS:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

@@ -7,6 +7,7 @@ that lists what is valid -- so a typo in a YAML file names the key and the allow
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Generic, TypeVar
 
@@ -17,8 +18,24 @@ class RegistryError(ValueError):
     """An unknown name or parameter; the message lists the valid ones."""
 
 
+def _check_finite(value: Any, where: str) -> None:
+    """Refuse NaN and +/-inf anywhere in ``value`` (numbers, list elements, mapping values)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RegistryError(f"{where}: expected a finite number, got {value!r}")
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            _check_finite(v, where)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{where}.{k}")
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Coerce YAML-ish values (lists, ints) into the annotated field type, or raise naming ``where``."""
+    """Coerce YAML-ish values (lists, ints) into the annotated field type, or raise naming ``where``.
+
+    NaN and +/-inf are refused whatever the annotation: no setting has a use for them, and a NaN
+    compares unequal to itself, which would also defeat the resume check."""
+    _check_finite(value, where)
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if annotation is Any or annotation is None:
@@ -59,7 +76,13 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RegistryError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            out = float(value)
+        except OverflowError:  # an integer beyond float range
+            raise RegistryError(f"{where}: expected a finite number, got {value!r}") from None
+        if not math.isfinite(out):
+            raise RegistryError(f"{where}: expected a finite number, got {value!r}")
+        return out
     if annotation is str:
         if not isinstance(value, str):
             raise RegistryError(f"{where}: expected a string, got {value!r}")
