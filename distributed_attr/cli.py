@@ -24,13 +24,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect import describe_store
 
-    info = describe_store(args.store)
+    info = describe_store(args.store, verify=True) if args.verify else describe_store(args.store)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
     else:
         from .inspect import format_description
 
         print(format_description(info))
+    if args.verify:
+        invalid = info.get("invalid_units")
+        if invalid:
+            shown = list(invalid)[:20]
+            more = f" (and {len(invalid) - 20} more)" if len(invalid) > 20 else ""
+            print(f"verify: {len(invalid)} unit(s) failed verification: {shown}{more}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -83,6 +90,8 @@ def _short(result: object) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distributed-attr", description=__doc__)
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of user errors (bad config, data, model or store)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run an attribution job described by a YAML config")
@@ -97,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="what a store holds, how far its job got, which images failed")
     i.add_argument("store")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--verify", action="store_true",
+                   help="also check the committed units' data; exit 1 if any unit is invalid")
     i.set_defaults(func=_cmd_inspect)
 
     a = sub.add_parser("aggregate", help="dataset-wide spectra and filter statistics over a store")
@@ -136,20 +147,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: OSErrors that mean the user named a wrong path, not a bug of ours.
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _user_message(exc: BaseException) -> str:
+    """The error as one line: ``strerror: 'path'`` for path errors, newlines folded otherwise."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        msg = f"{exc.strerror}: {str(exc.filename)!r}"
+    else:
+        msg = str(exc) or type(exc).__name__
+    if "\n" in msg or "\r" in msg:
+        msg = " ".join(line.strip() for line in msg.splitlines() if line.strip())
+    return msg
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (bad config, data, model, store or path) prints one
+    ``error: ...`` line on stderr and returns 2; ``--debug`` re-raises it with its traceback.
+    Any other exception is a bug and propagates with its traceback."""
     from .config import ConfigError
+    from .io.lease import LeaseError
     from .io.models import ModelError
     from .io.sources import SourceError
     from .io.store import StoreError
     from .runner import JobError
 
+    user_errors = (ConfigError, SourceError, ModelError, StoreError, JobError, LeaseError, *_PATH_ERRORS)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, SourceError, ModelError, StoreError, JobError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except user_errors as exc:
+        if args.debug:
+            raise
+        print(f"error: {_user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if args.debug:
+            raise
         print("interrupted", file=sys.stderr)
         return 130
 

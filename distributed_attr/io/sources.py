@@ -38,6 +38,27 @@ class Record:
     payload: Any  # encoded bytes, or a numpy array (H, W), (H, W, C) or (C, H, W)
     label: int = -1
     name: str = ""
+    #: where the image came from, stable across machines: "<file>:<row>" (Parquet), the path
+    #: relative to data.path (folder), "<tar>:<key>" (WebDataset), "<row>" (NumPy)
+    key: str = ""
+
+
+def data_root(path: str) -> str:
+    """The folder that file names in source keys and fingerprints are relative to: data.path
+    itself when it is a folder, else the folder part before any glob character, else the file's."""
+    if os.path.isdir(path):
+        return path
+    head = path
+    for i, ch in enumerate(path):
+        if ch in "*?[":
+            head = path[:i]
+            break
+    return head if head.endswith(os.sep) and os.path.isdir(head) else (os.path.dirname(head) or ".")
+
+
+def _file_facts(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return int(st.st_size), int(st.st_mtime_ns)
 
 
 def _expand(path: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -69,6 +90,53 @@ class Source:
     def describe(self) -> dict[str, Any]:
         return {"format": type(self).__name__, "images": len(self)}
 
+    def listing(self) -> list[list[Any]]:
+        """[relative file name, size, mtime_ns, images] for every file the source reads."""
+        raise NotImplementedError
+
+    def labels_all(self) -> np.ndarray | None:
+        """Every image's label when that is cheap to know before the job (no image data read);
+        None otherwise (labels are then checked per image as units run)."""
+        return None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resume compares to make sure it reads the same dataset: the image count, a
+        hash of the listing and, for up to ``MAX_LISTED`` files, the listing itself (so that the
+        changed file can be named)."""
+        import hashlib
+        import json
+
+        listing = self.listing()
+        digest = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+        out: dict[str, Any] = {"images": len(self), "files": len(listing), "sha256": digest}
+        if len(listing) <= MAX_LISTED:
+            out["listing"] = listing
+        return out
+
+
+#: fingerprints list their files up to this many (an image folder of 1.28 M files keeps the hash)
+MAX_LISTED = 1000
+
+
+def fingerprint_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two dataset fingerprints, naming files where it can."""
+    if not old or old.get("sha256") == new.get("sha256"):
+        return []
+    if "listing" in old and "listing" in new:
+        a = {row[0]: row[1:] for row in old["listing"]}
+        b = {row[0]: row[1:] for row in new["listing"]}
+        out = [f"file {name!r} is gone" for name in sorted(set(a) - set(b))]
+        out += [f"file {name!r} is new" for name in sorted(set(b) - set(a))]
+        for name in sorted(set(a) & set(b)):
+            if a[name] != b[name]:
+                (s0, m0, n0), (s1, m1, n1) = a[name], b[name]
+                what = [w for w, x, y in (("size", s0, s1), ("modification time", m0, m1), ("images", n0, n1)) if x != y]
+                out.append(f"file {name!r} changed ({', '.join(what)})")
+        if out:
+            return out
+    return [f"the dataset's file listing changed ({old.get('files')} -> {new.get('files')} files, "
+            f"{old.get('images')} -> {new.get('images')} images)"]
+
 
 class _OffsetSource(Source):
     """A source made of files with known item counts; global index = running offset."""
@@ -95,6 +163,13 @@ class _OffsetSource(Source):
     def describe(self) -> dict[str, Any]:
         return {"format": type(self).__name__, "images": len(self), "files": len(self.files)}
 
+    def listing(self) -> list[list[Any]]:
+        root = getattr(self, "root", None) or "."
+        return [[os.path.relpath(f, root), *_file_facts(f), int(n)] for f, n in zip(self.files, self.counts)]
+
+    def relname(self, f: int) -> str:
+        return os.path.relpath(self.files[f], getattr(self, "root", None) or ".")
+
 
 class ParquetSource(_OffsetSource):
     """Parquet shards in the Hugging Face ``datasets`` layout: an image column holding a struct
@@ -104,6 +179,7 @@ class ParquetSource(_OffsetSource):
         import pyarrow.parquet as pq
 
         self.cfg = cfg
+        self.root = data_root(cfg.path)
         self.files = _expand(cfg.path, (".parquet",))
         self.counts = []
         for f in self.files:
@@ -138,12 +214,23 @@ class ParquetSource(_OffsetSource):
             images = table.column(self.cfg.image_column).to_pylist()
             labels = table.column(self.cfg.label_column).to_pylist() if self.has_label else [-1] * len(images)
             base = self.offsets[f] + lo
+            rel = self.relname(f)
             for i, (img, label) in enumerate(zip(images, labels)):
                 name = ""
                 if isinstance(img, dict):
                     name = img.get("path") or ""
                     img = img.get("bytes")
-                yield Record(base + i, img, -1 if label is None else int(label), name)
+                yield Record(base + i, img, -1 if label is None else int(label), name, f"{rel}:{lo + i}")
+
+    def labels_all(self) -> np.ndarray | None:
+        """Every label (one column read per file), for checks before the job starts."""
+        import pyarrow.parquet as pq
+
+        if not self.has_label:
+            return None
+        cols = [pq.read_table(f, columns=[self.cfg.label_column]).column(0).to_numpy(zero_copy_only=False)
+                for f in self.files]
+        return np.concatenate([np.where(np.equal(c, None), -1, c).astype(np.int64) for c in cols])
 
 
 class FolderSource(_OffsetSource):
@@ -165,7 +252,11 @@ class FolderSource(_OffsetSource):
         if not self.paths:
             raise SourceError(f"data.path {cfg.path!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.files, self.counts = self.paths, [1] * len(self.paths)
+        self.root = str(root)
         self._setup_offsets()
+
+    def labels_all(self) -> np.ndarray | None:
+        return np.asarray(self.labels, dtype=np.int64) if self.classes else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -176,7 +267,7 @@ class FolderSource(_OffsetSource):
                 payload: Any = Path(self.paths[i]).read_bytes()
             except OSError as exc:
                 payload = exc
-            yield Record(i, payload, self.labels[i], self.paths[i])
+            yield Record(i, payload, self.labels[i], self.paths[i], self.relname(i))
 
 
 def _wds_key(member_name: str) -> tuple[str, str]:
@@ -191,6 +282,7 @@ class WebDatasetSource(_OffsetSource):
     member with an image extension, the label a ``cls``/``label``/``cls.txt`` member."""
 
     def __init__(self, cfg: DataConfig):
+        self.root = data_root(cfg.path)
         self.files = _expand(cfg.path, (".tar",))
         self.keys: list[list[str]] = []
         for f in self.files:
@@ -227,24 +319,70 @@ class WebDatasetSource(_OffsetSource):
                             pass
                         break
                 payload: Any = image if image is not None else SourceError(f"sample {key!r} has no image member")
-                yield Record(self.offsets[f] + lo + i, payload, label, f"{self.files[f]}:{key}")
+                yield Record(self.offsets[f] + lo + i, payload, label, f"{self.files[f]}:{key}", f"{self.relname(f)}:{key}")
 
 
 class NumpySource(Source):
     """A ``.npy`` array of images (N, H, W), (N, H, W, C) or (N, C, H, W); uint8 (0..255) or float
-    (0..1). Memory-mapped: a worker reads only its rows."""
+    (0..1). Memory-mapped: a worker reads only its rows. ``labels_path``: a ``.npy`` of N integer
+    labels. Never unpickles anything: an object array is refused."""
 
     def __init__(self, cfg: DataConfig):
-        if not os.path.exists(cfg.path):
-            raise SourceError(f"data.path {cfg.path!r} does not exist")
-        self.array = np.load(cfg.path, mmap_mode="r")
+        self.cfg = cfg
+        self.array = self._load(cfg.path, "data.path")
+        if self.array.dtype.kind not in "biuf":
+            raise SourceError(f"data.path {cfg.path!r}: expected a numeric image array (uint8 or float), "
+                              f"got dtype {self.array.dtype}")
         if self.array.ndim not in (3, 4):
             raise SourceError(f"{cfg.path!r}: expected images (N,H,W[,C]) or (N,C,H,W), got shape {self.array.shape}")
         self.labels = None
         if cfg.labels_path:
-            self.labels = np.load(cfg.labels_path, mmap_mode="r")
-            if len(self.labels) != len(self.array):
-                raise SourceError(f"data.labels_path has {len(self.labels)} labels for {len(self.array)} images")
+            where = f"data.labels_path {cfg.labels_path!r}"
+            labels = self._load(cfg.labels_path, "data.labels_path")
+            if labels.ndim != 1:
+                raise SourceError(f"{where}: expected one integer label per image, shape (N,), "
+                                  f"got shape {labels.shape}")
+            if labels.dtype.kind in "f":
+                values = np.asarray(labels)
+                if not (np.isfinite(values).all() and (values == np.round(values)).all()):
+                    raise SourceError(f"{where}: expected integer labels, got non-integral {labels.dtype} values")
+            elif labels.dtype.kind not in "biu":
+                raise SourceError(f"{where}: expected integer labels, got dtype {labels.dtype}")
+            if len(labels) != len(self.array):
+                raise SourceError(f"{where} has {len(labels)} labels for {len(self.array)} images")
+            self.labels = labels
+
+    @staticmethod
+    def _load(path: str, key: str) -> np.ndarray:
+        """Memory-map one ``.npy`` array (never with ``allow_pickle``); every way it can fail
+        becomes a ``SourceError`` naming ``key``, the path and what is wrong."""
+        where = f"{key} {path!r}"
+        if not os.path.exists(path):
+            raise SourceError(f"{where} does not exist")
+        if os.path.isdir(path):
+            raise SourceError(f"{where} is a directory; format 'numpy' expects a .npy file")
+        try:
+            with open(path, "rb") as fh:
+                magic = fh.read(6)
+        except OSError as exc:
+            raise SourceError(f"{where}: cannot read: {exc.strerror or exc}") from None
+        if magic != b"\x93NUMPY":
+            kind = " (a .npz archive; save one array with numpy.save)" if magic[:2] == b"PK" else ""
+            raise SourceError(f"{where} is not a .npy file{kind}")
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as exc:
+            if "object" in str(exc).lower() or "pickle" in str(exc).lower():
+                raise SourceError(f"{where} holds Python objects (dtype object), which are never unpickled; "
+                                  "save a numeric array") from None
+            raise SourceError(f"{where}: not a readable .npy array: {exc}") from None
+        except Exception as exc:  # truncated or corrupt header/data
+            raise SourceError(f"{where}: not a readable .npy array: {type(exc).__name__}: {exc}") from None
+        if not isinstance(array, np.ndarray):
+            raise SourceError(f"{where} is not a single .npy array")
+        if array.dtype.hasobject:
+            raise SourceError(f"{where} holds Python objects (dtype {array.dtype}); save a numeric array")
+        return array
 
     def __len__(self) -> int:
         return len(self.array)
@@ -253,7 +391,14 @@ class NumpySource(Source):
         block = np.asarray(self.array[start:stop])
         labels = np.asarray(self.labels[start:stop]) if self.labels is not None else None
         for i in range(len(block)):
-            yield Record(start + i, block[i], int(labels[i]) if labels is not None else -1)
+            yield Record(start + i, block[i], int(labels[i]) if labels is not None else -1, key=str(start + i))
+
+    def listing(self) -> list[list[Any]]:
+        paths = [p for p in (self.cfg.path, self.cfg.labels_path) if p]
+        return [[os.path.basename(p), *_file_facts(p), len(self)] for p in paths]
+
+    def labels_all(self) -> np.ndarray | None:
+        return None if self.labels is None else np.asarray(self.labels, dtype=np.int64)
 
 
 SOURCES = {"parquet": ParquetSource, "folder": FolderSource, "webdataset": WebDatasetSource, "numpy": NumpySource}
@@ -268,8 +413,18 @@ def open_source(cfg: DataConfig) -> Source:
 # ------------------------------------------------------------------------------------------------
 
 
-def _to_float_chw(payload: Any, channels: int) -> torch.Tensor:
-    """Decode a payload into float32 (C, H, W) in [0, 1] with ``channels`` channels."""
+def _check_pixels(w: int, h: int, max_pixels: int | None) -> None:
+    """Refuse an image larger than ``max_pixels`` before its pixels are decoded or allocated."""
+    if max_pixels is not None and w * h > max_pixels:
+        raise ValueError(f"image of {w}x{h} = {w * h / 1e6:.0f} MPix exceeds data.max_pixels ({max_pixels}); "
+                         "possible decompression bomb")
+
+
+def _to_float_chw(payload: Any, channels: int, max_pixels: int | None = None) -> torch.Tensor:
+    """Decode a payload into float32 (C, H, W) in [0, 1] with ``channels`` channels.
+
+    An image of more than ``max_pixels`` pixels is refused (``ValueError``) from its header,
+    before anything is decoded: PIL alone only warns up to 2x ``Image.MAX_IMAGE_PIXELS``."""
     if isinstance(payload, BaseException):
         raise payload
     if payload is None:
@@ -277,13 +432,24 @@ def _to_float_chw(payload: Any, channels: int) -> torch.Tensor:
     if isinstance(payload, (bytes, bytearray, memoryview)):
         from PIL import Image
 
-        with Image.open(io.BytesIO(bytes(payload))) as im:
+        try:
+            opened = Image.open(io.BytesIO(bytes(payload)))  # lazy: reads the header only
+        except Image.DecompressionBombError as exc:  # beyond PIL's own hard limit
+            raise ValueError(f"{exc} (data.max_pixels is {max_pixels}); possible decompression bomb") from None
+        with opened as im:
+            _check_pixels(im.size[0], im.size[1], max_pixels)
             im = im.convert("L" if channels == 1 else "RGB")
             arr = np.asarray(im, dtype=np.uint8)
         t = torch.from_numpy(arr.copy()).float().div_(255.0)
         t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
     else:
         arr = np.asarray(payload)
+        if arr.ndim == 2:
+            _check_pixels(arr.shape[1], arr.shape[0], max_pixels)
+        elif arr.ndim == 3:
+            channels_last = arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3)
+            h, w = arr.shape[:2] if channels_last else arr.shape[1:]
+            _check_pixels(w, h, max_pixels)
         if arr.dtype == np.uint8:
             t = torch.from_numpy(arr.astype(np.float32) / 255.0)
         else:
@@ -309,7 +475,7 @@ def _to_float_chw(payload: Any, channels: int) -> torch.Tensor:
 def decode_image(payload: Any, cfg: DataConfig) -> torch.Tensor:
     """Payload -> normalised float32 (C, S, S): resize the shorter side to S (bilinear, antialiased),
     centre-crop, subtract ``mean`` and divide by ``std``. Raises on a corrupt image."""
-    t = _to_float_chw(payload, cfg.channels)
+    t = _to_float_chw(payload, cfg.channels, cfg.max_pixels)
     size = cfg.image_size
     _, h, w = t.shape
     if (h, w) != (size, size):
