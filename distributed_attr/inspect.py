@@ -5,16 +5,26 @@ from typing import Any
 
 import numpy as np
 
-from .io.store import AttributionStore
+from .io.lease import lease_info
+from .io.store import AttributionStore, _walk_arrays
 
 
-def describe_store(path: str) -> dict[str, Any]:
+def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
+    """What a store holds and how far its job got. ``verify``: read back every done unit's shard
+    of every per-image array; units with a missing or unreadable shard are marked not done (with
+    the reason, in ``invalid_units``), so that ``run --resume`` recomputes them."""
     store = AttributionStore.open(path, mode="r")
+    invalid: dict[int, str] | None = None
+    if verify:
+        invalid = store.verify(decode=True)
+        if invalid:
+            store = AttributionStore.open(path, mode="r+")
+            store.mark_not_done(invalid)
     a = store.attrs
     done = store.done_units()
     seconds = store.group["units/seconds"][:]
     arrays = {}
-    for name, arr in sorted(_arrays(store.group)):
+    for name, arr in sorted(_walk_arrays(store.group)):
         arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype),
                         "dims": list(arr.metadata.dimension_names or [])}
     ok = store.group["ok"][:]
@@ -39,17 +49,12 @@ def describe_store(path: str) -> dict[str, Any]:
         "unit_seconds_mean": float(np.nanmean(seconds)) if np.isfinite(seconds).any() else None,
         "last_run": a.get("last_run"),
         "failures": store.failures(),
+        "verified": verify,
+        "invalid_units": invalid if invalid is not None else {},
+        "lease": (lambda li: li and {"host": li.host, "pid": li.pid, "started": li.started, "alive": li.alive()})(
+            lease_info(path)),
         "arrays": arrays,
     }
-
-
-def _arrays(group, prefix: str = ""):
-    for name, member in group.members():
-        path = f"{prefix}{name}"
-        if hasattr(member, "shape"):
-            yield path, member
-        else:
-            yield from _arrays(member, path + "/")
 
 
 def format_description(info: dict[str, Any]) -> str:
@@ -64,6 +69,17 @@ def format_description(info: dict[str, Any]) -> str:
         f"methods     {', '.join(info['methods'])}",
         f"metrics     {', '.join(info['metrics']) or '-'}   evaluators: {', '.join(info['evaluators']) or '-'}",
     ]
+    if info.get("lease"):
+        le = info["lease"]
+        lines.append(f"driver      pid {le['pid']} on {le['host']} since {le['started']}"
+                     f" ({'running' if le['alive'] else 'gone; the next run takes the store over'})")
+    if info.get("verified"):
+        bad = info.get("invalid_units") or {}
+        lines.append(f"verified    {'every done unit reads back' if not bad else f'{len(bad)} unit(s) damaged, now marked not done: rerun with --resume'}")
+        for u, why in list(bad.items())[:20]:
+            lines.append(f"  unit {u}: {why}")
+    else:
+        lines.append("verified    no (inspect --verify reads back every done unit's shards)")
     if info.get("last_run"):
         lr = info["last_run"]
         lines.append(f"last run    {lr.get('images')} images in {lr.get('seconds')} s = {lr.get('images_per_second')} images/s"

@@ -70,6 +70,7 @@ class UnitProcessor:
         self._layer_resolved = not any(m.needs_layer for m in self.methods)
         self._references: torch.Tensor | None = None
         self._writer: UnitWriter | None = None
+        self._num_classes: int | None = None
 
     # -- pieces ----------------------------------------------------------------------------------
     def references(self) -> torch.Tensor | None:
@@ -169,16 +170,19 @@ class UnitProcessor:
         failures: dict[int, str] = {}
         images, labels, rows = [], [], []
         all_labels = np.full(n, -1, dtype=np.int64)
+        keys = [""] * n
         for rec in self.source.read(start, stop):
             all_labels[rec.index - start] = rec.label
+            keys[rec.index - start] = rec.key
+            if cfg.run.target == "label" and not 0 <= rec.label < self.num_classes:
+                failures[rec.index] = (f"target is 'label' but the image's label {rec.label} is not a class of the "
+                                       f"model (0..{self.num_classes - 1})" if rec.label >= 0
+                                       else "target is 'label' but the image has no label")
+                continue
             try:
                 images.append(decode_image(rec.payload, cfg.data))
             except Exception as exc:  # a corrupt image fails alone; the unit goes on
                 failures[rec.index] = f"{type(exc).__name__}: {exc}"[:300] + (f" ({rec.name})" if rec.name else "")
-                continue
-            if cfg.run.target == "label" and rec.label < 0:
-                images.pop()
-                failures[rec.index] = "target is 'label' but the image has no label"
                 continue
             labels.append(rec.label)
             rows.append(rec.index - start)
@@ -196,11 +200,29 @@ class UnitProcessor:
                 arrays[key][rows_t[b:b + bs]] = value
         ok = np.zeros(n, dtype=bool)
         ok[rows_t] = True
-        arrays.update(image=np.arange(start, stop, dtype=np.int64), label=all_labels, ok=ok)
+        arrays.update(image=np.arange(start, stop, dtype=np.int64), label=all_labels, ok=ok,
+                      source_key=np.asarray(keys, dtype=str))
         if self._writer is None:
             self._writer = UnitWriter(cfg.store)
         self._writer.write(unit, arrays)
         return UnitResult(unit=unit, images=n, failures=failures, seconds=time.perf_counter() - t0)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model predicts (width of its output), from one forward pass of a blank image."""
+        if self._num_classes is None:
+            self._num_classes = int(self.probe_output(torch.zeros(1, self.cfg.data.channels, self.cfg.data.image_size,
+                                                                  self.cfg.data.image_size)).shape[1])
+        return self._num_classes
+
+    def probe_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for ``x``; raises ``ValueError`` when it is not (N, classes)."""
+        with torch.no_grad():
+            out = self.model(x.to(self.device))
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"the model must return class scores of shape (N, classes); got {shape}")
+        return out
 
     def n_images(self) -> int:
         n = len(self.source)

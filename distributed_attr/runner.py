@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from .config import Config, diff_configs, load_config
-from .io.store import AttributionStore, StoreError, StorePlan
+from .io.lease import LeaseError, StoreLease
+from .io.sources import decode_image, fingerprint_differences
+from .io.store import _KIND_WORDS, AttributionStore, StoreError, StorePlan, classify_path, clear_store
 from .pipeline import UnitProcessor, UnitResult
 
 
@@ -92,49 +96,139 @@ def make_plan(cfg: Config, n_images: int, attrs: dict[str, Any]) -> StorePlan:
     )
 
 
-def prepare_store(cfg: Config, *, resume: bool, overwrite: bool) -> tuple[AttributionStore, UnitProcessor]:
-    """Validate the inputs on the driver (so mistakes fail before any actor starts), then create
-    the store or check that an existing one may be resumed."""
+def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
+                  inputs: list[str] | None = None) -> tuple[AttributionStore, UnitProcessor, StoreLease]:
+    """Validate the inputs on the driver (so mistakes fail before any actor starts and before the
+    store exists), take the store's lease, then create the store or check that it may be resumed.
+
+    ``inputs``: extra paths the job reads (the config file); the store may hold none of them."""
     from .io.models import fingerprint
 
     probe = UnitProcessor(cfg, device="cpu")
     n_images = probe.n_images()
     if n_images == 0:
         raise JobError(f"the dataset at {cfg.data.path!r} holds no images")
+    validate_inputs(cfg, probe)
     attrs = {
         "config": cfg.to_dict(),
         "config_hash": cfg.result_hash(),
         "model_fingerprint": fingerprint(probe.model),
         "evaluators": list(cfg.evaluators),
         "source": probe.source.describe(),
+        "dataset_fingerprint": probe.source.fingerprint(),
         "software": _software(),
     }
     path = Path(cfg.store)
-    if path.exists() and not overwrite:
-        try:
+    _refuse_store_holding_inputs(path, cfg, inputs or [])
+    kind = classify_path(path)
+    if kind in ("file", "foreign"):
+        raise StoreError(f"store {cfg.store!r} is {_KIND_WORDS[kind]}; nothing there was changed. "
+                         "Choose a path that does not exist yet (or an empty folder) for the store.")
+    if kind == "store" and not overwrite:
+        # Refuse early, without taking the lease, when the store cannot be resumed anyway.
+        store = AttributionStore.open(path)
+        _check_resumable(store, cfg, attrs, n_images, resume)
+    try:
+        lease = StoreLease.acquire(path)  # refused while another driver holds the store
+    except LeaseError as exc:
+        raise StoreError(str(exc)) from None
+    try:
+        if kind == "store" and not overwrite:
             store = AttributionStore.open(path)
-        except StoreError as exc:
-            raise StoreError(f"{exc}. Pass --overwrite to replace it.") from None
-        old = store.attrs
-        diffs = diff_configs(old.get("config", {}), attrs["config"])
-        if old.get("model_fingerprint") != attrs["model_fingerprint"]:
-            diffs.append("model weights differ (fingerprint)")
-        if old.get("n_images") != n_images:
-            diffs.append(f"dataset size: {old.get('n_images')} -> {n_images} images")
-        if diffs:
-            raise StoreError(
-                f"the store {cfg.store!r} was made with a different config; refusing to mix results. "
-                "Differences: " + "; ".join(diffs) + ". Pass --overwrite to start over, or use another store path."
-            )
-        done = len(store.done_units())
-        if not resume and done:
-            raise StoreError(
-                f"the store {cfg.store!r} exists with {done}/{store.n_units} units done. "
-                "Pass --resume to finish it, or --overwrite to start over."
-            )
-        return store, probe
-    store = AttributionStore.create(path, make_plan(cfg, n_images, attrs))
-    return store, probe
+            _check_resumable(store, cfg, attrs, n_images, resume)  # again, now that we hold it
+            bad = store.verify(decode=False)
+            if bad:
+                print(f"resume: {len(bad)} done unit(s) have missing shards and are recomputed: "
+                      + "; ".join(f"unit {u}: {why}" for u, why in list(bad.items())[:3]), file=sys.stderr)
+                store.mark_not_done(bad)
+            return store, probe, lease
+        kept: list[str] = []
+        if kind == "store":
+            kept = clear_store(path)
+            if kept:
+                print(f"overwrite: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} that are not part of "
+                      f"the store: {', '.join(kept[:5])}", file=sys.stderr)
+        store = AttributionStore.create(path, make_plan(cfg, n_images, attrs), kept=kept)
+        return store, probe, lease
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _check_resumable(store: AttributionStore, cfg: Config, attrs: dict[str, Any], n_images: int,
+                     resume: bool) -> None:
+    old = store.attrs
+    diffs = diff_configs(old.get("config", {}), attrs["config"])
+    if old.get("model_fingerprint") != attrs["model_fingerprint"]:
+        diffs.append("model weights differ (fingerprint)")
+    if old.get("n_images") != n_images:
+        diffs.append(f"dataset size: {old.get('n_images')} -> {n_images} images")
+    diffs += fingerprint_differences(old.get("dataset_fingerprint") or {}, attrs["dataset_fingerprint"])
+    if diffs:
+        raise StoreError(
+            f"the store {cfg.store!r} was made with a different config or dataset; refusing to mix results. "
+            "Differences: " + "; ".join(diffs) + ". Pass --overwrite to start over, or use another store path."
+        )
+    done = len(store.done_units())
+    if not resume and done:
+        raise StoreError(
+            f"the store {cfg.store!r} exists with {done}/{store.n_units} units done. "
+            "Pass --resume to finish it, or --overwrite to start over."
+        )
+
+
+def _refuse_store_holding_inputs(store: Path, cfg: Config, inputs: list[str]) -> None:
+    """The store may not be, or contain, anything the job reads: ``store: .``, the config's folder,
+    the data folder or a folder above it. Refused even with --overwrite: a typo must not be able to
+    make the job delete its own inputs."""
+    store = store.resolve()
+    paths = {"the config file": inputs, "data.path": [cfg.data.path], "data.labels_path": [cfg.data.labels_path],
+             "model.weights": [cfg.model.weights]}
+    paths.update({f"evaluators.{k}.weights": [m.weights] for k, m in cfg.evaluators.items()})
+    for what, items in paths.items():
+        for item in items:
+            if not item or "://" in str(item):
+                continue
+            # the folder part before any glob character
+            head = str(item).split("*")[0].split("?")[0].split("[")[0]
+            target = Path(head).resolve()
+            if target == store or store in target.parents:
+                raise StoreError(f"store {cfg.store!r} holds {what} ({item}); refusing to write there. "
+                                 "Put the store in a folder of its own, e.g. 'out/attributions.zarr'.")
+    if store == Path.cwd().resolve() or store in Path.cwd().resolve().parents or store == Path.home().resolve():
+        raise StoreError(f"store {cfg.store!r} is the current folder, one above it, or the home folder; "
+                         "put the store in a folder of its own, e.g. 'out/attributions.zarr'.")
+
+
+def validate_inputs(cfg: Config, probe: UnitProcessor) -> None:
+    """Checks that would otherwise fail only at the first unit, after the store exists: the data's
+    channels and size against the model (one forward pass on a real image), the target class
+    against the model's classes, and the labels when ``target: label``."""
+    first = None
+    for rec in probe.source.read(0, min(probe.n_images(), 16)):
+        try:
+            first = decode_image(rec.payload, cfg.data)
+            break
+        except Exception:
+            continue  # a corrupt image fails alone later; look for a decodable one
+    x = first[None] if first is not None else torch.zeros(1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    try:
+        classes = int(probe.probe_output(x).shape[1])
+    except Exception as exc:
+        raise JobError(f"the model cannot take this data (data.channels={cfg.data.channels}, "
+                       f"data.image_size={cfg.data.image_size}): {type(exc).__name__}: {exc}"[:600]) from None
+    probe._num_classes = classes
+    target = cfg.run.target
+    if not isinstance(target, str) and not 0 <= target < classes:
+        raise JobError(f"run.target: class {target} is out of range; the model has {classes} classes (0..{classes - 1})")
+    if target == "label":
+        labels = probe.source.labels_all()
+        if labels is not None:
+            labels = labels[: probe.n_images()]
+            bad = labels[(labels >= classes) | (labels < -1)]
+            if bad.size:
+                raise JobError(f"run.target is 'label' but {bad.size} label(s) are not classes of the model "
+                               f"(0..{classes - 1}), e.g. {sorted(set(bad.tolist()))[:5]}; check data.label_column")
 
 
 def _software() -> dict[str, str]:
@@ -165,7 +259,18 @@ def run(
     for tests (fault injection)."""
     cfg = load_config(config)
     t0 = time.perf_counter()
-    store, probe = prepare_store(cfg, resume=resume, overwrite=overwrite)
+    inputs = [str(config)] if isinstance(config, (str, Path)) else []
+    store, probe, lease = prepare_store(cfg, resume=resume, overwrite=overwrite, inputs=inputs)
+    lease.start_heartbeat()
+    try:
+        return _run_store(cfg, store, probe, lease, t0, address, progress, _after_dispatch, _after_commit)
+    finally:
+        lease.release()
+
+
+def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease: StoreLease, t0: float,
+               address: str | None, progress: bool, _after_dispatch: Callable[[int, Any], None] | None,
+               _after_commit: Callable[[int], None] | None) -> RunSummary:
     done = set(store.done_units().tolist())
     pending = [u for u in range(store.n_units) if u not in done]
     images_pending = sum(store.unit_range(u)[1] - store.unit_range(u)[0] for u in pending)
@@ -173,6 +278,7 @@ def run(
     state: dict[str, Any] = {"images": 0, "failures": 0, "retries": 0, "units": 0}
 
     def commit(res: UnitResult) -> None:
+        lease.check()  # never mark work done in a store another driver has taken over
         store.commit_unit(res.unit, res.seconds, res.failures)
         state["images"] += res.images
         state["failures"] += len(res.failures)
@@ -193,10 +299,19 @@ def run(
     try:
         if workers == 0 or not pending:
             for u in pending:
-                commit(probe.process(u))
+                try:
+                    res = probe.process(u)
+                except (KeyboardInterrupt, LeaseError):
+                    raise
+                except Exception as exc:  # the same message the Ray path gives for our own code's errors
+                    raise JobError(f"unit {u} failed: {type(exc).__name__}: {exc}") from exc
+                commit(res)
         else:
+            from .ray_session import ray_session
+
             del probe  # free the driver's replica before actors load theirs
-            _run_on_ray(cfg, pending, commit, address, state, _after_dispatch)
+            with ray_session(address, num_cpus=None):
+                _run_on_ray(cfg, pending, commit, state, _after_dispatch)
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -232,25 +347,19 @@ def _progress_bar(enabled: bool, total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="img", desc="attribute", dynamic_ncols=True, file=sys.stderr)
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+def _run_on_ray(cfg: Config, pending: list[int], commit: Callable[[UnitResult], None], state: dict[str, Any],
+                after_dispatch: Callable[[int, Any], None] | None) -> None:
+    """Feed ``pending`` units to ``num_workers`` actors until every unit is committed.
+
+    Fault model: an actor that crashes, is killed, or loses its node takes the units it held back
+    to the queue. Only the unit it was *executing* (the oldest it held: an actor runs its calls in
+    order) counts as an execution that died; the ones waiting behind it never ran. The lost actor
+    gets no work until it answers again (Ray restarts it, possibly on another node), so a restart
+    never burns a unit's attempts, and the other actors finish the queue meanwhile. The job fails
+    when a unit's executions die more than ``run.max_retries`` times, or when no actor has been
+    alive for ``run.actor_timeout`` seconds."""
     import ray
 
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # address="local": a fresh instance even when a `ray start` cluster runs on this host
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                 object_store_memory=200 * 1024 * 1024, configure_logging=False)
-
-
-def _run_on_ray(cfg: Config, pending: list[int], commit: Callable[[UnitResult], None], address: str | None,
-                state: dict[str, Any], after_dispatch: Callable[[int, Any], None] | None) -> None:
-    import ray
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-
-    init_ray(address, num_cpus=None)
     gpus = cfg.run.gpus_per_worker
     if gpus == "auto":
         gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
@@ -263,48 +372,169 @@ def _run_on_ray(cfg: Config, pending: list[int], commit: Callable[[UnitResult], 
     ray.get([a.pid.remote() for a in actors])  # surfaces model-loading errors before any unit
     state["startup_seconds"] = time.perf_counter() - state["t_start"]
     state["t_start"] = time.perf_counter()
+    pool = _ActorPool(actors, cfg.run.units_in_flight)
     queue = deque(pending)
-    attempts: dict[int, int] = {}
-    in_flight: dict[Any, tuple[int, Any]] = {}  # ObjectRef -> (unit, actor)
-    load = {i: 0 for i in range(len(actors))}
-
-    def dispatch() -> None:
-        for i, actor in enumerate(actors):
-            while queue and load[i] < cfg.run.units_in_flight:
-                unit = queue.popleft()
-                ref = actor.process.remote(unit)
-                in_flight[ref] = (unit, i)
-                load[i] += 1
-                if after_dispatch is not None:
-                    after_dispatch(unit, actor)
-
+    deaths: dict[int, int] = {}  # unit -> executions of it that died with their actor
     try:
-        dispatch()
-        while in_flight:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            ref = ready[0]
-            unit, i = in_flight.pop(ref)
-            load[i] -= 1
-            try:
-                res: UnitResult = ray.get(ref)
-            except (RayActorError, ActorDiedError, ActorUnavailableError) as exc:
-                # The actor died (crash, OOM kill, node loss). Ray restarts it; the unit goes back
-                # in the queue. Rewriting a whole shard is idempotent, so at-least-once is safe.
-                attempts[unit] = attempts.get(unit, 0) + 1
-                state["retries"] += 1
-                if attempts[unit] > cfg.run.max_retries:
-                    raise JobError(f"unit {unit} lost its actor {attempts[unit]} times; last error: {exc}") from None
-                queue.appendleft(unit)
-            except RayTaskError as exc:
-                # An exception in our own code is deterministic: retrying would fail again.
-                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                raise JobError(f"unit {unit} failed: {type(cause).__name__}: {cause}") from None
-            else:
-                commit(res)
-            dispatch()
+        while queue or pool.busy():
+            for unit, i in pool.dispatch(queue):
+                if after_dispatch is not None:
+                    after_dispatch(unit, actors[i])
+            if not pool.any_alive() and pool.down_seconds() > cfg.run.actor_timeout:
+                raise JobError(f"no actor has been alive for {pool.down_seconds():.0f} s (run.actor_timeout); "
+                               f"{len(queue)} unit(s) still to do. Ray restarts lost actors only where a node "
+                               f"offers what they ask for (num_cpus={cfg.run.cpus_per_worker}, num_gpus={gpus}); "
+                               f"the cluster has {ray.available_resources()} available")
+            for event in pool.wait(timeout=1.0):
+                if isinstance(event, UnitResult):
+                    commit(event)
+                    continue
+                lost_units, executing, exc = event
+                if executing is not None:
+                    deaths[executing] = deaths.get(executing, 0) + 1
+                    state["retries"] += 1
+                    if deaths[executing] > cfg.run.max_retries:
+                        raise JobError(f"unit {executing} was running on an actor that died {deaths[executing]} "
+                                       f"times (run.max_retries={cfg.run.max_retries}); last error: {exc}")
+                queue.extendleft(reversed(lost_units))  # lost units first, in their order
     finally:
         for a in actors:
             ray.kill(a, no_restart=True)
+
+
+class _ActorPool:
+    """The driver's view of its actors: which are alive, what each holds (in call order), and
+    the probes that find out when a lost actor is back."""
+
+    def __init__(self, actors: list[Any], per_actor: int):
+        self.actors = actors
+        self.per_actor = per_actor
+        self.held: list[deque] = [deque() for _ in actors]  # per actor: (ref, unit), oldest first
+        self.refs: dict[Any, int] = {}  # unit call ref -> actor
+        self.alive = [True] * len(actors)
+        self.dead = [False] * len(actors)  # will never come back (Ray gave up restarting it)
+        self.probes: dict[Any, int] = {}  # probe ref -> actor
+        self.next_probe = [0.0] * len(actors)
+        self.all_down_since: float | None = None
+
+    def busy(self) -> bool:
+        return bool(self.refs)
+
+    def any_alive(self) -> bool:
+        return any(self.alive)
+
+    def down_seconds(self) -> float:
+        return 0.0 if self.all_down_since is None else time.monotonic() - self.all_down_since
+
+    def dispatch(self, queue: deque) -> list[tuple[int, int]]:
+        sent = []
+        for i, actor in enumerate(self.actors):
+            while self.alive[i] and queue and len(self.held[i]) < self.per_actor:
+                unit = queue.popleft()
+                ref = actor.process.remote(unit)
+                self.held[i].append((ref, unit))
+                self.refs[ref] = i
+                sent.append((unit, i))
+        return sent
+
+    def wait(self, timeout: float) -> list[Any]:
+        """Block until a unit finishes, an actor is lost, or a lost actor is back (or ``timeout``).
+        Returns finished ``UnitResult``s and ``(lost units, executing unit or None, error)``."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+
+        self._send_probes()
+        waiting = list(self.refs) + list(self.probes)
+        if not waiting:
+            time.sleep(min(timeout, 0.2))
+            return []
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
+        events: list[Any] = []
+        for ref in ready:
+            if ref in self.probes:
+                self._probe_answered(ref)
+                continue
+            i = self.refs.pop(ref, None)
+            if i is None:
+                continue  # a call of a lost actor, already put back in the queue
+            try:
+                res: UnitResult = ray.get(ref)
+            except ActorUnavailableError as exc:
+                # Either the call never reached a live actor ("the actor is restarting": it was sent
+                # before we knew), or the connection broke while the actor held it ("socket
+                # closed": a process killed mid-unit); only the latter is an execution that died.
+                events += self._lose(i, ref, exc, executed="restarting" not in str(exc).lower())
+            except RayTaskError as exc:
+                # An exception in our own code is deterministic: retrying would fail again.
+                unit = next(u for r, u in self.held[i] if r == ref)
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                raise JobError(f"unit {unit} failed: {type(cause).__name__}: {cause}") from None
+            except RayActorError as exc:
+                # The actor died (crash, OOM kill, node loss) while holding this call.
+                events += self._lose(i, ref, exc, executed=True)
+            else:
+                self.held[i] = deque((r, u) for r, u in self.held[i] if r != ref)
+                events.append(res)
+        return events
+
+    def _lose(self, i: int, ref: Any, exc: Exception, executed: bool) -> list[Any]:
+        """Actor ``i`` is lost: take back every unit it held. Only its oldest call can have been
+        executing (an actor runs its calls in order); when another call reported the loss first,
+        the oldest call's own outcome says whether it was running, or even finished."""
+        import ray
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+        held = list(self.held[i])
+        self.held[i].clear()
+        for r, _ in held:
+            self.refs.pop(r, None)
+        self.alive[i] = False
+        self.next_probe[i] = time.monotonic() + 0.5
+        if not any(self.alive) and self.all_down_since is None:
+            self.all_down_since = time.monotonic()
+        if not held:
+            return []
+        events: list[Any] = []
+        (oldest, oldest_unit), rest = held[0], [u for _, u in held[1:]]
+        if oldest != ref:
+            try:
+                events.append(ray.get(oldest, timeout=10))  # it finished before the actor was lost
+                return events + [(rest, None, exc)]
+            except ActorUnavailableError as e:
+                exc, executed = e, "restarting" not in str(e).lower()
+            except RayActorError as e:
+                exc, executed = e, True
+            except GetTimeoutError:
+                executed = True  # no answer: assume the worst (it counts against max_retries)
+        return [([oldest_unit, *rest], oldest_unit if executed else None, exc)]
+
+    def _send_probes(self) -> None:
+        now = time.monotonic()
+        pending = set(self.probes.values())
+        for i, actor in enumerate(self.actors):
+            if not self.alive[i] and not self.dead[i] and i not in pending and now >= self.next_probe[i]:
+                self.probes[actor.pid.remote()] = i
+
+    def _probe_answered(self, ref: Any) -> None:
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        i = self.probes.pop(ref)
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:
+            self.next_probe[i] = time.monotonic() + 0.5  # still restarting: ask again shortly
+            return
+        except ActorDiedError as exc:
+            if "restart" not in str(exc).lower() or "will not" in str(exc).lower():
+                self.dead[i] = True  # Ray will not bring it back
+            self.next_probe[i] = time.monotonic() + 0.5
+            return
+        except RayActorError:
+            self.next_probe[i] = time.monotonic() + 0.5
+            return
+        self.alive[i] = True
+        self.all_down_since = None
 
 
 class AttributionWorker:

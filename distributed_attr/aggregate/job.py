@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 from threadpoolctl import threadpool_limits
 
+from ..io.store import AttributionStore, StoreError
 from .stats import GroupedMoments, Moments, MomentsResult
 
 __all__ = ["run_aggregation", "aggregate_units", "plan_groups", "PartialAggregate", "READ_BYTES"]
@@ -293,14 +294,7 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
     fill block i+1 (file reads and zstd release the GIL), this thread reduces block i."""
     t0 = time.perf_counter()
     root = zarr.open_group(plan.store, mode="r")
-    arrays: dict[str, Any] = {"ok": root["ok"], "target": root["target"]}
-    for m in plan.methods:
-        if plan.read_maps or not plan.have_spectra:
-            arrays[f"maps/{m}"] = root[f"maps/{m}"]
-        if plan.have_spectra:
-            arrays[f"spectra/{m}"] = root[f"spectra/{m}"]
-        if plan.have_stored_hf:
-            arrays[f"hf_fraction/{m}"] = root[f"hf_fraction/{m}"]
+    arrays: dict[str, Any] = {name: root[name] for name in _arrays_read(plan)}
     per_unit = plan.unit_size * sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in arrays.values())
     # blocks of about read_bytes, never more than a quarter of this task's units (so that reading
     # the next block overlaps with reducing this one for most of the task)
@@ -319,7 +313,14 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
         pending = reader.submit(blocks[0], 0) if blocks else None
         for i in range(len(blocks)):
             u0, u1 = blocks[i]
-            got = {name: f.result() for name, f in pending.items()}
+            got = {}
+            for name, f in pending.items():
+                try:
+                    got[name] = f.result()
+                except Exception as exc:  # a checksum or codec error: a damaged shard
+                    raise StoreError(_damaged_message(plan.store, {u: f"{name}: unreadable ({type(exc).__name__}: "
+                                                                      f"{exc})"[:300] for u in range(u0, u1 + 1)},
+                                                      units_word="among units")) from None
             pending = reader.submit(blocks[i + 1], (i + 1) % 2) if i + 1 < len(blocks) else None
             part.bytes_read += sum(v.nbytes for v in got.values())
             part.units += u1 - u0 + 1
@@ -342,6 +343,42 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
             reducers.shutdown(wait=True)
     part.seconds = time.perf_counter() - t0
     return part
+
+
+def _arrays_read(plan: ReadPlan) -> list[str]:
+    """Every array the job reads, in one place for the readers and the integrity checks."""
+    names = ["ok", "target"]
+    for m in plan.methods:
+        if plan.read_maps or not plan.have_spectra:
+            names.append(f"maps/{m}")
+        if plan.have_spectra:
+            names.append(f"spectra/{m}")
+        if plan.have_stored_hf:
+            names.append(f"hf_fraction/{m}")
+    return names
+
+
+def _damaged_message(store: str, bad: dict[int, str], units_word: str = "unit(s)") -> str:
+    first = "; ".join(f"unit {u}: {why}" for u, why in list(bad.items())[:3])
+    return (f"{len(bad)} {units_word} marked done in {store!r} have missing or damaged data ({first}"
+            f"{'; ...' if len(bad) > 3 else ''}); no aggregate was written. Run `distributed-attr inspect --verify "
+            f"{store}` to mark them not done, then `distributed-attr run CONFIG --resume` to recompute them.")
+
+
+def _check_counts(store: str, plan: ReadPlan, partial: PartialAggregate, expected: int) -> None:
+    """Aggregates count exactly the images they read: every usable image, every method's value."""
+    if partial.images != expected:
+        raise StoreError(f"read {partial.images} usable images from {store!r} but the store lists {expected}; "
+                         "the store changed while it was read, or is damaged: run `distributed-attr inspect --verify`")
+    for m in plan.methods:
+        for q, state in (partial.stats.get(m) or {}).items():
+            if q not in ("spectrum", "map") or state.count is None or not state.count.size:
+                continue
+            counted = int(state.count.sum(axis=0).min())
+            if counted != partial.images:
+                raise StoreError(f"{m}: {partial.images - counted} of {partial.images} usable images have no finite "
+                                 f"{q} values (NaN where data should be); refusing to average over the others. "
+                                 f"Run `distributed-attr inspect --verify {store}`")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -478,14 +515,19 @@ def run_aggregation(
     classes (counted by the driver from ``target``), else the overall mean/std map only."""
     t_start = time.perf_counter()
     store = str(store)
-    if not Path(store).exists():
-        raise FileNotFoundError(f"no store at {store!r}")
-    root = zarr.open_group(store, mode="r")
+    handle = AttributionStore.open(store, mode="r")
+    root = handle.group
     plan = _make_plan(store, root, read_maps)
     plan.threads = THREADS if threads is None else int(threads)
     if plan.threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    done = np.flatnonzero(np.asarray(root["units/done"][:]) == 1)
+    done = handle.done_units()
+    # A missing shard reads as fill values (NaN maps, ok=False): refuse before averaging over it.
+    # Damaged shards fail their checksum or codec while being read (below).
+    missing = handle.verify(decode=False, arrays=_arrays_read(plan))
+    if missing:
+        raise StoreError(_damaged_message(store, missing))
+    expected_images = int(handle.usable().sum())
     if plan.read_maps:
         plan.class_maps = _count_classes(root, plan, done) <= class_maps
     started_ray = False
@@ -519,6 +561,7 @@ def run_aggregation(
             if started_ray:
                 ray.shutdown()
     read_seconds = time.perf_counter() - t_read
+    _check_counts(store, plan, partial, expected_images)
 
     results = _finalise(plan, partial)
     out = Path(out_dir) if out_dir else _default_out_dir(store)

@@ -13,21 +13,14 @@ from typing import Any
 import numpy as np
 import zarr
 
-StoreLike = "str | Path | zarr.Group"
-
+from ..io.store import AttributionStore
 
 def open_store(store: Any) -> zarr.Group:
-    """A read-only Zarr group from a path or an open group."""
+    """A read-only Zarr group from a path or an open group; ``StoreError`` when the path holds no
+    readable store of a supported schema."""
     if isinstance(store, zarr.Group):
         return store
-    path = Path(store)
-    if not path.exists():
-        raise FileNotFoundError(f"no store at {str(path)!r}")
-    group = zarr.open_group(str(path), mode="r", zarr_format=3)
-    version = str(group.attrs.get("schema_version", "?"))
-    if version.split(".")[0] != "1":
-        raise ValueError(f"{str(path)!r} has store schema {version}; this version reads 1.x")
-    return group
+    return AttributionStore.open(store, mode="r").group
 
 
 def store_path(store: Any) -> Path | None:
@@ -47,12 +40,11 @@ def model_name(group: zarr.Group, default: str = "model") -> str:
 
 def usable_positions(group: zarr.Group) -> np.ndarray:
     """Positions (along the image axis) of images that are ok and in a done unit."""
-    n = int(group.attrs["n_images"])
-    unit_size = int(group.attrs["unit_size"])
-    done = np.asarray(group["units/done"][:]) == 1
-    in_done = np.repeat(done, unit_size)[:n]
-    ok = np.asarray(group["ok"][:]).astype(bool)
-    return np.flatnonzero(in_done & ok)
+    return np.flatnonzero(_handle(group).usable())
+
+
+def _handle(group: zarr.Group) -> AttributionStore:
+    return AttributionStore(str(store_path(group) or "<store>"), group)
 
 
 def metric_names(group: zarr.Group) -> list[str]:
@@ -128,6 +120,8 @@ def load_metric(store: Any, metric: str, output: str | None = None,
         if unknown:
             raise ValueError(f"methods {unknown} have no {metric}/{output} in the store; methods: {stored_methods}")
         stored_methods = list(methods)
+    # Every shard read here must be there and intact: a lost one would read as fill values.
+    _handle(group).require_intact(["ok", "image", *(f"metrics/{metric}/{output}/{m}" for m in stored_methods)])
     positions = usable_positions(group)
     images = np.asarray(group["image"][:])[positions]
     cutoffs = np.asarray(group["metrics/cutoff"][:], dtype=np.float64)

@@ -10,7 +10,9 @@ Layout (``docs/store.md`` is the public, versioned schema):
       spectra/<method>            (image, cutoff, frequency)  float32; cutoff +inf = unfiltered
       hf_fraction/<method>        (image, cutoff)
       metrics/<metric>/<output>/<method>   (image, cutoff, *trailing)
+      source_key                  (image,)  where each image came from (file:row, relative path, tar:key)
       units/done, units/seconds   (unit,)   bookkeeping, written by the driver only
+      lease/                      the driver that holds the store (io/lease.py), while a job runs
 
 Concurrency rules, because Zarr silently loses data when two writers touch one shard:
 every array is sharded (or chunked) along ``image`` in blocks of exactly ``unit_size`` images, a
@@ -21,16 +23,27 @@ worker starts: resizing rewrites metadata and races.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Literal
 
 import numpy as np
 import zarr
 
-SCHEMA_VERSION = "1.0"
+from .lease import LEASE_NAME
+
+#: 1.1 adds ``source_key``, the ``producer`` attribute, and writes every shard of a done unit even
+#: when it holds only fill values (so a missing shard always means a lost one). Readers of 1.x
+#: read 1.0 stores too.
+SCHEMA_VERSION = "1.1"
+#: the root attribute that marks a Zarr group as one of our stores (written first at creation)
+PRODUCER = "distributed_attr"
+#: the runtime configuration every writer uses: write a shard even when it holds only fill values
+WRITE_CONFIG = {"write_empty_chunks": True}
 
 
 class StoreError(RuntimeError):
@@ -77,6 +90,7 @@ class StorePlan:
             ArraySpec("prediction", ("image",), (n,), "int64"),
             ArraySpec("probability", ("image",), (n,), "float32"),
             ArraySpec("ok", ("image",), (n,), "bool"),
+            ArraySpec("source_key", ("image",), (n,), "str"),
         ]
         k = len(self.cutoffs)
         for m in self.methods:
@@ -105,6 +119,8 @@ def _inner_chunk(unit_size: int, bytes_per_image: int, target: int = 1 << 18) ->
 
 
 def _fill(dtype: str) -> Any:
+    if dtype == "str":
+        return ""
     if dtype.startswith("float"):
         return float("nan")
     if dtype == "bool":
@@ -121,13 +137,21 @@ class AttributionStore:
 
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, plan: StorePlan) -> "AttributionStore":
+    def create(cls, path: str | Path, plan: StorePlan, kept: Iterable[str] = ()) -> "AttributionStore":
+        """Create the store in ``path``, which must be missing or empty: a lease may be there, and
+        the entries ``kept`` by ``clear_store``. This never deletes anything; ``clear_store`` is the
+        one function that does."""
         path = Path(path)
-        if path.exists():
-            shutil.rmtree(path)
-        root = zarr.open_group(str(path), mode="w", zarr_format=3)
+        kind = classify_path(path)
+        if kind not in ("missing", "empty") and not (
+                kind == "foreign" and set(os.listdir(path)) <= {LEASE_NAME, *kept}):
+            raise StoreError(f"cannot create a store at {str(path)!r}: it is {_KIND_WORDS[kind]}")
+        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+        # Marked as ours before anything else, so an interrupted creation can still be replaced.
+        root.attrs.update(producer=PRODUCER, schema_version=SCHEMA_VERSION)
         for spec in plan.arrays():
-            per_image = int(np.prod(spec.shape[1:], dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+            itemsize = 16 if spec.dtype == "str" else np.dtype(spec.dtype).itemsize
+            per_image = int(np.prod(spec.shape[1:], dtype=np.int64)) * itemsize
             chunk0 = _inner_chunk(plan.unit_size, max(1, per_image))
             shards = None
             if chunk0 < plan.unit_size:
@@ -137,7 +161,7 @@ class AttributionStore:
                 shape=spec.shape,
                 chunks=(chunk0, *spec.shape[1:]),
                 shards=shards,
-                dtype=spec.dtype,
+                dtype=str if spec.dtype == "str" else spec.dtype,
                 fill_value=_fill(spec.dtype),
                 dimension_names=list(spec.dims),
                 attributes=spec.attrs,
@@ -175,9 +199,13 @@ class AttributionStore:
         return cls(path, root)
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r+") -> "AttributionStore":
-        if not Path(path).exists():
-            raise StoreError(f"no store at {str(path)!r}")
+    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r+") -> "AttributionStore":
+        """Open an existing store, or raise ``StoreError`` saying what is wrong: nothing there, not
+        a store of ours, corrupt metadata, interrupted creation, an unreadable schema version."""
+        path = Path(path)
+        kind = classify_path(path)
+        if kind != "store":
+            raise StoreError(f"no attribution store at {str(path)!r}: it is {_KIND_WORDS[kind]}")
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
         except Exception as exc:
@@ -186,7 +214,7 @@ class AttributionStore:
             raise StoreError(f"{str(path)!r} was not fully created (interrupted); rerun with --overwrite")
         version = str(group.attrs.get("schema_version", "?"))
         if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-            raise StoreError(f"{str(path)!r} has schema {version}; this version reads {SCHEMA_VERSION}")
+            raise StoreError(f"{str(path)!r} has schema {version}; this version reads {SCHEMA_VERSION.split('.')[0]}.x")
         return cls(path, group)
 
     # -- facts -----------------------------------------------------------------------------------
@@ -210,8 +238,67 @@ class AttributionStore:
         start = unit * self.unit_size
         return start, min(self.n_images, start + self.unit_size)
 
+    @property
+    def schema_version(self) -> tuple[int, int]:
+        major, _, minor = str(self.group.attrs.get("schema_version", "1.0")).partition(".")
+        return int(major), int(minor or 0)
+
     def done_units(self) -> np.ndarray:
         return np.flatnonzero(self.group["units/done"][:] == 1)
+
+    def usable(self) -> np.ndarray:
+        """Boolean mask over images: ok and in a unit marked done. A unit that was running when
+        a job stopped may hold a partial block, and failed images hold fill values."""
+        done = np.asarray(self.group["units/done"][:]) == 1
+        in_done = np.repeat(done, self.unit_size)[: self.n_images]
+        return in_done & np.asarray(self.group["ok"][:]).astype(bool)
+
+    def per_image_arrays(self) -> list[str]:
+        """Paths of every array with one block per unit (first dimension ``image``)."""
+        return [name for name, arr in _walk_arrays(self.group) if (arr.metadata.dimension_names or ("",))[0] == "image"]
+
+    def verify(self, *, decode: bool = True, arrays: Iterable[str] | None = None,
+               units: Iterable[int] | None = None) -> dict[int, str]:
+        """Check that every done unit's block of every per-image array (or of ``arrays``) exists
+        and, with ``decode``, reads back (checksums, codecs). Returns {unit: reason} for the bad
+        ones, reasons naming the array. Nothing is changed: see ``mark_not_done``."""
+        names = list(arrays) if arrays is not None else self.per_image_arrays()
+        todo = [int(u) for u in (units if units is not None else self.done_units())]
+        bad: dict[int, str] = {}
+        if not todo:
+            return bad
+        # Before 1.1, shards holding only fill values were not written: absence proves nothing
+        # except for ``image``, which never holds its fill value.
+        check_presence = self.schema_version >= (1, 1)
+        for name in names:
+            arr = self.group[name]
+            if check_presence or name == "image":
+                present = _stored_chunk_keys(arr)
+                for u in todo:
+                    key = arr.metadata.encode_chunk_key((u,) + (0,) * (arr.ndim - 1))
+                    if key not in present and u not in bad:
+                        bad[u] = f"{name}: shard {key} is missing"
+            if decode:
+                for u in todo:
+                    if u in bad:
+                        continue
+                    start, stop = self.unit_range(u)
+                    try:
+                        arr[start:stop]
+                    except Exception as exc:  # a codec or checksum error: the shard is damaged
+                        bad[u] = f"{name}: shard for images {start}-{stop - 1} is unreadable ({type(exc).__name__}: {exc})"[:300]
+        return dict(sorted(bad.items()))
+
+    def require_intact(self, arrays: Iterable[str] | None = None) -> None:
+        """Raise ``StoreError`` when any done unit has a missing or unreadable shard (of ``arrays``),
+        so that no aggregate is ever computed over fill values."""
+        bad = self.verify(decode=True, arrays=arrays)
+        if bad:
+            first = "; ".join(f"unit {u}: {why}" for u, why in list(bad.items())[:3])
+            raise StoreError(
+                f"{len(bad)} unit(s) marked done in {self.path!r} have missing or damaged data ({first}"
+                f"{'; ...' if len(bad) > 3 else ''}). Run `distributed-attr inspect --verify {self.path}` to mark them "
+                "not done, then `distributed-attr run CONFIG --resume` to recompute them.")
 
     def failures(self) -> dict[int, str]:
         return {int(k): v for k, v in dict(self.group.attrs.get("failures", {})).items()}
@@ -226,8 +313,102 @@ class AttributionStore:
         self.group["units/seconds"][unit] = seconds
         self.group["units/done"][unit] = 1
 
+    def mark_not_done(self, reasons: dict[int, str]) -> None:
+        """Mark units not done (their data are missing or damaged) and record why; ``--resume``
+        recomputes them."""
+        if not reasons:
+            return
+        done = self.group["units/done"]
+        for u in reasons:
+            done[int(u)] = 0
+        invalid = {str(k): v for k, v in self.group.attrs.get("invalid_units", {}).items()}
+        invalid.update({str(u): why for u, why in reasons.items()})
+        self.group.attrs["invalid_units"] = invalid
+
     def set_attrs(self, **attrs: Any) -> None:
         self.group.attrs.update(attrs)
+
+
+_KIND_WORDS = {
+    "missing": "missing",
+    "empty": "an empty folder",
+    "store": "an attribution store",
+    "file": "a file, not a folder",
+    "foreign": "a folder that is not an attribution store (no distributed_attr metadata)",
+}
+
+
+def classify_path(path: str | Path) -> Literal["missing", "empty", "store", "file", "foreign"]:
+    """What is at ``path``: nothing, an empty folder (a lease alone counts as empty), one of our
+    stores (a Zarr v3 group whose attributes carry our ``producer`` or, before 1.1, our schema
+    keys), a file, or anything else ("foreign": never written to, never deleted)."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if not path.is_dir():
+        return "file"
+    entries = [e for e in os.listdir(path) if e != LEASE_NAME]
+    if not entries:
+        return "empty"
+    meta = path / "zarr.json"
+    try:
+        raw = json.loads(meta.read_text())
+    except FileNotFoundError:
+        return "foreign"
+    except (OSError, ValueError):
+        # Unparseable metadata: ours only if the folder has our layout (a damaged store stays
+        # replaceable); otherwise someone else's.
+        return "store" if {"units", "ok", "image"} <= set(entries) else "foreign"
+    attrs = raw.get("attributes") or {} if isinstance(raw, dict) else {}
+    if raw.get("zarr_format") == 3 and raw.get("node_type") == "group" and (
+        attrs.get("producer") == PRODUCER or {"schema_version", "n_units", "unit_size"} <= set(attrs)
+    ):
+        return "store"
+    return "foreign"
+
+
+def clear_store(path: str | Path) -> list[str]:
+    """Delete one of our stores' contents (its metadata and its Zarr nodes), keeping the lease and
+    anything that is not part of the store; returns the names kept. Refuses anything that
+    ``classify_path`` does not call a store."""
+    path = Path(path)
+    if classify_path(path) not in ("store", "empty"):
+        raise StoreError(f"refusing to delete {str(path)!r}: it is not an attribution store")
+    kept = []
+    for entry in sorted(os.listdir(path)):
+        p = path / entry
+        if entry == LEASE_NAME:
+            continue
+        if entry == "zarr.json":
+            p.unlink()
+        elif p.is_dir() and (p / "zarr.json").exists():
+            shutil.rmtree(p)  # a Zarr node of the store (array or group)
+        else:
+            kept.append(entry)
+    return kept
+
+
+def _walk_arrays(group: zarr.Group, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for name, member in group.members():
+        if not prefix and name == LEASE_NAME:
+            continue
+        path = f"{prefix}{name}"
+        if isinstance(member, zarr.Array):
+            yield path, member
+        else:
+            yield from _walk_arrays(member, path + "/")
+
+
+def _stored_chunk_keys(arr: Any) -> set[str]:
+    """Chunk (shard) keys that exist in the store, relative to the array, from one listing."""
+    from zarr.core.sync import sync
+
+    store, prefix = arr.store_path.store, arr.store_path.path.rstrip("/") + "/"
+
+    async def collect() -> set[str]:
+        return {k[len(prefix):] async for k in store.list_prefix(prefix) if not k.endswith("zarr.json")}
+
+    return sync(collect())
 
 
 class UnitWriter:
@@ -243,7 +424,7 @@ class UnitWriter:
     def _array(self, name: str):
         arr = self._arrays.get(name)
         if arr is None:
-            arr = self._arrays[name] = self.group[name]
+            arr = self._arrays[name] = self.group[name].with_config(WRITE_CONFIG)
         return arr
 
     def write(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
@@ -253,4 +434,4 @@ class UnitWriter:
             arr = self._array(name)
             if value.shape[0] != stop - start:
                 raise ValueError(f"{name}: unit {unit} holds {stop - start} images, got {value.shape[0]}")
-            arr[start:stop] = value.astype(arr.dtype, copy=False)
+            arr[start:stop] = value if value.dtype.kind in "UOT" else value.astype(arr.dtype, copy=False)
