@@ -50,6 +50,9 @@ class RaySession:
 @contextmanager
 def ray_session(address: str | None, *, num_cpus: int | None = None,
                 object_store_memory: int | None = None) -> Iterator[RaySession]:
+    """Ray for the duration of a ``with`` block; see the module docstring for the three cases.
+    ``num_cpus`` (default: this machine's) and ``object_store_memory`` (default 200 MiB) apply
+    only to a local instance this call starts."""
     import ray
 
     if ray.is_initialized():  # someone else owns it: their instance, their shutdown

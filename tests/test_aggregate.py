@@ -159,10 +159,12 @@ def test_plan_groups_are_contiguous_and_cover_everything():
 
 
 def test_missing_store_and_non_store_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no store"):
+    from distributed_attr.io.store import StoreError
+
+    with pytest.raises(StoreError, match="no attribution store at .*nope.zarr.*: it is missing"):
         run_aggregation(str(tmp_path / "nope.zarr"), num_workers=0)
     zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
-    with pytest.raises(ValueError, match="not an attribution store.*unit_size"):
+    with pytest.raises(StoreError, match="is a folder that is not an attribution store"):
         run_aggregation(str(tmp_path / "plain.zarr"), num_workers=0)
 
 
@@ -200,24 +202,16 @@ def test_threads_must_be_positive(store, tmp_path):
         run_aggregation(store, num_workers=0, out_dir=str(tmp_path), threads=0)
 
 
-def test_local_ray_gets_the_cpus_the_tasks_ask_for(monkeypatch):
+def test_local_ray_gets_the_cpus_the_tasks_ask_for():
     """A local Ray started by the job has this machine's CPUs, or workers x threads when more
     was asked for, so the tasks asked for run side by side."""
     import os
 
-    import ray
+    from distributed_attr.aggregate.job import _local_cpus
 
-    from distributed_attr.aggregate.job import _init_ray
-
-    seen = {}
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    assert _init_ray(None, 1, 2)
-    assert seen["num_cpus"] == max(os.cpu_count(), 2)
-    assert _init_ray(None, 8, 2)
-    assert seen["num_cpus"] == max(os.cpu_count(), 16)
-    assert _init_ray(None, None, 2)
-    assert seen["num_cpus"] == os.cpu_count()
+    assert _local_cpus(1, 2) == max(os.cpu_count(), 2)
+    assert _local_cpus(8, 2) == max(os.cpu_count(), 16)
+    assert _local_cpus(None, 2) == os.cpu_count()
 
 
 def test_class_maps_only_up_to_a_number_of_classes(store, tmp_path):

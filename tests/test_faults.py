@@ -21,6 +21,7 @@ import zarr
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_thread")]
 
+from distributed_attr.ray_session import ray_session  # noqa: E402
 from distributed_attr.runner import run  # noqa: E402
 
 SUPPORT = str(Path(__file__).resolve().parent / "support")
@@ -89,15 +90,11 @@ def check_complete(summary, store, reference):
 def test_an_actor_killed_mid_unit_is_survived(tmp_path, parquet_dir, make_config, reference):
     markers = tmp_path / "markers"
     markers.mkdir()
-    ray.init(address="local", num_cpus=2, object_store_memory=150_000_000, include_dashboard=False,
-             configure_logging=False)
-    try:
+    with ray_session(None, num_cpus=2, object_store_memory=150_000_000):
         killed, watcher = when_a_unit_runs(markers, lambda node, pid: os.kill(pid, signal.SIGKILL))
         s = run(config(make_config, parquet_dir, tmp_path / "s.zarr", markers, delay=0.3, num_workers=2,
                        max_retries=1), progress=False)
         watcher.join(timeout=5)
-    finally:
-        ray.shutdown()
     assert killed, "no actor was seen inside a unit"
     assert s.retries == 1, "exactly the one execution that was killed counts"
     check_complete(s, tmp_path / "s.zarr", reference)

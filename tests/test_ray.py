@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, object_store_memory=150_000_000, include_dashboard=False,
-             configure_logging=False)
-    yield
-    ray.shutdown()
+    from distributed_attr.ray_session import ray_session
+
+    with ray_session(None, num_cpus=2, object_store_memory=150_000_000):  # loopback only, as the job's
+        yield
 
 
 def _arrays(path):

@@ -445,21 +445,11 @@ def _count_classes(root: zarr.Group, plan: ReadPlan, done: np.ndarray) -> int:
     return int(np.unique(np.asarray(root["target"][:])[ok]).size)
 
 
-def _init_ray(address: str | None, num_workers: int | None, threads: int = 1) -> bool:
-    """Start or join Ray unless it runs already; True when this call started it. A local Ray
-    gets this machine's CPUs, or more when ``num_workers`` tasks of ``threads`` CPUs were asked
-    for: they then run side by side as asked (oversubscribing the cores)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, configure_logging=False)
-    else:
-        cpus = max(os.cpu_count() or 1, (num_workers or 0) * threads)
-        ray.init(num_cpus=cpus, object_store_memory=100 * 1024 * 1024,
-                 include_dashboard=False, configure_logging=False)
-    return True
+def _local_cpus(num_workers: int | None, threads: int = 1) -> int:
+    """CPUs for a local Ray started by the job: this machine's, or more when ``num_workers`` tasks
+    of ``threads`` CPUs were asked for, so that they run side by side as asked (oversubscribing
+    the cores)."""
+    return max(os.cpu_count() or 1, (num_workers or 0) * threads)
 
 
 _REMOTE_TASK: Any = None
@@ -485,6 +475,28 @@ def _run_tasks(plan: ReadPlan, groups: list[list[int]], num_workers: int) -> Par
         ready, in_flight = ray.wait(in_flight, num_returns=1)
         total.merge(ray.get(ready[0]))
     return total
+
+
+def _aggregate_on_ray(plan: ReadPlan, done: np.ndarray, num_workers: int | None,
+                      units_per_task: int) -> tuple[int, PartialAggregate]:
+    """Reader tasks over the done units on the Ray cluster this process is connected to."""
+    import ray
+
+    # a task must fit on a node; with no CPU node up yet (an autoscaling cluster whose head
+    # has CPU: 0) the request stands and the autoscaler brings nodes
+    largest = int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
+    if largest >= 1:
+        plan.threads = min(plan.threads, largest)
+    n_tasks = math.ceil(len(done) / max(1, units_per_task))
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if num_workers:
+        workers = int(num_workers)
+    elif cpus >= plan.threads:
+        workers = cpus // plan.threads
+    else:  # no CPUs yet: put every task up, so that the autoscaler sees the whole demand
+        workers = max(1, n_tasks)
+    groups = plan_groups(done, max(workers, n_tasks))
+    return workers, (_run_tasks(plan, groups, workers) if groups else PartialAggregate())
 
 
 def run_aggregation(
@@ -530,7 +542,6 @@ def run_aggregation(
     expected_images = int(handle.usable().sum())
     if plan.read_maps:
         plan.class_maps = _count_classes(root, plan, done) <= class_maps
-    started_ray = False
     t_read = time.perf_counter()
     if num_workers == 0:
         workers = 0
@@ -538,28 +549,11 @@ def run_aggregation(
         for group in plan_groups(done, 1):
             partial.merge(aggregate_units(plan, group))
     else:
-        started_ray = _init_ray(address, num_workers, plan.threads)
-        import ray
+        from ..ray_session import ray_session
 
-        # a task must fit on a node; with no CPU node up yet (an autoscaling cluster whose head
-        # has CPU: 0) the request stands and the autoscaler brings nodes
-        largest = int(max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0))
-        if largest >= 1:
-            plan.threads = min(plan.threads, largest)
-        n_tasks = math.ceil(len(done) / max(1, units_per_task))
-        cpus = int(ray.cluster_resources().get("CPU", 0))
-        if num_workers:
-            workers = int(num_workers)
-        elif cpus >= plan.threads:
-            workers = cpus // plan.threads
-        else:  # no CPUs yet: put every task up, so that the autoscaler sees the whole demand
-            workers = max(1, n_tasks)
-        groups = plan_groups(done, max(workers, n_tasks))
-        try:
-            partial = _run_tasks(plan, groups, workers) if groups else PartialAggregate()
-        finally:
-            if started_ray:
-                ray.shutdown()
+        with ray_session(address, num_cpus=_local_cpus(num_workers, plan.threads),
+                         object_store_memory=100 * 1024 * 1024):
+            workers, partial = _aggregate_on_ray(plan, done, num_workers, units_per_task)
     read_seconds = time.perf_counter() - t_read
     _check_counts(store, plan, partial, expected_images)
 

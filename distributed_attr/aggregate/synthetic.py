@@ -99,6 +99,8 @@ def write_synthetic_store(
         root.create_array("spectra/frequency", data=freqs, dimension_names=["frequency"])
     done_arr = root.create_array("units/done", shape=(n_units,), chunks=(1,), dtype="uint8", fill_value=0,
                                  dimension_names=["unit"])
+    root.create_array("units/seconds", shape=(n_units,), chunks=(1,), dtype="float32", fill_value=float("nan"),
+                      dimension_names=["unit"])
     failed_set = {int(i) for i in failed}
     yy, xx = np.mgrid[:height, :width]
     blobs = np.stack([np.exp(-(((yy - height * (0.2 + 0.6 * (c % 3) / 2)) / (0.15 * height)) ** 2
