@@ -160,8 +160,13 @@ class RunConfig:
 #: keys that change how fast a job runs but never what it writes: a resume may change them
 _RESUMABLE_KEYS = {"run.num_workers", "run.gpus_per_worker", "run.cpus_per_worker", "run.units_in_flight",
                    "run.max_retries", "run.batch_size", "run.max_batch", "run.actor_timeout"}
-#: keys that are neither results nor speed: where the store lives (a moved store may be resumed)
-_IGNORED_KEYS = {"store"}
+#: keys that are neither results nor speed: where the store lives (a moved store may be resumed) and
+#: how to reach object storage (credentials, endpoints; never recorded unredacted)
+_IGNORED_KEYS = {"store", "storage_options"}
+
+
+def _ignored(key: str) -> bool:
+    return key in _RESUMABLE_KEYS or key.split(".", 1)[0] in _IGNORED_KEYS
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -202,6 +207,9 @@ class Config:
     #: other models trained on the same data, for the cross-architecture feature-detection metric
     evaluators: dict[str, ModelConfig] = field(default_factory=dict)
     run: RunConfig = field(default_factory=RunConfig)
+    #: object-storage settings (obstore configuration keys, ``client_options``) for every URL of
+    #: the job; credentials normally come from the environment instead
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -231,8 +239,10 @@ class Config:
             raise ConfigError("store: expected the path of the Zarr store, e.g. 'out/attributions.zarr'")
         methods = {str(k): dict(v or {}) for k, v in _mapping(raw.get("methods", {"saliency": {}}), "methods").items()}
         metrics = {str(k): dict(v or {}) for k, v in _mapping(raw.get("metrics", {}), "metrics").items()}
+        storage_options = dict(_mapping(raw.get("storage_options", {}), "storage_options"))
         cfg = cls(data=data, store=raw["store"], model=model, methods=methods, spectra=spectra,
-                  filters=filters, metrics=metrics, evaluators=evaluators, run=run)
+                  filters=filters, metrics=metrics, evaluators=evaluators, run=run, storage_options=storage_options)
+        cfg.check_locations()
         # Store every parameter with its default filled in, so that a default changed between
         # versions shows up in the resume check and the hash instead of silently mixing results.
         cfg.methods, cfg.metrics = cfg.check_registries()
@@ -284,14 +294,35 @@ class Config:
             msg = str(exc)
             raise ConfigError(msg if msg.startswith(("methods.", "metrics.")) else f"methods/metrics: {msg}") from None
 
+    def check_locations(self) -> None:
+        """Every URL has a known scheme and its optional package is installed (fails now, with the
+        install command, rather than in a worker)."""
+        from .io.storage import StorageError, check_location
+
+        places = {"store": self.store, "data.path": self.data.path, "data.labels_path": self.data.labels_path,
+                  "model.weights": self.model.weights}
+        places.update({f"evaluators.{k}.weights": m.weights for k, m in self.evaluators.items()})
+        try:
+            for what, location in places.items():
+                if location:
+                    check_location(location, what)
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None
+
     # -- derived -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+    def to_dict(self, redact: bool = False) -> dict[str, Any]:
+        """The resolved config as plain JSON types; ``redact`` hides secrets in ``storage_options``
+        (for anything that is recorded: store attributes, logs)."""
+        out = json.loads(json.dumps(dataclasses.asdict(self), default=str))
+        if redact:
+            from .io.storage import redact as hide
+
+            out["storage_options"] = hide(out.get("storage_options"))
+        return out
 
     def result_hash(self) -> str:
         """Hash of every setting that changes what the job writes (not how fast it runs)."""
-        flat = {k: v for k, v in _flatten(self.to_dict()).items()
-                if k not in _RESUMABLE_KEYS and k not in _IGNORED_KEYS}
+        flat = {k: v for k, v in _flatten(self.to_dict()).items() if not _ignored(k)}
         return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
     def cutoffs(self) -> list[float]:
@@ -305,7 +336,7 @@ def diff_configs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = _flatten(old), _flatten(new)
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in _RESUMABLE_KEYS or key in _IGNORED_KEYS:
+        if _ignored(key):
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from .io.lease import lease_info
+from .io.lease import StoreLease, lease_info
 from .io.store import AttributionStore, _walk_arrays
 
 
@@ -18,8 +18,10 @@ def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
     if verify:
         invalid = store.verify(decode=True)
         if invalid:
-            store = AttributionStore.open(path, mode="r+")
-            store.mark_not_done(invalid)
+            # Marking writes the store's bookkeeping: only as its one driver (refused while a job runs).
+            with StoreLease.acquire(path):
+                store = AttributionStore.open(path, mode="r+")
+                store.mark_not_done(invalid)
     a = store.attrs
     done = store.done_units()
     seconds = store.group["units/seconds"][:]

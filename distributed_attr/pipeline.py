@@ -57,12 +57,12 @@ class UnitProcessor:
     def __init__(self, cfg: Config, device: torch.device | str | None = None, model: nn.Module | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = (model if model is not None else load_model(cfg.model)).to(self.device).eval()
+        self.model = (model if model is not None else load_model(cfg.model, "model", cfg.storage_options)).to(self.device).eval()
         self.methods = [build_method(name, params) for name, params in cfg.methods.items()]
         self.metrics = build_metrics(cfg)
-        self.evaluators = {name: load_model(m, f"evaluators.{name}").to(self.device)
+        self.evaluators = {name: load_model(m, f"evaluators.{name}", cfg.storage_options).to(self.device)
                            for name, m in cfg.evaluators.items()}
-        self.source = open_source(cfg.data)
+        self.source = open_source(cfg.data, cfg.storage_options)
         self.cutoffs = cfg.cutoffs()
         # positions in ``self.cutoffs`` (entry 0 is the unfiltered map)
         self.stored_positions = [1 + cfg.filters.sweep.index(s) for s in cfg.filters.store_maps]
@@ -203,7 +203,7 @@ class UnitProcessor:
         arrays.update(image=np.arange(start, stop, dtype=np.int64), label=all_labels, ok=ok,
                       source_key=np.asarray(keys, dtype=str))
         if self._writer is None:
-            self._writer = UnitWriter(cfg.store)
+            self._writer = UnitWriter(cfg.store, cfg.storage_options)
         self._writer.write(unit, arrays)
         return UnitResult(unit=unit, images=n, failures=failures, seconds=time.perf_counter() - t0)
 

@@ -11,12 +11,7 @@ import html
 from pathlib import Path
 
 from .inspect import describe_store
-
-
-def outputs_dir(store: str | Path) -> Path:
-    """Where tables, plots and reports of a store go: ``<parent>/<stem>-outputs``."""
-    p = Path(store).resolve()
-    return p.parent / f"{p.stem}-outputs"
+from .io.store import outputs_dir
 
 
 #: the order a reader wants: what the maps look like, their spectra, the filter's effect, the
@@ -49,7 +44,7 @@ def write_report(store: str, out_dir: str | None = None, max_rows: int = 60) -> 
     info = describe_store(store)
     out = Path(out_dir) if out_dir else outputs_dir(store)
     out.mkdir(parents=True, exist_ok=True)
-    examples = Path(store).resolve().parent / "examples.png"
+    examples = out.parent / "examples.png"  # the demo's picture of the images, beside the outputs
     figures = sorted(out.glob("*.png"), key=_reading_order)
     if examples.exists():
         figures.insert(0, examples)

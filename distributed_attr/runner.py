@@ -22,6 +22,7 @@ import torch
 from .config import Config, diff_configs, load_config
 from .io.lease import LeaseError, StoreLease
 from .io.sources import decode_image, fingerprint_differences
+from .io.storage import is_remote, local_path
 from .io.store import _KIND_WORDS, AttributionStore, StoreError, StorePlan, classify_path, clear_store
 from .pipeline import UnitProcessor, UnitResult
 
@@ -110,7 +111,7 @@ def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
         raise JobError(f"the dataset at {cfg.data.path!r} holds no images")
     validate_inputs(cfg, probe)
     attrs = {
-        "config": cfg.to_dict(),
+        "config": cfg.to_dict(redact=True),
         "config_hash": cfg.result_hash(),
         "model_fingerprint": fingerprint(probe.model),
         "evaluators": list(cfg.evaluators),
@@ -118,23 +119,24 @@ def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
         "dataset_fingerprint": probe.source.fingerprint(),
         "software": _software(),
     }
-    path = Path(cfg.store)
-    _refuse_store_holding_inputs(path, cfg, inputs or [])
-    kind = classify_path(path)
+    path, so = cfg.store, cfg.storage_options
+    if not is_remote(path):
+        _refuse_store_holding_inputs(Path(local_path(path)), cfg, inputs or [])
+    kind = classify_path(path, so)
     if kind in ("file", "foreign"):
         raise StoreError(f"store {cfg.store!r} is {_KIND_WORDS[kind]}; nothing there was changed. "
                          "Choose a path that does not exist yet (or an empty folder) for the store.")
     if kind == "store" and not overwrite:
         # Refuse early, without taking the lease, when the store cannot be resumed anyway.
-        store = AttributionStore.open(path)
+        store = AttributionStore.open(path, storage_options=so)
         _check_resumable(store, cfg, attrs, n_images, resume)
     try:
-        lease = StoreLease.acquire(path)  # refused while another driver holds the store
+        lease = StoreLease.acquire(path, storage_options=so)  # refused while another driver holds the store
     except LeaseError as exc:
         raise StoreError(str(exc)) from None
     try:
         if kind == "store" and not overwrite:
-            store = AttributionStore.open(path)
+            store = AttributionStore.open(path, storage_options=so)
             _check_resumable(store, cfg, attrs, n_images, resume)  # again, now that we hold it
             bad = store.verify(decode=False)
             if bad:
@@ -144,11 +146,11 @@ def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
             return store, probe, lease
         kept: list[str] = []
         if kind == "store":
-            kept = clear_store(path)
+            kept = clear_store(path, so)
             if kept:
-                print(f"overwrite: kept {len(kept)} entr{'y' if len(kept) == 1 else 'ies'} that are not part of "
-                      f"the store: {', '.join(kept[:5])}", file=sys.stderr)
-        store = AttributionStore.create(path, make_plan(cfg, n_images, attrs), kept=kept)
+                print(f"overwrite: kept {len(kept)} entr{'y that is' if len(kept) == 1 else 'ies that are'} not part "
+                      f"of the store: {', '.join(kept[:5])}", file=sys.stderr)
+        store = AttributionStore.create(path, make_plan(cfg, n_images, attrs), kept=kept, storage_options=so)
         return store, probe, lease
     except BaseException:
         lease.release()

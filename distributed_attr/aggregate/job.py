@@ -33,7 +33,7 @@ import numpy as np
 import zarr
 from threadpoolctl import threadpool_limits
 
-from ..io.store import AttributionStore, StoreError
+from ..io.store import AttributionStore, StoreError, open_group, outputs_dir
 from .stats import GroupedMoments, Moments, MomentsResult
 
 __all__ = ["run_aggregation", "aggregate_units", "plan_groups", "PartialAggregate", "READ_BYTES"]
@@ -157,6 +157,7 @@ class ReadPlan:
     read_bytes: int = READ_BYTES
     threads: int = THREADS
     fast_reads: bool = True  # ShardReader for arrays in the store's own layout (else zarr only)
+    storage_options: dict[str, Any] | None = None  # for a store on object storage
 
 
 @dataclass
@@ -293,7 +294,7 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
     Reads go block by block (whole units) and overlap with the statistics: while reader threads
     fill block i+1 (file reads and zstd release the GIL), this thread reduces block i."""
     t0 = time.perf_counter()
-    root = zarr.open_group(plan.store, mode="r")
+    root = open_group(plan.store, "r", plan.storage_options)
     arrays: dict[str, Any] = {name: root[name] for name in _arrays_read(plan)}
     per_unit = plan.unit_size * sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in arrays.values())
     # blocks of about read_bytes, never more than a quarter of this task's units (so that reading
@@ -387,8 +388,7 @@ def _check_counts(store: str, plan: ReadPlan, partial: PartialAggregate, expecte
 
 
 def _default_out_dir(store: str) -> Path:
-    p = Path(store).resolve()
-    return p.parent / f"{p.stem}-outputs"
+    return outputs_dir(store)
 
 
 def _make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:
@@ -634,7 +634,7 @@ def _finalise(plan: ReadPlan, partial: PartialAggregate) -> dict[str, dict[Any, 
 
 def _write_store(store: str, plan: ReadPlan, results: dict, done: np.ndarray) -> None:
     """The ``aggregates/`` group, rewritten as a whole by the driver (the single writer)."""
-    root = zarr.open_group(store, mode="r+")
+    root = open_group(store, "r+", plan.storage_options)
     agg = root.create_group("aggregates", overwrite=True)
     cutoffs = np.asarray(plan.cutoffs, dtype=np.float64)
     freqs = np.asarray(plan.frequencies, dtype=np.float64)

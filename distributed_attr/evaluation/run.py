@@ -22,17 +22,17 @@ from pathlib import Path
 from typing import Any
 
 
+from ..io.store import StoreError, outputs_dir
 from .data import metric_names, open_store, store_path, usable_positions
 from .plots import plot_cross_architecture, plot_cutoff_curves, plot_rank_table
 from .rankings import best_cutoffs, cross_architecture_matrix, cutoff_statistics, rank_methods
 
 
 def default_out_dir(store: Any) -> Path:
-    path = store_path(store)
+    path = store if isinstance(store, str) else store_path(store)
     if path is None:
         raise ValueError("out_dir is needed when the store is not given by its path")
-    path = path.resolve()
-    return path.parent / f"{path.stem}-outputs"
+    return outputs_dir(str(path))
 
 
 def _json_float(v: float) -> float | str:
@@ -53,11 +53,12 @@ def run_evaluation(
     import pandas as pd
 
     group = open_store(store)
-    out = Path(out_dir) if out_dir is not None else default_out_dir(store)
-    out.mkdir(parents=True, exist_ok=True)
     names = metric_names(group)
     if not names:
-        raise ValueError("the store holds no metrics: add a 'metrics' section to the job config")
+        raise StoreError(f"the store {str(store)!r} holds no metrics, so there is nothing to evaluate: add a "
+                         "'metrics' section to the job config (e.g. metrics: {deletion: {}}) and run it into a new store")
+    out = Path(out_dir) if out_dir is not None else default_out_dir(store)
+    out.mkdir(parents=True, exist_ok=True)
     files: list[str] = []
 
     scalar = []

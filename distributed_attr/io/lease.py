@@ -16,7 +16,8 @@ folder, then renamed to ``lease`` (a rename onto an existing non-empty folder fa
 creator wins); it is refreshed by write-to-temp + ``os.replace`` (readers never see half a file);
 an expired lease is taken over by first renaming it aside (exactly one renamer wins; a loser finds
 it gone and tries again). Object stores get the same protocol from conditional writes
-(``If-None-Match: *`` to create, ``If-Match: <etag>`` to refresh or take over).
+(``If-None-Match: *`` to create, ``If-Match: <etag>`` to refresh or take over), through obstore:
+exactly one creator wins, and a refresh or takeover based on a stale read fails.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from .storage import is_remote, local_path, object_store
 
 #: the lease group's name inside the store
 LEASE_NAME = "lease"
@@ -53,15 +56,13 @@ class LeaseInfo:
     ttl: float
 
     @classmethod
-    def read(cls, lease_dir: Path) -> "LeaseInfo | None":
+    def parse(cls, raw: bytes | str) -> "LeaseInfo":
         try:
-            raw = json.loads((lease_dir / _META).read_text())["attributes"]
-            return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+            attrs = json.loads(raw)["attributes"]
+            return cls(**{k: attrs[k] for k in cls.__dataclass_fields__})
         except (ValueError, KeyError, TypeError):
-            # A lease we cannot parse is treated as expired: it was half-written by a crash of
-            # an older version, or damaged; refusing forever would lock the store for good.
+            # A lease we cannot parse is treated as expired: half-written by a crash, or damaged;
+            # refusing forever would lock the store for good.
             return cls(owner="<unreadable>", host="", pid=-1, started="", heartbeat=0.0, ttl=0.0)
 
     def metadata(self) -> str:
@@ -93,9 +94,123 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def lease_info(store_dir: str | Path) -> LeaseInfo | None:
+# -- where the lease lives: two backends with the same four atomic operations ----------------------
+
+class _LocalLease:
+    """On a POSIX file system: folder renames are the atomic steps (see the module docstring).
+    The token identifying a version of the lease is its owner id."""
+
+    def __init__(self, store: str):
+        self.root = Path(local_path(store))
+        self.path = self.root / LEASE_NAME
+
+    def read(self) -> tuple[LeaseInfo | None, Any]:
+        try:
+            info = LeaseInfo.parse((self.path / _META).read_text())
+        except (FileNotFoundError, NotADirectoryError):
+            if self.path.exists() and time.time() - self.path.stat().st_mtime < 10:
+                time.sleep(0.2)  # a lease folder being written by another taker this instant
+                return self.read()
+            return (None, None) if not self.path.exists() else (LeaseInfo.parse(""), "<unreadable>")
+        return info, info.owner
+
+    def create(self, info: LeaseInfo) -> Any:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".lease-{info.owner}"
+        tmp.mkdir()
+        (tmp / _META).write_text(info.metadata())
+        try:
+            os.rename(tmp, self.path)  # fails when ``lease`` exists (non-empty): one creator wins
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
+        return info.owner
+
+    def take_over(self, info: LeaseInfo, token: Any) -> Any:
+        """Replace the expired lease ``token`` by ``info``: move it aside (one mover wins); if what
+        we moved is not the version we judged expired, put it back and give up this round."""
+        aside = self.root / f".lease-expired-{uuid.uuid4().hex}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return None
+        try:
+            moved = LeaseInfo.parse((aside / _META).read_text())
+        except OSError:
+            moved = LeaseInfo.parse("")
+        if moved.owner != token:
+            try:
+                os.rename(aside, self.path)
+                return None
+            except OSError:
+                pass
+        shutil.rmtree(aside, ignore_errors=True)
+        return self.create(info)
+
+    def refresh(self, info: LeaseInfo, token: Any) -> Any:
+        current, now = self.read()
+        if now != token:
+            return None
+        tmp = self.path / f"{_META}.{info.owner}.tmp"
+        tmp.write_text(info.metadata())
+        os.replace(tmp, self.path / _META)
+        return token
+
+    def delete(self, token: Any) -> None:
+        _, now = self.read()
+        if now == token:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+class _ObjectLease:
+    """On object storage: conditional PUTs. The token is the object's ETag."""
+
+    def __init__(self, store: str, storage_options: dict[str, Any] | None):
+        self.store = object_store(store, storage_options)
+        self.key = f"{LEASE_NAME}/{_META}"
+
+    def read(self) -> tuple[LeaseInfo | None, Any]:
+        import obstore
+
+        try:
+            got = obstore.get(self.store, self.key)
+        except FileNotFoundError:
+            return None, None
+        return LeaseInfo.parse(bytes(got.bytes())), got.meta["e_tag"]
+
+    def _put(self, info: LeaseInfo, mode: Any) -> Any:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+        try:
+            return obstore.put(self.store, self.key, info.metadata().encode(), mode=mode)["e_tag"]
+        except (AlreadyExistsError, PreconditionError):
+            return None
+
+    def create(self, info: LeaseInfo) -> Any:
+        return self._put(info, "create")
+
+    def take_over(self, info: LeaseInfo, token: Any) -> Any:
+        return self._put(info, {"e_tag": token})
+
+    def refresh(self, info: LeaseInfo, token: Any) -> Any:
+        return self._put(info, {"e_tag": token})
+
+    def delete(self, token: Any) -> None:
+        import obstore
+
+        _, now = self.read()
+        if now == token:  # object stores have no conditional delete; the window is one round trip
+            obstore.delete(self.store, self.key)
+
+
+def _backend(store: str, storage_options: dict[str, Any] | None = None) -> Any:
+    return _ObjectLease(store, storage_options) if is_remote(store) else _LocalLease(store)
+
+
+def lease_info(store: str | Path, storage_options: dict[str, Any] | None = None) -> LeaseInfo | None:
     """The lease of a store, or None when nobody holds one."""
-    return LeaseInfo.read(Path(store_dir) / LEASE_NAME)
+    return _backend(str(store), storage_options).read()[0]
 
 
 class StoreLease:
@@ -103,74 +218,50 @@ class StoreLease:
     alive from a daemon thread; ``check`` raises if another driver took it over meanwhile;
     ``release`` removes it. Also a context manager."""
 
-    def __init__(self, store_dir: Path, info: LeaseInfo):
-        self.store_dir = store_dir
-        self.path = store_dir / LEASE_NAME
+    def __init__(self, store: str, backend: Any, info: LeaseInfo, token: Any):
+        self.store = store
+        self.backend = backend
         self.info = info
+        self.token = token
         self.lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- taking the lease ------------------------------------------------------------------------
     @classmethod
-    def acquire(cls, store_dir: str | Path, ttl: float = DEFAULT_TTL) -> "StoreLease":
-        store_dir = Path(store_dir)
-        store_dir.mkdir(parents=True, exist_ok=True)
-        path = store_dir / LEASE_NAME
-        now = time.time()
+    def acquire(cls, store: str | Path, ttl: float = DEFAULT_TTL,
+                storage_options: dict[str, Any] | None = None) -> "StoreLease":
+        store = str(store)
+        backend = _backend(store, storage_options)
         info = LeaseInfo(owner=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
                          started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                         heartbeat=now, ttl=float(ttl))
+                         heartbeat=time.time(), ttl=float(ttl))
         for _ in range(8):  # bounded: each round either wins, is refused, or lost a race to another taker
-            tmp = store_dir / f".lease-{info.owner}"
-            tmp.mkdir()
-            (tmp / _META).write_text(info.metadata())
-            try:
-                os.rename(tmp, path)  # fails when ``lease`` exists (non-empty): one creator wins
-            except OSError:
-                shutil.rmtree(tmp, ignore_errors=True)
-                current = LeaseInfo.read(path)
-                if current is None and path.exists() and time.time() - path.stat().st_mtime < 10:
-                    time.sleep(0.2)  # a lease folder being written by another taker this instant
-                    continue
-                if current is not None and current.alive():
-                    raise LeaseError(f"the store {str(store_dir)!r} is in use by another {current.describe()}. "
-                                     "Wait for that job to finish, or stop it first.") from None
-                cls._remove_expired(path, current)
-                continue
-            return cls(store_dir, info)
-        raise LeaseError(f"could not take the lease of {str(store_dir)!r}: other drivers keep taking it")
-
-    @staticmethod
-    def _remove_expired(path: Path, expired: "LeaseInfo | None") -> None:
-        """Move an expired lease aside; if what we moved is not the lease we judged expired (another
-        taker replaced it in between), put it back and let the caller look again."""
-        aside = path.with_name(f".lease-expired-{uuid.uuid4().hex}")
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return
-        moved = LeaseInfo.read(aside)
-        if moved is not None and (expired is None or moved.owner != expired.owner):
-            try:
-                os.rename(aside, path)  # fails if a third driver created one meanwhile: theirs stays
-                return
-            except OSError:
-                pass
-        shutil.rmtree(aside, ignore_errors=True)
+            token = backend.create(info)
+            if token is not None:
+                return cls(store, backend, info, token)
+            current, their = backend.read()
+            if current is None:
+                continue  # released between our two calls: try again
+            if current.alive():
+                raise LeaseError(f"the store {store!r} is in use by another {current.describe()}. "
+                                 "Wait for that job to finish, or stop it first.")
+            token = backend.take_over(info, their)
+            if token is not None:
+                return cls(store, backend, info, token)
+        raise LeaseError(f"could not take the lease of {store!r}: other drivers keep taking it")
 
     # -- keeping it ------------------------------------------------------------------------------
     def heartbeat(self) -> None:
         """Refresh the lease; records ``lost`` when another driver owns it now."""
-        current = LeaseInfo.read(self.path)
-        if current is None or current.owner != self.info.owner:
-            self.lost = ("another driver took the store over" if current else "the lease file was removed") + (
-                f" ({current.describe()})" if current else "")
+        info = LeaseInfo(**{**asdict(self.info), "heartbeat": time.time()})
+        token = self.backend.refresh(info, self.token)
+        if token is None:
+            current, _ = self.backend.read()
+            self.lost = (f"another driver took the store over ({current.describe()})" if current
+                         else "the lease was removed")
             return
-        self.info = LeaseInfo(**{**asdict(self.info), "heartbeat": time.time()})
-        tmp = self.path / f"{_META}.{self.info.owner}.tmp"
-        tmp.write_text(self.info.metadata())
-        os.replace(tmp, self.path / _META)
+        self.info, self.token = info, token
 
     def start_heartbeat(self) -> "StoreLease":
         interval = max(0.05, self.info.ttl / 4)
@@ -179,8 +270,8 @@ class StoreLease:
             while not self._stop.wait(interval):
                 try:
                     self.heartbeat()
-                except OSError as exc:  # a full or read-only disk: the lease will lapse; say why
-                    self.lost = f"the lease could not be refreshed: {exc}"
+                except Exception as exc:  # a full or read-only disk, a network error: say why
+                    self.lost = f"the lease could not be refreshed: {type(exc).__name__}: {exc}"
                 if self.lost:
                     return
 
@@ -191,16 +282,17 @@ class StoreLease:
     def check(self) -> None:
         """Raise ``LeaseError`` if this driver no longer holds the store."""
         if self.lost:
-            raise LeaseError(f"lost the lease of the store {str(self.store_dir)!r}: {self.lost}; "
+            raise LeaseError(f"lost the lease of the store {self.store!r}: {self.lost}; "
                              "stopping so that two drivers never write one store")
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        current = LeaseInfo.read(self.path)
-        if current is not None and current.owner == self.info.owner:
-            shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            self.backend.delete(self.token)
+        except Exception:  # best effort: an unreleased lease expires after its ttl
+            pass
 
     def __enter__(self) -> "StoreLease":
         return self

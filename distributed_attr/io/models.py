@@ -7,8 +7,10 @@ produced its maps.
 from __future__ import annotations
 
 import hashlib
+import io
 import importlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,11 +22,24 @@ class ModelError(ValueError):
     """The model cannot be built or loaded as configured."""
 
 
-def _load_state_dict(model: nn.Module, path: str, where: str) -> None:
-    if not Path(path).exists():
-        raise ModelError(f"{where}.weights: file {path!r} does not exist")
+def _weights_file(path: str, where: str, storage_options: dict | None) -> Any:
+    """A local path as it is; an object-store URL read into memory (torch loads from file objects)."""
+    from .storage import StorageError, is_remote, read_bytes
+
+    if not is_remote(path):
+        if not Path(path).exists():
+            raise ModelError(f"{where}.weights: file {path!r} does not exist")
+        return path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return io.BytesIO(read_bytes(path, storage_options))
+    except (FileNotFoundError, StorageError) as exc:
+        raise ModelError(f"{where}.weights: {exc}") from None
+
+
+def _load_state_dict(model: nn.Module, path: str, where: str, storage_options: dict | None = None) -> None:
+    source = _weights_file(path, where, storage_options)
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelError(f"{where}.weights: cannot load {path!r} with weights_only=True: {exc}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -35,7 +50,7 @@ def _load_state_dict(model: nn.Module, path: str, where: str) -> None:
         raise ModelError(f"{where}.weights: {path!r} does not fit the architecture: {str(exc)[:500]}") from None
 
 
-def load_model(cfg: ModelConfig, where: str = "model") -> nn.Module:
+def load_model(cfg: ModelConfig, where: str = "model", storage_options: dict | None = None) -> nn.Module:
     """Build the configured model in eval mode on the CPU, parameters frozen."""
     if cfg.kind == "zoo":
         from .. import zoo
@@ -44,7 +59,7 @@ def load_model(cfg: ModelConfig, where: str = "model") -> nn.Module:
             raise ModelError(f"{where}.name: {cfg.name!r} is not a zoo model; valid: {list(zoo.ARCHITECTURES)}")
         if cfg.weights:
             model = zoo.build(cfg.name, num_classes=cfg.num_classes or zoo.NUM_CLASSES)
-            _load_state_dict(model, cfg.weights, where)
+            _load_state_dict(model, cfg.weights, where, storage_options)
         else:
             model, _ = zoo.pretrained(cfg.name)
     elif cfg.kind == "torchvision":
@@ -60,15 +75,15 @@ def load_model(cfg: ModelConfig, where: str = "model") -> nn.Module:
                 f"{where}.name: {cfg.name!r} is not a torchvision model; e.g. {torchvision.models.list_models()[:12]}"
             ) from None
         if cfg.weights:
-            _load_state_dict(model, cfg.weights, where)
+            _load_state_dict(model, cfg.weights, where, storage_options)
     elif cfg.kind == "torchscript":
         try:
-            model = torch.jit.load(cfg.weights, map_location="cpu")
+            model = torch.jit.load(_weights_file(cfg.weights, where, storage_options), map_location="cpu")
         except Exception as exc:
             raise ModelError(f"{where}.weights: cannot load TorchScript file {cfg.weights!r}: {exc}") from None
     elif cfg.kind == "export":
         try:
-            model = torch.export.load(cfg.weights).module()
+            model = torch.export.load(_weights_file(cfg.weights, where, storage_options)).module()
         except Exception as exc:
             raise ModelError(f"{where}.weights: cannot load torch.export file {cfg.weights!r}: {exc}") from None
     elif cfg.kind == "callable":
@@ -81,7 +96,7 @@ def load_model(cfg: ModelConfig, where: str = "model") -> nn.Module:
         if not isinstance(model, nn.Module):
             raise ModelError(f"{where}.name: {cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module")
         if cfg.weights:
-            _load_state_dict(model, cfg.weights, where)
+            _load_state_dict(model, cfg.weights, where, storage_options)
     elif cfg.kind == "timm":
         try:
             import timm
@@ -92,7 +107,7 @@ def load_model(cfg: ModelConfig, where: str = "model") -> nn.Module:
             kwargs["num_classes"] = cfg.num_classes
         model = timm.create_model(cfg.name, pretrained=False, **kwargs)
         if cfg.weights:
-            _load_state_dict(model, cfg.weights, where)
+            _load_state_dict(model, cfg.weights, where, storage_options)
     else:  # the config's Literal type makes this unreachable
         raise ModelError(f"{where}.kind: unknown kind {cfg.kind!r}")
     try:

@@ -14,6 +14,7 @@ import bisect
 import glob
 import io
 import os
+import posixpath
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .storage import describe_error, filesystem, is_remote, local_path, scheme
 
 from ..config import DataConfig
 
@@ -43,39 +46,109 @@ class Record:
     key: str = ""
 
 
-def data_root(path: str) -> str:
-    """The folder that file names in source keys and fingerprints are relative to: data.path
-    itself when it is a folder, else the folder part before any glob character, else the file's."""
-    if os.path.isdir(path):
-        return path
-    head = path
-    for i, ch in enumerate(path):
-        if ch in "*?[":
-            head = path[:i]
-            break
-    return head if head.endswith(os.sep) and os.path.isdir(head) else (os.path.dirname(head) or ".")
+class Files:
+    """Where a source's files live: the local file system, or object storage (``s3://``, ``gs://``,
+    ``az://``) through obstore's fsspec adapter. Locations are plain paths locally and full URLs
+    remotely, so that messages, listings and source keys name them as the user wrote them."""
 
+    def __init__(self, location: str, storage_options: dict[str, Any] | None = None):
+        self.remote = is_remote(location)
+        self.scheme = scheme(location)
+        self.fs = filesystem(location, storage_options)[0] if self.remote else None
 
-def _file_facts(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return int(st.st_size), int(st.st_mtime_ns)
+    def _p(self, loc: str) -> str:
+        return str(loc).partition("://")[2] if self.remote else local_path(str(loc))
 
+    def _url(self, p: str) -> str:
+        return f"{self.scheme}://{p}" if self.remote else p
 
-def _expand(path: str, suffixes: tuple[str, ...]) -> list[str]:
-    if any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path, recursive=True))
-    elif os.path.isdir(path):
-        files = sorted(
-            str(p) for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in suffixes
-        )
-    elif os.path.exists(path):
-        files = [path]
-    else:
-        raise SourceError(f"data.path {path!r} does not exist")
-    files = [f for f in files if f.lower().endswith(suffixes)]
-    if not files:
-        raise SourceError(f"data.path {path!r} holds no {'/'.join(suffixes)} files")
-    return files
+    def _call(self, what: str, loc: str, fn, *args):
+        try:
+            return fn(*args)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # credentials, a missing bucket, the network: say which location
+            raise SourceError(f"{what}: {describe_error(exc, str(loc))}") from None
+
+    def isdir(self, loc: str) -> bool:
+        if not self.remote:
+            return os.path.isdir(self._p(loc))
+        return self._call("data.path", loc, self.fs.isdir, self._p(loc))
+
+    def exists(self, loc: str) -> bool:
+        if not self.remote:
+            return os.path.exists(self._p(loc))
+        return self._call("data.path", loc, self.fs.exists, self._p(loc))
+
+    def glob(self, pattern: str) -> list[str]:
+        if not self.remote:
+            return sorted(glob.glob(self._p(pattern), recursive=True))
+        return sorted(self._url(p) for p in self._call("data.path", pattern, self.fs.glob, self._p(pattern)))
+
+    def find(self, loc: str, suffixes: tuple[str, ...]) -> list[str]:
+        """Files below ``loc`` (recursive) whose names end with ``suffixes``, sorted."""
+        if not self.remote:
+            return sorted(str(p) for p in Path(self._p(loc)).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+        found = self._call("data.path", loc, self.fs.find, self._p(loc))
+        return sorted(self._url(p) for p in found if p.lower().endswith(suffixes))
+
+    def subfolders(self, loc: str) -> list[str]:
+        if not self.remote:
+            return sorted(p.name for p in Path(self._p(loc)).iterdir() if p.is_dir())
+        entries = self._call("data.path", loc, self.fs.ls, self._p(loc), True)
+        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
+
+    def open(self, loc: str):
+        return open(self._p(loc), "rb") if not self.remote else self.fs.open(self._p(loc), "rb")
+
+    def read(self, loc: str) -> bytes:
+        if not self.remote:
+            return Path(self._p(loc)).read_bytes()
+        return self.fs.cat_file(self._p(loc))
+
+    def facts(self, loc: str) -> tuple[int, Any]:
+        """(size, version): the modification time locally, the ETag (or time) remotely."""
+        if not self.remote:
+            st = os.stat(self._p(loc))
+            return int(st.st_size), int(st.st_mtime_ns)
+        info = self._call("data.path", loc, self.fs.info, self._p(loc))
+        return int(info.get("size") or 0), str(info.get("e_tag") or info.get("last_modified") or "")
+
+    def root(self, path: str) -> str:
+        """The folder that file names in source keys and fingerprints are relative to: data.path
+        itself when it is a folder, else the folder part before any glob character, else the
+        file's."""
+        if self.isdir(path):
+            return path
+        head = path
+        for i, ch in enumerate(path):
+            if ch in "*?[":
+                head = path[:i]
+                break
+        sep = "/" if self.remote else os.sep
+        if head.endswith(sep) and self.isdir(head):
+            return head
+        return posixpath.dirname(head) if self.remote else (os.path.dirname(head) or ".")
+
+    def relpath(self, loc: str, root: str) -> str:
+        if self.remote:
+            return posixpath.relpath(self._p(loc), self._p(root) or "/")
+        return os.path.relpath(loc, root)
+
+    def expand(self, path: str, suffixes: tuple[str, ...]) -> list[str]:
+        """data.path as a sorted list of files: a glob, a folder (recursive) or one file."""
+        if any(ch in path for ch in "*?["):
+            files = self.glob(path)
+        elif self.isdir(path):
+            files = self.find(path, suffixes)
+        elif self.exists(path):
+            files = [path]
+        else:
+            raise SourceError(f"data.path {path!r} does not exist")
+        files = [f for f in files if f.lower().endswith(suffixes)]
+        if not files:
+            raise SourceError(f"data.path {path!r} holds no {'/'.join(suffixes)} files")
+        return files
 
 
 class Source:
@@ -163,28 +236,29 @@ class _OffsetSource(Source):
     def describe(self) -> dict[str, Any]:
         return {"format": type(self).__name__, "images": len(self), "files": len(self.files)}
 
+    io: Files
+    root: str
+
     def listing(self) -> list[list[Any]]:
-        root = getattr(self, "root", None) or "."
-        return [[os.path.relpath(f, root), *_file_facts(f), int(n)] for f, n in zip(self.files, self.counts)]
+        return [[self.io.relpath(f, self.root), *self.io.facts(f), int(n)] for f, n in zip(self.files, self.counts)]
 
     def relname(self, f: int) -> str:
-        return os.path.relpath(self.files[f], getattr(self, "root", None) or ".")
+        return self.io.relpath(self.files[f], self.root)
 
 
 class ParquetSource(_OffsetSource):
     """Parquet shards in the Hugging Face ``datasets`` layout: an image column holding a struct
     ``{bytes, path}`` (or raw bytes) and an integer label column (optional)."""
 
-    def __init__(self, cfg: DataConfig):
-        import pyarrow.parquet as pq
-
+    def __init__(self, cfg: DataConfig, storage_options: dict[str, Any] | None = None):
         self.cfg = cfg
-        self.root = data_root(cfg.path)
-        self.files = _expand(cfg.path, (".parquet",))
+        self.io = Files(cfg.path, storage_options)
+        self.root = self.io.root(cfg.path)
+        self.files = self.io.expand(cfg.path, (".parquet",))
         self.counts = []
         for f in self.files:
             try:
-                meta = pq.ParquetFile(f)
+                meta = self._open(f)
             except Exception as exc:  # a corrupt footer: say which file
                 raise SourceError(f"cannot read Parquet file {f!r}: {exc}") from None
             names = meta.schema_arrow.names
@@ -193,15 +267,19 @@ class ParquetSource(_OffsetSource):
                     f"data.image_column {cfg.image_column!r} is not a column of {f!r}; columns: {names}"
                 )
             self.counts.append(meta.metadata.num_rows)
-        self.has_label = cfg.label_column in pq.ParquetFile(self.files[0]).schema_arrow.names
+        self.has_label = cfg.label_column in self._open(self.files[0]).schema_arrow.names
         self._setup_offsets()
 
-    def read(self, start: int, stop: int) -> Iterator[Record]:
+    def _open(self, f: str):
         import pyarrow.parquet as pq
 
+        # Remotely, a file object: pyarrow reads the footer and the row groups it needs by range.
+        return pq.ParquetFile(self.io.open(f) if self.io.remote else f)
+
+    def read(self, start: int, stop: int) -> Iterator[Record]:
         columns = [self.cfg.image_column] + ([self.cfg.label_column] if self.has_label else [])
         for f, lo, hi in self._files_for(start, stop):
-            pf = pq.ParquetFile(self.files[f])
+            pf = self._open(self.files[f])
             # Read only the row groups that overlap [lo, hi).
             groups, first_row, row = [], None, 0
             for g in range(pf.num_row_groups):
@@ -224,11 +302,9 @@ class ParquetSource(_OffsetSource):
 
     def labels_all(self) -> np.ndarray | None:
         """Every label (one column read per file), for checks before the job starts."""
-        import pyarrow.parquet as pq
-
         if not self.has_label:
             return None
-        cols = [pq.read_table(f, columns=[self.cfg.label_column]).column(0).to_numpy(zero_copy_only=False)
+        cols = [self._open(f).read(columns=[self.cfg.label_column]).column(0).to_numpy(zero_copy_only=False)
                 for f in self.files]
         return np.concatenate([np.where(np.equal(c, None), -1, c).astype(np.int64) for c in cols])
 
@@ -237,22 +313,24 @@ class FolderSource(_OffsetSource):
     """An image folder: one subfolder per class (labels = sorted subfolder order), or a flat folder
     (labels -1). Files sorted by path."""
 
-    def __init__(self, cfg: DataConfig):
-        root = Path(cfg.path)
-        if not root.is_dir():
+    def __init__(self, cfg: DataConfig, storage_options: dict[str, Any] | None = None):
+        self.io = Files(cfg.path, storage_options)
+        root = cfg.path.rstrip("/") if self.io.remote else cfg.path
+        if not self.io.isdir(root):
             raise SourceError(f"data.path {cfg.path!r} is not a directory")
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.classes = self.io.subfolders(root)
+        join = posixpath.join if self.io.remote else os.path.join
         if self.classes:
-            groups = [sorted(str(p) for p in (root / c).rglob("*")
-                             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS) for c in self.classes]
+            groups = [self.io.find(join(root, c), IMAGE_EXTENSIONS) for c in self.classes]
         else:
-            groups = [sorted(str(p) for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)]
+            groups = [[f for f in self.io.find(root, IMAGE_EXTENSIONS)
+                       if self.io.relpath(f, root).count("/") == 0 and os.sep not in self.io.relpath(f, root)]]
         self.paths = [p for g in groups for p in g]
         self.labels = [i if self.classes else -1 for i, g in enumerate(groups) for _ in g]
         if not self.paths:
             raise SourceError(f"data.path {cfg.path!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.files, self.counts = self.paths, [1] * len(self.paths)
-        self.root = str(root)
+        self.root = root
         self._setup_offsets()
 
     def labels_all(self) -> np.ndarray | None:
@@ -264,7 +342,7 @@ class FolderSource(_OffsetSource):
     def read(self, start: int, stop: int) -> Iterator[Record]:
         for i in range(start, min(stop, len(self.paths))):
             try:
-                payload: Any = Path(self.paths[i]).read_bytes()
+                payload: Any = self.io.read(self.paths[i])
             except OSError as exc:
                 payload = exc
             yield Record(i, payload, self.labels[i], self.paths[i], self.relname(i))
@@ -281,13 +359,14 @@ class WebDatasetSource(_OffsetSource):
     """WebDataset ``.tar`` shards: files grouped into samples by key; the image is the first
     member with an image extension, the label a ``cls``/``label``/``cls.txt`` member."""
 
-    def __init__(self, cfg: DataConfig):
-        self.root = data_root(cfg.path)
-        self.files = _expand(cfg.path, (".tar",))
+    def __init__(self, cfg: DataConfig, storage_options: dict[str, Any] | None = None):
+        self.io = Files(cfg.path, storage_options)
+        self.root = self.io.root(cfg.path)
+        self.files = self.io.expand(cfg.path, (".tar",))
         self.keys: list[list[str]] = []
         for f in self.files:
             try:
-                with tarfile.open(f) as tar:
+                with self.io.open(f) as fh, tarfile.open(fileobj=fh) as tar:
                     keys = list(dict.fromkeys(_wds_key(m.name)[0] for m in tar.getmembers() if m.isfile()))
             except (tarfile.TarError, OSError) as exc:
                 raise SourceError(f"cannot read tar shard {f!r}: {exc}") from None
@@ -299,7 +378,7 @@ class WebDatasetSource(_OffsetSource):
         for f, lo, hi in self._files_for(start, stop):
             wanted = set(self.keys[f][lo:hi])
             samples: dict[str, dict[str, bytes]] = {}
-            with tarfile.open(self.files[f]) as tar:
+            with self.io.open(self.files[f]) as fh, tarfile.open(fileobj=fh) as tar:
                 for m in tar:
                     if not m.isfile():
                         continue
@@ -327,8 +406,9 @@ class NumpySource(Source):
     (0..1). Memory-mapped: a worker reads only its rows. ``labels_path``: a ``.npy`` of N integer
     labels. Never unpickles anything: an object array is refused."""
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, storage_options: dict[str, Any] | None = None):
         self.cfg = cfg
+        self.io = Files(cfg.path, storage_options)
         self.array = self._load(cfg.path, "data.path")
         if self.array.dtype.kind not in "biuf":
             raise SourceError(f"data.path {cfg.path!r}: expected a numeric image array (uint8 or float), "
@@ -338,7 +418,7 @@ class NumpySource(Source):
         self.labels = None
         if cfg.labels_path:
             where = f"data.labels_path {cfg.labels_path!r}"
-            labels = self._load(cfg.labels_path, "data.labels_path")
+            labels = self._load(cfg.labels_path, "data.labels_path", Files(cfg.labels_path, storage_options))
             if labels.ndim != 1:
                 raise SourceError(f"{where}: expected one integer label per image, shape (N,), "
                                   f"got shape {labels.shape}")
@@ -352,17 +432,18 @@ class NumpySource(Source):
                 raise SourceError(f"{where} has {len(labels)} labels for {len(self.array)} images")
             self.labels = labels
 
-    @staticmethod
-    def _load(path: str, key: str) -> np.ndarray:
-        """Memory-map one ``.npy`` array (never with ``allow_pickle``); every way it can fail
-        becomes a ``SourceError`` naming ``key``, the path and what is wrong."""
+    def _load(self, path: str, key: str, files: "Files | None" = None) -> np.ndarray:
+        """Memory-map one ``.npy`` array (read whole from object storage; never with
+        ``allow_pickle``); every way it can fail becomes a ``SourceError`` naming ``key``, the path
+        and what is wrong."""
         where = f"{key} {path!r}"
-        if not os.path.exists(path):
+        files = files or self.io
+        if not files.exists(path):
             raise SourceError(f"{where} does not exist")
-        if os.path.isdir(path):
+        if files.isdir(path):
             raise SourceError(f"{where} is a directory; format 'numpy' expects a .npy file")
         try:
-            with open(path, "rb") as fh:
+            with files.open(path) as fh:
                 magic = fh.read(6)
         except OSError as exc:
             raise SourceError(f"{where}: cannot read: {exc.strerror or exc}") from None
@@ -370,7 +451,8 @@ class NumpySource(Source):
             kind = " (a .npz archive; save one array with numpy.save)" if magic[:2] == b"PK" else ""
             raise SourceError(f"{where} is not a .npy file{kind}")
         try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            array = (np.load(io.BytesIO(files.read(path)), allow_pickle=False) if files.remote
+                     else np.load(path, mmap_mode="r", allow_pickle=False))
         except ValueError as exc:
             if "object" in str(exc).lower() or "pickle" in str(exc).lower():
                 raise SourceError(f"{where} holds Python objects (dtype object), which are never unpickled; "
@@ -395,7 +477,7 @@ class NumpySource(Source):
 
     def listing(self) -> list[list[Any]]:
         paths = [p for p in (self.cfg.path, self.cfg.labels_path) if p]
-        return [[os.path.basename(p), *_file_facts(p), len(self)] for p in paths]
+        return [[posixpath.basename(p), *self.io.facts(p), len(self)] for p in paths]
 
     def labels_all(self) -> np.ndarray | None:
         return None if self.labels is None else np.asarray(self.labels, dtype=np.int64)
@@ -404,8 +486,9 @@ class NumpySource(Source):
 SOURCES = {"parquet": ParquetSource, "folder": FolderSource, "webdataset": WebDatasetSource, "numpy": NumpySource}
 
 
-def open_source(cfg: DataConfig) -> Source:
-    return SOURCES[cfg.format](cfg)
+def open_source(cfg: DataConfig, storage_options: dict[str, Any] | None = None) -> Source:
+    """The configured source; ``data.path`` may be a local path or an object-store URL."""
+    return SOURCES[cfg.format](cfg, storage_options)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 
 from .lease import LEASE_NAME
+from .storage import StorageError, describe_error, is_remote, local_path, object_store, split, zarr_store
 
 #: 1.1 adds ``source_key``, the ``producer`` attribute, and writes every shard of a done unit even
 #: when it holds only fill values (so a missing shard always means a lost one). Readers of 1.x
@@ -131,22 +132,23 @@ def _fill(dtype: str) -> Any:
 class AttributionStore:
     """Driver-side handle: create, resume, record progress. Workers use ``UnitWriter``."""
 
-    def __init__(self, path: str | Path, group: zarr.Group):
+    def __init__(self, path: str | Path, group: zarr.Group, storage_options: dict[str, Any] | None = None):
         self.path = str(path)
         self.group = group
+        self.storage_options = storage_options
 
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, plan: StorePlan, kept: Iterable[str] = ()) -> "AttributionStore":
-        """Create the store in ``path``, which must be missing or empty: a lease may be there, and
-        the entries ``kept`` by ``clear_store``. This never deletes anything; ``clear_store`` is the
-        one function that does."""
-        path = Path(path)
-        kind = classify_path(path)
-        if kind not in ("missing", "empty") and not (
-                kind == "foreign" and set(os.listdir(path)) <= {LEASE_NAME, *kept}):
-            raise StoreError(f"cannot create a store at {str(path)!r}: it is {_KIND_WORDS[kind]}")
-        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+    def create(cls, path: str | Path, plan: StorePlan, kept: Iterable[str] = (),
+               storage_options: dict[str, Any] | None = None) -> "AttributionStore":
+        """Create the store at ``path`` (a folder or an object-store URL), which must be missing or
+        empty: a lease may be there, and the entries ``kept`` by ``clear_store``. This never
+        deletes anything; ``clear_store`` is the one function that does."""
+        path = str(path)
+        kind, entries = _listing(path, storage_options)
+        if kind not in ("missing", "empty") and not (kind == "foreign" and set(entries) <= {LEASE_NAME, *kept}):
+            raise StoreError(f"cannot create a store at {path!r}: it is {_KIND_WORDS[kind]}")
+        root = zarr.open_group(store=zarr_store(path, storage_options), mode="a", zarr_format=3)
         # Marked as ours before anything else, so an interrupted creation can still be replaced.
         root.attrs.update(producer=PRODUCER, schema_version=SCHEMA_VERSION)
         for spec in plan.arrays():
@@ -196,26 +198,29 @@ class AttributionStore:
         # Written last: a store without ``ready`` was interrupted while being created.
         attrs["ready"] = True
         root.attrs.update(attrs)
-        return cls(path, root)
+        return cls(path, root, storage_options)
 
     @classmethod
-    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r+") -> "AttributionStore":
-        """Open an existing store, or raise ``StoreError`` saying what is wrong: nothing there, not
-        a store of ours, corrupt metadata, interrupted creation, an unreadable schema version."""
-        path = Path(path)
-        kind = classify_path(path)
+    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r+",
+             storage_options: dict[str, Any] | None = None) -> "AttributionStore":
+        """Open an existing store (a folder or an object-store URL), or raise ``StoreError`` saying
+        what is wrong: nothing there, not a store of ours, corrupt metadata, interrupted creation,
+        an unreadable schema version, an unreachable bucket."""
+        path = str(path)
+        kind = classify_path(path, storage_options)
         if kind != "store":
-            raise StoreError(f"no attribution store at {str(path)!r}: it is {_KIND_WORDS[kind]}")
+            raise StoreError(f"no attribution store at {path!r}: it is {_KIND_WORDS[kind]}")
         try:
-            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+            group = zarr.open_group(store=zarr_store(path, storage_options, read_only=mode == "r"), mode=mode,
+                                    zarr_format=3)
         except Exception as exc:
-            raise StoreError(f"{str(path)!r} is not a readable Zarr v3 store: {exc}") from None
+            raise StoreError(f"{path!r} is not a readable Zarr v3 store: {exc}") from None
         if not group.attrs.get("ready"):
-            raise StoreError(f"{str(path)!r} was not fully created (interrupted); rerun with --overwrite")
+            raise StoreError(f"{path!r} was not fully created (interrupted); rerun with --overwrite")
         version = str(group.attrs.get("schema_version", "?"))
         if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-            raise StoreError(f"{str(path)!r} has schema {version}; this version reads {SCHEMA_VERSION.split('.')[0]}.x")
-        return cls(path, group)
+            raise StoreError(f"{path!r} has schema {version}; this version reads {SCHEMA_VERSION.split('.')[0]}.x")
+        return cls(path, group, storage_options)
 
     # -- facts -----------------------------------------------------------------------------------
     @property
@@ -334,6 +339,21 @@ class AttributionStore:
         self.group.attrs.update(attrs)
 
 
+def outputs_dir(store: str | Path) -> Path:
+    """Where tables, plots and reports of a store go: ``<parent>/<stem>-outputs`` beside a local
+    store; ``./<stem>-outputs`` in the working folder for a store on object storage."""
+    if is_remote(str(store)):
+        name = str(store).rstrip("/").rsplit("/", 1)[-1]
+        return Path.cwd() / f"{Path(name).stem}-outputs"
+    p = Path(local_path(str(store))).resolve()
+    return p.parent / f"{p.stem}-outputs"
+
+
+def open_group(store: str, mode: Literal["r", "r+"] = "r", storage_options: dict[str, Any] | None = None) -> zarr.Group:
+    """The store's root group for code that has checked it already (``AttributionStore.open``)."""
+    return zarr.open_group(store=zarr_store(store, storage_options, read_only=mode == "r"), mode=mode, zarr_format=3)
+
+
 _KIND_WORDS = {
     "missing": "missing",
     "empty": "an empty folder",
@@ -343,45 +363,92 @@ _KIND_WORDS = {
 }
 
 
-def classify_path(path: str | Path) -> Literal["missing", "empty", "store", "file", "foreign"]:
-    """What is at ``path``: nothing, an empty folder (a lease alone counts as empty), one of our
-    stores (a Zarr v3 group whose attributes carry our ``producer`` or, before 1.1, our schema
-    keys), a file, or anything else ("foreign": never written to, never deleted)."""
-    path = Path(path)
-    if not path.exists():
-        return "missing"
-    if not path.is_dir():
-        return "file"
-    entries = [e for e in os.listdir(path) if e != LEASE_NAME]
-    if not entries:
-        return "empty"
-    meta = path / "zarr.json"
+def classify_path(path: str | Path, storage_options: dict[str, Any] | None = None
+                  ) -> Literal["missing", "empty", "store", "file", "foreign"]:
+    """What is at ``path`` (a folder or an object-store URL): nothing, an empty folder (a lease
+    alone counts as empty), one of our stores (a Zarr v3 group whose attributes carry our
+    ``producer`` or, before 1.1, our schema keys), a file, or anything else ("foreign": never
+    written to, never deleted)."""
+    return _listing(str(path), storage_options)[0]
+
+
+def _listing(path: str, storage_options: dict[str, Any] | None) -> tuple[str, list[str]]:
+    """(kind, top-level entries) of a location; see ``classify_path``."""
+    if is_remote(path):
+        entries, meta, is_object = _remote_listing(path, storage_options)
+        if is_object:
+            return "file", []
+    else:
+        p = Path(local_path(path))
+        if not p.exists():
+            return "missing", []
+        if not p.is_dir():
+            return "file", []
+        entries = os.listdir(p)
+        try:
+            meta = (p / "zarr.json").read_bytes()
+        except FileNotFoundError:
+            meta = None
+        except OSError:
+            meta = b""
+    others = [e for e in entries if e != LEASE_NAME]
+    if not others:
+        return ("empty" if entries or not is_remote(path) else "missing"), entries
+    if meta is None:
+        return "foreign", entries
     try:
-        raw = json.loads(meta.read_text())
-    except FileNotFoundError:
-        return "foreign"
-    except (OSError, ValueError):
+        raw = json.loads(meta)
+    except ValueError:
         # Unparseable metadata: ours only if the folder has our layout (a damaged store stays
         # replaceable); otherwise someone else's.
-        return "store" if {"units", "ok", "image"} <= set(entries) else "foreign"
-    attrs = raw.get("attributes") or {} if isinstance(raw, dict) else {}
-    if raw.get("zarr_format") == 3 and raw.get("node_type") == "group" and (
-        attrs.get("producer") == PRODUCER or {"schema_version", "n_units", "unit_size"} <= set(attrs)
-    ):
-        return "store"
-    return "foreign"
+        return ("store" if {"units", "ok", "image"} <= set(entries) else "foreign"), entries
+    attrs = (raw.get("attributes") or {}) if isinstance(raw, dict) else {}
+    if isinstance(raw, dict) and raw.get("zarr_format") == 3 and raw.get("node_type") == "group" and (
+            attrs.get("producer") == PRODUCER or {"schema_version", "n_units", "unit_size"} <= set(attrs)):
+        return "store", entries
+    return "foreign", entries
 
 
-def clear_store(path: str | Path) -> list[str]:
+def _remote_listing(url: str, storage_options: dict[str, Any] | None) -> tuple[list[str], bytes | None, bool]:
+    """(top-level entries, root zarr.json or None, whether the URL names an object itself)."""
+    import obstore
+
+    try:
+        store = object_store(url, storage_options)
+        listed = obstore.list_with_delimiter(store)
+        entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in listed["common_prefixes"]]
+        entries += [o["path"].rsplit("/", 1)[-1] for o in listed["objects"]]
+        meta = bytes(obstore.get(store, "zarr.json").bytes()) if "zarr.json" in entries else None
+        is_object = False
+        if not entries:
+            bucket, key = split(url)
+            if key:
+                try:
+                    obstore.head(object_store(bucket, storage_options), key)
+                    is_object = True
+                except FileNotFoundError:
+                    pass
+        return entries, meta, is_object
+    except StorageError as exc:
+        raise StoreError(str(exc)) from None
+    except Exception as exc:
+        raise StoreError(f"cannot reach the store at {describe_error(exc, url)}") from None
+
+
+def clear_store(path: str | Path, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Delete one of our stores' contents (its metadata and its Zarr nodes), keeping the lease and
     anything that is not part of the store; returns the names kept. Refuses anything that
     ``classify_path`` does not call a store."""
-    path = Path(path)
-    if classify_path(path) not in ("store", "empty"):
-        raise StoreError(f"refusing to delete {str(path)!r}: it is not an attribution store")
+    path = str(path)
+    kind, entries = _listing(path, storage_options)
+    if kind not in ("store", "empty"):
+        raise StoreError(f"refusing to delete {path!r}: it is not an attribution store")
+    if is_remote(path):
+        return _clear_remote(path, entries, storage_options)
+    root = Path(local_path(path))
     kept = []
-    for entry in sorted(os.listdir(path)):
-        p = path / entry
+    for entry in sorted(entries):
+        p = root / entry
         if entry == LEASE_NAME:
             continue
         if entry == "zarr.json":
@@ -390,6 +457,29 @@ def clear_store(path: str | Path) -> list[str]:
             shutil.rmtree(p)  # a Zarr node of the store (array or group)
         else:
             kept.append(entry)
+    return kept
+
+
+def _clear_remote(url: str, entries: list[str], storage_options: dict[str, Any] | None) -> list[str]:
+    import obstore
+
+    store = object_store(url, storage_options)
+    kept, doomed = [], []
+    for entry in sorted(entries):
+        if entry == LEASE_NAME:
+            continue
+        if entry == "zarr.json":
+            doomed.append("zarr.json")
+            continue
+        try:
+            obstore.head(store, f"{entry}/zarr.json")
+        except FileNotFoundError:
+            kept.append(entry)
+            continue
+        for batch in obstore.list(store, prefix=f"{entry}/"):
+            doomed += [o["path"] for o in batch]
+    for i in range(0, len(doomed), 1000):  # the S3 batch-delete limit
+        obstore.delete(store, doomed[i:i + 1000])
     return kept
 
 
@@ -419,12 +509,15 @@ def _stored_chunk_keys(arr: Any) -> set[str]:
 class UnitWriter:
     """Worker-side: writes one unit's block of every array, each in one call."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, storage_options: dict[str, Any] | None = None):
         self.path = path
-        self.group = zarr.open_group(path, mode="r+", zarr_format=3)
+        self.group = zarr.open_group(store=zarr_store(path, storage_options), mode="r+", zarr_format=3)
         self.unit_size = int(self.group.attrs["unit_size"])
         self.n_images = int(self.group.attrs["n_images"])
         self._arrays: dict[str, Any] = {}
+        # arrays a newer version computes but an older store has no place for (a 1.0 store being
+        # resumed has no ``source_key``): not written, rather than failing the unit
+        self.absent = {name for name in ("source_key",) if name not in self.group}
 
     def _array(self, name: str):
         arr = self._arrays.get(name)
@@ -436,6 +529,8 @@ class UnitWriter:
         start = unit * self.unit_size
         stop = min(self.n_images, start + self.unit_size)
         for name, value in arrays.items():
+            if name in self.absent:
+                continue
             arr = self._array(name)
             if value.shape[0] != stop - start:
                 raise ValueError(f"{name}: unit {unit} holds {stop - start} images, got {value.shape[0]}")

@@ -1,0 +1,173 @@
+"""Paths and URLs: a local path, ``file://``, or an object store (``s3://``, ``gs://``, ``az://``,
+``abfs://``) wherever the job takes a location (``data.path``, ``store``, model ``weights``, every
+CLI command).
+
+Object stores go through ``obstore`` (Rust, one package for the three clouds, no botocore pins):
+zarr's ``ObjectStore`` for the attribution store, obstore's conditional writes for the store's
+lease, and obstore's fsspec adapter for the data sources. Credentials and endpoints come from each
+cloud's standard environment (``AWS_*`` including ``AWS_ENDPOINT_URL`` and ``AWS_ALLOW_HTTP``,
+``GOOGLE_*``, ``AZURE_*``) and, optionally, a ``storage_options`` mapping (obstore's
+configuration keys, e.g. ``aws_region``; ``client_options`` for HTTP settings such as
+``allow_http``). Secrets are never written to a store or a log: ``redact`` is applied to every
+``storage_options`` that is recorded.
+
+Never pass a URL through ``pathlib.Path``: ``Path("s3://b/x")`` silently becomes ``s3:/b/x``.
+"""
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+#: URL scheme -> the optional extra that brings its support
+SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure",
+           "azure": "azure"}
+#: what obstore's fsspec adapter calls each scheme
+_FSSPEC_PROTOCOL = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "abfs", "abfss": "abfs",
+                    "azure": "az"}
+_SECRET_WORDS = ("secret", "key", "token", "password", "sas", "credential", "session")
+
+
+class StorageError(ValueError):
+    """A location cannot be used: unknown scheme, missing optional package, unreachable bucket,
+    refused credentials. The message says which, and what to install or set."""
+
+
+def scheme(location: str) -> str:
+    """``"s3"``, ``"gs"``, ... for a URL; ``""`` for a local path (or a ``file://`` URL)."""
+    head, sep, _ = str(location).partition("://")
+    if not sep or head == "file":
+        return ""
+    return head.lower()
+
+
+def is_remote(location: str | None) -> bool:
+    return bool(location) and scheme(str(location)) != ""
+
+
+def local_path(location: str) -> str:
+    """The file-system path of a local location (``file:///x`` -> ``/x``)."""
+    location = str(location)
+    return location[len("file://"):] if location.startswith("file://") else location
+
+
+def check_location(location: str, what: str) -> None:
+    """Raise ``StorageError`` now (before any work) for an unknown scheme or a missing package."""
+    s = scheme(location)
+    if not s:
+        return
+    if s not in SCHEMES:
+        raise StorageError(f"{what} {location!r}: unknown URL scheme {s + '://'!r}; known: file://, "
+                           + ", ".join(f"{k}://" for k in SCHEMES))
+    _require_obstore(location, what)
+
+
+def _require_obstore(location: str, what: str) -> Any:
+    try:
+        import obstore
+    except ImportError:
+        extra = SCHEMES.get(scheme(location), "s3")
+        raise StorageError(f"{what} {location!r} is on object storage, which needs an optional package: "
+                           f"pip install 'distributed-attr[{extra}]'") from None
+    return obstore
+
+
+def split(location: str) -> tuple[str, str]:
+    """``("s3://bucket", "path/in/bucket")`` for a URL."""
+    s, _, rest = str(location).partition("://")
+    bucket, _, key = rest.partition("/")
+    return f"{s}://{bucket}", key.strip("/")
+
+
+def _obstore_kwargs(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    opts = dict(storage_options or {})
+    client = opts.pop("client_options", None)
+    kwargs: dict[str, Any] = {"config": opts} if opts else {}
+    if client:
+        kwargs["client_options"] = dict(client)
+    return kwargs
+
+
+def object_store(location: str, storage_options: dict[str, Any] | None = None) -> Any:
+    """An obstore store rooted at ``location`` (its keys are relative to the URL's path)."""
+    _require_obstore(location, "location")
+    from obstore.store import from_url
+
+    try:
+        return from_url(str(location).rstrip("/"), **_obstore_kwargs(storage_options))
+    except Exception as exc:
+        raise StorageError(f"cannot open {location!r}: {type(exc).__name__}: {exc}") from None
+
+
+def zarr_store(location: str, storage_options: dict[str, Any] | None = None, read_only: bool = False) -> Any:
+    """The zarr store for a location: ``LocalStore`` for a path, ``ObjectStore`` for a URL."""
+    if not is_remote(location):
+        from zarr.storage import LocalStore
+
+        return LocalStore(local_path(location), read_only=read_only)
+    from zarr.storage import ObjectStore
+
+    return ObjectStore(object_store(location, storage_options), read_only=read_only)
+
+
+def filesystem(location: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """An fsspec file system and the location's path in it (bucket/key, no scheme), for sources
+    and weights on object storage."""
+    check_location(location, "location")
+    from obstore.fsspec import FsspecStore
+
+    s = scheme(location)
+    kwargs = _obstore_kwargs(storage_options)
+    fs = FsspecStore(_FSSPEC_PROTOCOL[s], **kwargs)
+    return fs, str(location).partition("://")[2].rstrip("/")
+
+
+def read_bytes(location: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """A whole file, local or remote (model weights, small files)."""
+    if not is_remote(location):
+        with open(local_path(location), "rb") as fh:
+            return fh.read()
+    fs, path = filesystem(location, storage_options)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{location!r} does not exist") from None
+    except Exception as exc:
+        raise StorageError(f"cannot read {location!r}: {type(exc).__name__}: {exc}") from None
+
+
+def join(location: str, *parts: str) -> str:
+    if is_remote(location):
+        return posixpath.join(str(location).rstrip("/"), *parts)
+    import os
+
+    return os.path.join(local_path(location), *parts)
+
+
+def basename(location: str) -> str:
+    return posixpath.basename(str(location).rstrip("/"))
+
+
+def redact(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """``storage_options`` fit to record: the value of every key that names a secret replaced."""
+    out: dict[str, Any] = {}
+    for k, v in (storage_options or {}).items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif any(w in str(k).lower() for w in _SECRET_WORDS):
+            out[k] = "<redacted>"
+        else:
+            out[k] = v
+    return out
+
+
+def describe_error(exc: BaseException, location: str) -> str:
+    """One line for an object-store failure, with what to check."""
+    name = type(exc).__name__
+    text = str(exc).splitlines()[0][:300] if str(exc) else name
+    hint = ""
+    low = str(exc).lower()
+    if "nosuchbucket" in low or "bucket" in low and "not exist" in low:
+        hint = " (the bucket does not exist)"
+    elif any(w in low for w in ("accessdenied", "forbidden", "403", "invalidaccesskeyid", "signaturedoesnotmatch")):
+        hint = " (credentials refused: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the instance role)"
+    return f"{location!r}: {name}: {text}{hint}"
