@@ -141,6 +141,9 @@ class RunConfig:
     #: seconds the job waits while no actor is alive (all dead, restarting or unschedulable)
     #: before it fails
     actor_timeout: float = 600.0
+    #: seconds the job waits for its actors to be placed and started (an autoscaler adding nodes,
+    #: or no node offering what an actor asks for) before it fails, saying what is missing
+    placement_timeout: float = 900.0
 
     def validate(self) -> None:
         for name in ("batch_size", "unit_size", "max_batch", "units_in_flight", "references"):
@@ -153,13 +156,15 @@ class RunConfig:
             raise ValueError("gpus_per_worker must be >= 0 or 'auto'")
         if not isinstance(self.target, str) and self.target < 0:
             raise ValueError("target must be 'prediction', 'label' or a class index >= 0")
-        if self.actor_timeout <= 0:
-            raise ValueError("actor_timeout must be > 0 seconds")
+        for name in ("actor_timeout", "placement_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds")
 
 
 #: keys that change how fast a job runs but never what it writes: a resume may change them
 _RESUMABLE_KEYS = {"run.num_workers", "run.gpus_per_worker", "run.cpus_per_worker", "run.units_in_flight",
-                   "run.max_retries", "run.batch_size", "run.max_batch", "run.actor_timeout"}
+                   "run.max_retries", "run.batch_size", "run.max_batch", "run.actor_timeout",
+                   "run.placement_timeout"}
 #: keys that are neither results nor speed: where the store lives (a moved store may be resumed) and
 #: how to reach object storage (credentials, endpoints; never recorded unredacted)
 _IGNORED_KEYS = {"store", "storage_options"}

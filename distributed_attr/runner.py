@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +45,10 @@ class RunSummary:
     workers: int = 0
     retries: int = 0
     methods: list[str] = field(default_factory=list)
+    #: seconds the driver spent dispatching units and committing results (its cost per unit)
+    driver_seconds: float = 0.0
+    #: unit -> the worker that wrote it this run ("host:node:pid:device"; "" in-process)
+    unit_workers: dict[int, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         state = "interrupted" if self.interrupted else ("complete" if self.units_done == self.units else "incomplete")
@@ -277,11 +281,15 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
     pending = [u for u in range(store.n_units) if u not in done]
     images_pending = sum(store.unit_range(u)[1] - store.unit_range(u)[0] for u in pending)
     bar = _progress_bar(progress, store.n_images, store.n_images - images_pending)
-    state: dict[str, Any] = {"images": 0, "failures": 0, "retries": 0, "units": 0}
+    state: dict[str, Any] = {"images": 0, "failures": 0, "retries": 0, "units": 0, "driver_seconds": 0.0,
+                             "dataset_fingerprint": store.attrs.get("dataset_fingerprint"), "unit_workers": {}}
 
     def commit(res: UnitResult) -> None:
+        t = time.perf_counter()
         lease.check()  # never mark work done in a store another driver has taken over
         store.commit_unit(res.unit, res.seconds, res.failures)
+        state["driver_seconds"] += time.perf_counter() - t
+        state["unit_workers"][res.unit] = res.worker
         state["images"] += res.images
         state["failures"] += len(res.failures)
         state["units"] += 1
@@ -333,11 +341,15 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
         workers=workers,
         retries=state["retries"],
         methods=list(cfg.methods),
+        driver_seconds=state["driver_seconds"],
+        unit_workers=dict(state["unit_workers"]),
     )
     store.set_attrs(last_run={"seconds": round(seconds, 3), "images": state["images"],
                               "images_per_second": round(summary.images_per_second, 3), "workers": workers,
                               "interrupted": interrupted, "total_seconds": round(time.perf_counter() - t0, 3),
-                              "startup_seconds": round(state.get("startup_seconds", 0.0), 3)})
+                              "startup_seconds": round(state.get("startup_seconds", 0.0), 3),
+                              "driver_seconds": round(state["driver_seconds"], 3),
+                              "units_per_worker": dict(Counter(state["unit_workers"].values()))})
     return summary
 
 
@@ -362,16 +374,15 @@ def _run_on_ray(cfg: Config, pending: list[int], commit: Callable[[UnitResult], 
     alive for ``run.actor_timeout`` seconds."""
     import ray
 
-    gpus = cfg.run.gpus_per_worker
-    if gpus == "auto":
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    gpus = resolve_gpus(cfg.run.gpus_per_worker)
     worker_cls = ray.remote(AttributionWorker).options(
         num_cpus=cfg.run.cpus_per_worker, num_gpus=gpus, max_restarts=-1, max_task_retries=0,
     )
     cfg_dict = cfg.to_dict()
     threads = max(1, int(cfg.run.cpus_per_worker))
-    actors = [worker_cls.remote(cfg_dict, threads) for _ in range(cfg.run.num_workers)]
-    ray.get([a.pid.remote() for a in actors])  # surfaces model-loading errors before any unit
+    dataset = state.get("dataset_fingerprint")
+    actors = [worker_cls.remote(cfg_dict, threads, dataset) for _ in range(cfg.run.num_workers)]
+    _wait_for_actors(actors, {"CPU": cfg.run.cpus_per_worker, "GPU": gpus}, cfg.run.placement_timeout)
     state["startup_seconds"] = time.perf_counter() - state["t_start"]
     state["t_start"] = time.perf_counter()
     pool = _ActorPool(actors, cfg.run.units_in_flight)
@@ -379,7 +390,10 @@ def _run_on_ray(cfg: Config, pending: list[int], commit: Callable[[UnitResult], 
     deaths: dict[int, int] = {}  # unit -> executions of it that died with their actor
     try:
         while queue or pool.busy():
-            for unit, i in pool.dispatch(queue):
+            t = time.perf_counter()
+            sent = pool.dispatch(queue)
+            state["driver_seconds"] += time.perf_counter() - t  # with commit(): the driver's cost per unit
+            for unit, i in sent:
                 if after_dispatch is not None:
                     after_dispatch(unit, actors[i])
             if not pool.any_alive() and pool.down_seconds() > cfg.run.actor_timeout:
@@ -402,6 +416,79 @@ def _run_on_ray(cfg: Config, pending: list[int], commit: Callable[[UnitResult], 
     finally:
         for a in actors:
             ray.kill(a, no_restart=True)
+
+
+def resolve_gpus(setting: float | str) -> float:
+    """GPUs per actor. ``auto``: 1 when the cluster has GPUs now, or can add nodes that have them
+    (the cluster launcher's node types, read from the head's bootstrap config), else 0. A number
+    is taken as it is: 0.25 packs four replicas of a small model onto each GPU."""
+    import ray
+
+    if setting != "auto":
+        return float(setting)
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return 1.0
+    return 1.0 if _autoscaler_offers_gpus() else 0.0
+
+
+def _autoscaler_offers_gpus(path: str = "~/ray_bootstrap_config.yaml") -> bool:
+    """Whether the cluster launcher's config (copied to the head node as ``path``) declares a node
+    type with GPUs: an autoscaling cluster starts without GPU nodes, and resolving ``auto`` to 0
+    there would pack CPU-only actors onto the GPU nodes once they come."""
+    import yaml
+
+    try:
+        with open(os.path.expanduser(path)) as fh:
+            node_types = (yaml.safe_load(fh) or {}).get("available_node_types") or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return any(float((t.get("resources") or {}).get("GPU", 0) or 0) > 0 for t in node_types.values()
+               if isinstance(t, dict))
+
+
+def _wait_for_actors(actors: list[Any], asks: dict[str, float], timeout: float, every: float = 30.0) -> None:
+    """Wait until every actor has started (its model loaded). Says, every ``every`` seconds, what
+    the actors wait for and what the cluster offers; fails after ``timeout`` with that message,
+    and at once with the actor's own error when one cannot start (a model that does not load)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    refs = {a.pid.remote(): a for a in actors}
+    t0 = last = time.monotonic()
+    while refs:
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=min(every, 5.0))
+        for ref in ready:
+            refs.pop(ref)
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                raise JobError(f"an actor could not start: {_actor_error(exc)}") from None
+        waited = time.monotonic() - t0
+        if refs and (waited > timeout or time.monotonic() - last >= every):
+            last = time.monotonic()
+            nodes = [_resources(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+            msg = (f"{len(refs)} of {len(actors)} actor(s) not started after {waited:.0f} s; each asks for "
+                   f"{ {k: float(v) for k, v in asks.items() if v} } on one node; the cluster has "
+                   f"{_resources(ray.available_resources())} available of {_resources(ray.cluster_resources())}, "
+                   f"its nodes offer {nodes}")
+            if waited > timeout:
+                raise JobError(msg + f" (run.placement_timeout={timeout:.0f} s). Lower run.cpus_per_worker/"
+                               "gpus_per_worker or num_workers, or add nodes that offer them.")
+            print(f"waiting: {msg}", file=sys.stderr)
+
+
+def _resources(res: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in sorted(res.items()) if k in ("CPU", "GPU") or k.startswith("accelerator")}
+
+
+def _actor_error(exc: BaseException) -> str:
+    """The useful line of an actor's creation error (its own exception, not Ray's wrapping)."""
+    text = str(exc)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line and ("Error" in line.split(":")[0] or "Exception" in line.split(":")[0]):
+            return line[:600]
+    return text.splitlines()[0][:600] if text else type(exc).__name__
 
 
 class _ActorPool:
@@ -539,16 +626,38 @@ class _ActorPool:
         self.all_down_since = None
 
 
-class AttributionWorker:
-    """The Ray actor: one model replica, one ``UnitProcessor``."""
+def worker_device(gpu_ids: list, cuda_available: bool) -> str:
+    """An actor computes on CUDA only when Ray assigned it a GPU and CUDA is there."""
+    return "cuda" if gpu_ids and cuda_available else "cpu"
 
-    def __init__(self, cfg_dict: dict[str, Any], threads: int = 1):
+
+class AttributionWorker:
+    """The Ray actor: one model replica, one ``UnitProcessor``.
+
+    It uses a GPU only when Ray gave it one: Ray 2.60 no longer hides the GPUs from actors that
+    asked for none, so ``torch.cuda.is_available()`` alone would put CPU actors on a GPU too.
+    ``dataset``: the driver's fingerprint of the dataset; a node that sees other files (another
+    mount, a stale copy) fails the job, naming itself, before it writes anything."""
+
+    def __init__(self, cfg_dict: dict[str, Any], threads: int = 1, dataset: dict[str, Any] | None = None):
+        import ray
         import torch
 
         torch.set_num_threads(threads)
         cfg = Config.from_dict(cfg_dict)
-        self.processor = UnitProcessor(cfg)
-        self.name = f"{os.uname().nodename}:{os.getpid()}"
+        in_ray = ray.is_initialized()
+        gpu_ids = ray.get_gpu_ids() if in_ray else []
+        self.device = worker_device(gpu_ids, torch.cuda.is_available())
+        self.processor = UnitProcessor(cfg, device=self.device)
+        node = ray.get_runtime_context().get_node_id() if in_ray else "local"
+        #: who wrote a unit: host, Ray node, process, device
+        self.name = f"{os.uname().nodename}:{node[:12]}:{os.getpid()}:{self.device}"
+        if dataset:
+            seen = self.processor.source.fingerprint()
+            diffs = fingerprint_differences(dataset, seen)
+            if diffs:
+                raise JobError(f"node {os.uname().nodename} ({node[:12]}) sees another dataset at "
+                               f"{cfg.data.path!r} than the driver: {'; '.join(diffs[:3])}")
 
     def process(self, unit: int) -> UnitResult:
         res = self.processor.process(unit)
