@@ -9,6 +9,7 @@ its whole shard, at-least-once execution still leaves every image written exactl
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -47,6 +48,8 @@ class RunSummary:
     methods: list[str] = field(default_factory=list)
     #: seconds the driver spent dispatching units and committing results (its cost per unit)
     driver_seconds: float = 0.0
+    #: CPU seconds of the whole driver process while the actors worked (Ray's threads included)
+    driver_cpu_seconds: float = 0.0
     #: unit -> the worker that wrote it this run ("host:node:pid:device"; "" in-process)
     unit_workers: dict[int, str] = field(default_factory=dict)
 
@@ -271,7 +274,11 @@ def run(
     try:
         return _run_store(cfg, store, probe, lease, t0, address, progress, _after_dispatch, _after_commit)
     finally:
-        lease.release()
+        try:
+            if lease.lost is None:  # batched commits of units whose data are durable
+                store.flush()
+        finally:
+            lease.release()
 
 
 def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease: StoreLease, t0: float,
@@ -342,6 +349,7 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
         retries=state["retries"],
         methods=list(cfg.methods),
         driver_seconds=state["driver_seconds"],
+        driver_cpu_seconds=state.get("driver_cpu_seconds", 0.0),
         unit_workers=dict(state["unit_workers"]),
     )
     store.set_attrs(last_run={"seconds": round(seconds, 3), "images": state["images"],
@@ -385,6 +393,7 @@ def _run_on_ray(cfg: Config, pending: list[int], commit: Callable[[UnitResult], 
     _wait_for_actors(actors, {"CPU": cfg.run.cpus_per_worker, "GPU": gpus}, cfg.run.placement_timeout)
     state["startup_seconds"] = time.perf_counter() - state["t_start"]
     state["t_start"] = time.perf_counter()
+    cpu0 = time.process_time()
     pool = _ActorPool(actors, cfg.run.units_in_flight)
     queue = deque(pending)
     deaths: dict[int, int] = {}  # unit -> executions of it that died with their actor
@@ -406,14 +415,17 @@ def _run_on_ray(cfg: Config, pending: list[int], commit: Callable[[UnitResult], 
                     commit(event)
                     continue
                 lost_units, executing, exc = event
-                if executing is not None:
-                    deaths[executing] = deaths.get(executing, 0) + 1
+                if executing:
                     state["retries"] += 1
-                    if deaths[executing] > cfg.run.max_retries:
-                        raise JobError(f"unit {executing} was running on an actor that died {deaths[executing]} "
+                for unit in executing:
+                    deaths[unit] = deaths.get(unit, 0) + 1
+                    if deaths[unit] > cfg.run.max_retries:
+                        raise JobError(f"unit {unit} was running on an actor that died {deaths[unit]} "
                                        f"times (run.max_retries={cfg.run.max_retries}); last error: {exc}")
                 queue.extendleft(reversed(lost_units))  # lost units first, in their order
     finally:
+        # all of the driver process's CPU time (its threads, Ray's client threads) while units ran
+        state["driver_cpu_seconds"] = time.process_time() - cpu0
         for a in actors:
             ray.kill(a, no_restart=True)
 
@@ -491,6 +503,12 @@ def _actor_error(exc: BaseException) -> str:
     return text.splitlines()[0][:600] if text else type(exc).__name__
 
 
+#: most units in one actor call. A call costs the driver ~1-2 ms of CPU however long it runs, so
+#: calls of several units let one driver feed hundreds of GPU actors; sizes shrink as the queue
+#: empties (guided scheduling), so the last calls are single units and the tail stays balanced.
+MAX_UNITS_PER_CALL = 8
+
+
 class _ActorPool:
     """The driver's view of its actors: which are alive, what each holds (in call order), and
     the probes that find out when a lost actor is back."""
@@ -498,7 +516,7 @@ class _ActorPool:
     def __init__(self, actors: list[Any], per_actor: int):
         self.actors = actors
         self.per_actor = per_actor
-        self.held: list[deque] = [deque() for _ in actors]  # per actor: (ref, unit), oldest first
+        self.held: list[deque] = [deque() for _ in actors]  # per actor: (ref, units), oldest call first
         self.refs: dict[Any, int] = {}  # unit call ref -> actor
         self.alive = [True] * len(actors)
         self.dead = [False] * len(actors)  # will never come back (Ray gave up restarting it)
@@ -517,18 +535,20 @@ class _ActorPool:
 
     def dispatch(self, queue: deque) -> list[tuple[int, int]]:
         sent = []
+        slots = max(1, sum(self.alive) * self.per_actor)
         for i, actor in enumerate(self.actors):
             while self.alive[i] and queue and len(self.held[i]) < self.per_actor:
-                unit = queue.popleft()
-                ref = actor.process.remote(unit)
-                self.held[i].append((ref, unit))
+                size = min(MAX_UNITS_PER_CALL, max(1, math.ceil(len(queue) / (4 * slots))))
+                units = [queue.popleft() for _ in range(min(size, len(queue)))]
+                ref = actor.process_many.remote(units)
+                self.held[i].append((ref, units))
                 self.refs[ref] = i
-                sent.append((unit, i))
+                sent += [(u, i) for u in units]
         return sent
 
     def wait(self, timeout: float) -> list[Any]:
-        """Block until a unit finishes, an actor is lost, or a lost actor is back (or ``timeout``).
-        Returns finished ``UnitResult``s and ``(lost units, executing unit or None, error)``."""
+        """Block until a call finishes, an actor is lost, or a lost actor is back (or ``timeout``).
+        Returns finished ``UnitResult``s and ``(lost units, units that were executing, error)``."""
         import ray
         from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
@@ -537,7 +557,9 @@ class _ActorPool:
         if not waiting:
             time.sleep(min(timeout, 0.2))
             return []
-        ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
+        ready, rest = ray.wait(waiting, num_returns=1, timeout=timeout)
+        if ready and rest:  # take everything that is ready in one go: one wait per batch, not per unit
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         events: list[Any] = []
         for ref in ready:
             if ref in self.probes:
@@ -547,7 +569,7 @@ class _ActorPool:
             if i is None:
                 continue  # a call of a lost actor, already put back in the queue
             try:
-                res: UnitResult = ray.get(ref)
+                results: list[UnitResult] = ray.get(ref)
             except ActorUnavailableError as exc:
                 # Either the call never reached a live actor ("the actor is restarting": it was sent
                 # before we knew), or the connection broke while the actor held it ("socket
@@ -555,21 +577,24 @@ class _ActorPool:
                 events += self._lose(i, ref, exc, executed="restarting" not in str(exc).lower())
             except RayTaskError as exc:
                 # An exception in our own code is deterministic: retrying would fail again.
-                unit = next(u for r, u in self.held[i] if r == ref)
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                unit = getattr(cause, "unit", None)
+                if unit is None:
+                    unit = next(u for r, u in self.held[i] if r == ref)[0]
                 raise JobError(f"unit {unit} failed: {type(cause).__name__}: {cause}") from None
             except RayActorError as exc:
                 # The actor died (crash, OOM kill, node loss) while holding this call.
                 events += self._lose(i, ref, exc, executed=True)
             else:
                 self.held[i] = deque((r, u) for r, u in self.held[i] if r != ref)
-                events.append(res)
+                events += results
         return events
 
     def _lose(self, i: int, ref: Any, exc: Exception, executed: bool) -> list[Any]:
         """Actor ``i`` is lost: take back every unit it held. Only its oldest call can have been
         executing (an actor runs its calls in order); when another call reported the loss first,
-        the oldest call's own outcome says whether it was running, or even finished."""
+        the oldest call's own outcome says whether it was running, or even finished. Every unit
+        of the executing call counts as executed: which of them was running is not known."""
         import ray
         from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
@@ -583,19 +608,18 @@ class _ActorPool:
             self.all_down_since = time.monotonic()
         if not held:
             return []
-        events: list[Any] = []
-        (oldest, oldest_unit), rest = held[0], [u for _, u in held[1:]]
+        (oldest, oldest_units), rest = held[0], [u for _, units in held[1:] for u in units]
         if oldest != ref:
             try:
-                events.append(ray.get(oldest, timeout=10))  # it finished before the actor was lost
-                return events + [(rest, None, exc)]
+                finished = ray.get(oldest, timeout=10)  # it finished before the actor was lost
+                return [*finished, (rest, [], exc)]
             except ActorUnavailableError as e:
                 exc, executed = e, "restarting" not in str(e).lower()
             except RayActorError as e:
                 exc, executed = e, True
             except GetTimeoutError:
                 executed = True  # no answer: assume the worst (it counts against max_retries)
-        return [([oldest_unit, *rest], oldest_unit if executed else None, exc)]
+        return [([*oldest_units, *rest], oldest_units if executed else [], exc)]
 
     def _send_probes(self) -> None:
         now = time.monotonic()
@@ -663,6 +687,17 @@ class AttributionWorker:
         res = self.processor.process(unit)
         res.worker = self.name
         return res
+
+    def process_many(self, units: list[int]) -> list[UnitResult]:
+        """Several units in one call (one driver round trip); each is written as it finishes."""
+        results = []
+        for unit in units:
+            try:
+                results.append(self.process(unit))
+            except Exception as exc:
+                exc.unit = unit  # type: ignore[attr-defined]  (the driver names the failing unit)
+                raise
+        return results
 
     def pid(self) -> int:
         return os.getpid()

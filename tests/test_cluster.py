@@ -55,14 +55,22 @@ def start_cluster(*nodes):
     return cluster
 
 
+SUPPORT = str(Path(__file__).resolve().parent / "support")
+
+
 @pytest.fixture(scope="module")
 def gpu_cluster():
-    """A head with no CPUs and two worker nodes with one CPU and one (logical) GPU each."""
-    cluster = start_cluster({"num_cpus": 1, "num_gpus": 1}, {"num_cpus": 1, "num_gpus": 1})
-    yield cluster
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster.shutdown()
+    """A head with no CPUs and two worker nodes with one CPU and one (logical) GPU each. Their
+    workers can import the slow test model (tests/support), which keeps a job running long
+    enough to kill its driver in the middle."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join([SUPPORT, str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        mp.syspath_prepend(SUPPORT)
+        cluster = start_cluster({"num_cpus": 1, "num_gpus": 1}, {"num_cpus": 1, "num_gpus": 1})
+        yield cluster
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
 
 
 def node_of(worker: str) -> str:
@@ -98,9 +106,12 @@ def test_a_driver_killed_mid_job_resumes_to_the_same_arrays(gpu_cluster, parquet
 
     store = tmp_path / "s.zarr"
     cfg = small(make_config, parquet_dir, store, num_workers=2, cpus_per_worker=0.5)
+    # the digits model, slowed down (0.3 s per batch of 8) so that units finish one by one
+    cfg["model"] = {"kind": "callable", "name": "fault_models:marked_digits",
+                    "kwargs": {"marker_dir": str(tmp_path), "delay": 0.3}}
     code = ("import json, sys; from distributed_attr.runner import run; "
             "run(json.loads(sys.argv[1]), address=sys.argv[2], progress=False)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ)
     driver = subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg), gpu_cluster.address], env=env)
     try:
         deadline = time.monotonic() + 180
