@@ -116,6 +116,8 @@ def test_the_job_reads_and_writes_s3_is_resumed_and_equals_the_local_job(s3, s3_
     assert main(["aggregate", str(local_reference), "--workers", "0", "--out", str(out_local), "--json"]) == 0
     want = json.loads(capsys.readouterr().out)
     assert got["summary"] == want["summary"] and got["images"] == want["images"] == 96
+    assert got["shard_reader"].startswith("zarr (the store is on object storage")  # said, not silent
+    assert want["shard_reader"].startswith("fast")
     from distributed_attr.io.store import _walk_arrays
 
     a, b = s3_group(url), zarr.open_group(str(local_reference), mode="r")
@@ -203,3 +205,38 @@ def test_object_store_errors_say_what_to_check():
 
     msg = describe_error(Forbidden("Client error with status 403 Forbidden: AccessDenied"), "s3://b/x.zarr")
     assert "credentials refused" in msg and "s3://b/x.zarr" in msg
+
+
+def test_wrong_credentials_are_one_clear_error_before_any_work(make_config, parquet_dir, monkeypatch, capsys,
+                                                              tmp_path):
+    """A second S3 server that checks signatures (moto with authentication on from its first
+    request, in its own process): unknown keys are refused by the server, and the job says so in
+    one line, before any work."""
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG",
+                     "AWS_SECRET_ACCESS_KEY": "not-the-secret", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ALLOW_HTTP": "true"}.items():
+            monkeypatch.setenv(k, v)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(small(make_config, parquet_dir, f"s3://{BUCKET}/x.zarr")))
+        assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: cannot reach the store at 's3://attr-test/x.zarr'") and "403" in err, err
+        assert "credentials refused" in err and "Traceback" not in err and "not-the-secret" not in err
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

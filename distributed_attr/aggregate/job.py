@@ -33,6 +33,7 @@ import numpy as np
 import zarr
 from threadpoolctl import threadpool_limits
 
+from ..io.storage import is_remote
 from ..io.store import AttributionStore, StoreError, open_group, outputs_dir
 from .stats import GroupedMoments, Moments, MomentsResult
 
@@ -346,6 +347,15 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
     return part
 
 
+def _reader_note(store: str, plan: ReadPlan) -> str:
+    """Which reader the tasks use, and why (the fast one needs local files in our layout)."""
+    if not plan.fast_reads:
+        return "zarr (fast reads switched off)"
+    if is_remote(store):
+        return "zarr (the store is on object storage; the fast shard reader reads local files only)"
+    return "fast (whole local shards, decompressed into reused buffers)"
+
+
 def _arrays_read(plan: ReadPlan) -> list[str]:
     """Every array the job reads, in one place for the readers and the integrity checks."""
     names = ["ok", "target"]
@@ -584,6 +594,7 @@ def run_aggregation(
         "methods": plan.methods,
         "hf_cutoff": plan.hf_cutoff,
         "spectra_source": "store" if plan.have_spectra else "computed from maps",
+        "shard_reader": _reader_note(store, plan),
         "summary": headline,
         "tables": tables,
         "plots": figures,

@@ -166,8 +166,9 @@ def describe_error(exc: BaseException, location: str) -> str:
     text = str(exc).splitlines()[0][:300] if str(exc) else name
     hint = ""
     low = str(exc).lower()
-    if "nosuchbucket" in low or "bucket" in low and "not exist" in low:
+    if any(w in low for w in ("accessdenied", "forbidden", "403", "invalidaccesskeyid", "signaturedoesnotmatch")):
+        hint = (" (credentials refused: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, the instance role, "
+                "or the cloud's equivalent)")
+    elif "nosuchbucket" in low or ("bucket" in low and "not exist" in low):
         hint = " (the bucket does not exist)"
-    elif any(w in low for w in ("accessdenied", "forbidden", "403", "invalidaccesskeyid", "signaturedoesnotmatch")):
-        hint = " (credentials refused: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the instance role)"
     return f"{location!r}: {name}: {text}{hint}"
