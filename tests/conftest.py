@@ -60,6 +60,25 @@ def base_config(data_path, store, **run) -> dict:
     return cfg
 
 
+def saliency_only(data_path, store, **run) -> dict:
+    """``base_config`` with Saliency alone: the cheapest job, for tests of orchestration and storage."""
+    cfg = base_config(data_path, store, **run)
+    cfg["methods"] = {"saliency": {}}
+    return cfg
+
+
+#: the per-image arrays that stores are compared on after faults
+COMPARED = ("maps/saliency", "target", "ok", "image", "label", "source_key")
+
+
+def read_arrays(store, names=COMPARED) -> dict:
+    """``{name: values}`` of a store (a path, or an open zarr group)."""
+    import zarr
+
+    g = store if isinstance(store, zarr.Group) else zarr.open_group(str(store), mode="r")
+    return {k: g[k][:] for k in names}
+
+
 @pytest.fixture
 def make_config():
     return base_config

@@ -19,29 +19,20 @@ import zarr
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_thread")]
 
+from conftest import read_arrays, saliency_only  # noqa: E402
 from distributed_attr.runner import AttributionWorker, JobError, run, worker_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def small(make_config, data, store, **run_over):
-    cfg = make_config(data, store, **run_over)
-    cfg["methods"] = {"saliency": {}}
-    return cfg
-
-
-def arrays(path):
-    g = zarr.open_group(str(path), mode="r")
-    return {k: g[k][:] for k in ("maps/saliency", "target", "ok", "image", "source_key")}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, parquet_dir):
-    from conftest import base_config
 
     path = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    run(small(base_config, parquet_dir, path), progress=False)
-    return arrays(path)
+    run(saliency_only(parquet_dir, path), progress=False)
+    return read_arrays(path)
 
 
 def start_cluster(*nodes):
@@ -79,20 +70,20 @@ def node_of(worker: str) -> str:
 
 def test_auto_gives_one_actor_per_gpu_and_the_job_spreads_over_the_nodes(gpu_cluster, parquet_dir, make_config,
                                                                          tmp_path, reference):
-    cfg = small(make_config, parquet_dir, tmp_path / "s.zarr", num_workers=2, cpus_per_worker=0.5)
+    cfg = saliency_only(parquet_dir, tmp_path / "s.zarr", num_workers=2, cpus_per_worker=0.5)
     s = run(cfg, address=gpu_cluster.address, progress=False)
     assert s.units_done == 6
     nodes = {node_of(w) for w in s.unit_workers.values()}
     assert len(nodes) == 2, f"one actor per GPU means one per node: {s.unit_workers}"
     assert {w.rsplit(":", 1)[1] for w in s.unit_workers.values()} == {"cpu"}  # no CUDA on this machine
-    got = arrays(tmp_path / "s.zarr")
+    got = read_arrays(tmp_path / "s.zarr")
     for k in reference:
         np.testing.assert_array_equal(reference[k], got[k], err_msg=k)
 
 
 def test_actors_that_cannot_be_placed_end_the_job_saying_what_is_missing(gpu_cluster, parquet_dir, make_config,
                                                                          tmp_path):
-    cfg = small(make_config, parquet_dir, tmp_path / "s.zarr", num_workers=1, gpus_per_worker=2,
+    cfg = saliency_only(parquet_dir, tmp_path / "s.zarr", num_workers=1, gpus_per_worker=2,
                 placement_timeout=4)
     with pytest.raises(JobError, match=r"1 of 1 actor\(s\) not started after \d+ s; each asks for "
                                        r"\{'CPU': 1.0, 'GPU': 2.0\} on one node; the cluster has .*'GPU': 2.0.*its nodes offer "
@@ -105,7 +96,7 @@ def test_a_driver_killed_mid_job_resumes_to_the_same_arrays(gpu_cluster, parquet
     import json
 
     store = tmp_path / "s.zarr"
-    cfg = small(make_config, parquet_dir, store, num_workers=2, cpus_per_worker=0.5)
+    cfg = saliency_only(parquet_dir, store, num_workers=2, cpus_per_worker=0.5)
     # the digits model, slowed down (0.3 s per batch of 8) so that units finish one by one
     cfg["model"] = {"kind": "callable", "name": "fault_models:marked_digits",
                     "kwargs": {"marker_dir": str(tmp_path), "delay": 0.3}}
@@ -132,7 +123,7 @@ def test_a_driver_killed_mid_job_resumes_to_the_same_arrays(gpu_cluster, parquet
     assert 1 <= done < 6
     s = run(cfg, address=gpu_cluster.address, resume=True, progress=False)  # the dead driver's lease is taken over
     assert s.units_done == 6 and s.units_this_run == 6 - done
-    got = arrays(store)
+    got = read_arrays(store)
     for k in reference:
         np.testing.assert_array_equal(reference[k], got[k], err_msg=k)
 
@@ -143,13 +134,13 @@ def test_fractional_gpus_pack_several_replicas_onto_one_gpu(parquet_dir, make_co
     cluster = start_cluster({"num_cpus": 2, "num_gpus": 1}, {"num_cpus": 2})
     try:
         gpu_node = next(n for n in cluster.list_all_nodes() if n._ray_params.num_gpus)
-        cfg = small(make_config, parquet_dir, tmp_path / "s.zarr", num_workers=2, gpus_per_worker=0.5)
+        cfg = saliency_only(parquet_dir, tmp_path / "s.zarr", num_workers=2, gpus_per_worker=0.5)
         s = run(cfg, address=cluster.address, progress=False)
     finally:
         cluster.shutdown()
     assert {node_of(w) for w in s.unit_workers.values()} == {gpu_node.node_id[:12]}, s.unit_workers
     assert len({w.split(":")[2] for w in s.unit_workers.values()}) == 2, "two replicas share the GPU"
-    got = arrays(tmp_path / "s.zarr")
+    got = read_arrays(tmp_path / "s.zarr")
     for k in reference:
         np.testing.assert_array_equal(reference[k], got[k], err_msg=k)
 
@@ -164,10 +155,28 @@ def test_a_worker_that_sees_another_dataset_stops_the_job_naming_its_node(parque
     from distributed_attr.config import Config
     from distributed_attr.io.sources import open_source
 
-    cfg = Config.from_dict(small(make_config, parquet_dir, tmp_path / "s.zarr"))
+    cfg = Config.from_dict(saliency_only(parquet_dir, tmp_path / "s.zarr"))
     driver_view = open_source(cfg.data).fingerprint()
     other = {**driver_view, "sha256": "0" * 16,
              "listing": [[driver_view["listing"][0][0], 1, 2, 3]] + driver_view["listing"][1:]}
     with pytest.raises(JobError, match=r"node \S+ \(local\) sees another dataset .* file 'train-00000-of-00003.parquet' changed"):
         AttributionWorker(cfg.to_dict(), 1, other)
     AttributionWorker(cfg.to_dict(), 1, driver_view)  # the same files: fine
+
+
+def test_auto_counts_gpu_node_types_the_autoscaler_can_still_add(tmp_path):
+    """On an autoscaling cluster that has no GPU node up yet, `auto` must not resolve to 0 (CPU-only
+    actors would later be packed onto the GPU nodes): the launcher's node types, which it copies
+    to the head as ~/ray_bootstrap_config.yaml, say whether GPU nodes can come."""
+    import yaml
+
+    from distributed_attr.runner import _autoscaler_offers_gpus
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    (tmp_path / "boot.yaml").write_text(yaml.safe_dump(cfg))
+    assert _autoscaler_offers_gpus(str(tmp_path / "boot.yaml"))
+    for t in cfg["available_node_types"].values():
+        (t.get("resources") or {}).pop("GPU", None)
+    (tmp_path / "cpu-only.yaml").write_text(yaml.safe_dump(cfg))
+    assert not _autoscaler_offers_gpus(str(tmp_path / "cpu-only.yaml"))
+    assert not _autoscaler_offers_gpus(str(tmp_path / "missing.yaml"))

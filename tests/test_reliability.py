@@ -20,30 +20,21 @@ import zarr
 from distributed_attr.cli import main
 from distributed_attr.io.lease import LEASE_NAME, StoreLease, lease_info
 from distributed_attr.io.store import StoreError
+from conftest import read_arrays, saliency_only  # noqa: E402
 from distributed_attr.runner import JobError, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def small(make_config, data, store, **run_over):
-    cfg = make_config(data, store, **run_over)
-    cfg["methods"] = {"saliency": {}}
-    return cfg
-
-
-def arrays(path):
-    g = zarr.open_group(str(path), mode="r")
-    return {k: g[k][:] for k in ("maps/saliency", "target", "ok", "image", "label", "source_key")}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, parquet_dir):
     """A fault-free store of the small config, to compare recovered stores with."""
-    from conftest import base_config
 
     path = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    run(small(base_config, parquet_dir, path), progress=False)
-    return arrays(path)
+    run(saliency_only(parquet_dir, path), progress=False)
+    return read_arrays(path)
 
 
 def assert_same(a, b):
@@ -58,7 +49,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_store_and_keeps_every_file(tmp
     notes = tmp_path / "thesis"
     notes.mkdir()
     (notes / "chapter1.tex").write_text("months of work")
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(small(make_config, parquet_dir, notes)))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(saliency_only(parquet_dir, notes)))
     for flags in ([], ["--overwrite"], ["--resume"]):
         assert main(["run", str(tmp_path / "job.yaml"), "--quiet", *flags]) == 2
         err = capsys.readouterr().err
@@ -71,7 +62,7 @@ def test_store_dot_next_to_the_config_and_data_is_refused_outright(tmp_path, par
     project = tmp_path / "project"
     shutil.copytree(parquet_dir, project / "data")
     (project / "notes.txt").write_text("keep me")
-    cfg = small(make_config, "data", ".")
+    cfg = saliency_only("data", ".")
     (project / "job.yaml").write_text(yaml.safe_dump(cfg))
     before = sorted(str(p.relative_to(project)) for p in project.rglob("*"))
     assert main(["run", str(project / "job.yaml"), "--quiet", "--overwrite"]) == 2
@@ -86,20 +77,20 @@ def test_a_store_that_holds_the_data_is_refused(tmp_path, parquet_dir, make_conf
     shutil.copytree(parquet_dir, data)
     store = data if where == "data folder" else tmp_path / "ds"
     with pytest.raises(StoreError, match="holds data.path"):
-        run(small(make_config, data, store), overwrite=True, progress=False)
+        run(saliency_only(data, store), overwrite=True, progress=False)
     assert len(list(data.glob("*.parquet"))) == 3
 
 
 def test_overwrite_replaces_a_store_but_keeps_files_that_are_not_part_of_it(tmp_path, parquet_dir, make_config,
                                                                           reference):
     store = tmp_path / "s.zarr"
-    cfg = small(make_config, parquet_dir, store)
+    cfg = saliency_only(parquet_dir, store)
     run(cfg, progress=False)
     (store / "README-mine.txt").write_text("a note I left in the store folder")
     s = run(cfg, overwrite=True, progress=False)
     assert s.units_done == 6
     assert (store / "README-mine.txt").read_text() == "a note I left in the store folder"
-    assert_same(reference, arrays(store))
+    assert_same(reference, read_arrays(store))
 
 
 def test_an_interrupted_creation_is_still_recognised_and_replaceable(tmp_path, parquet_dir, make_config):
@@ -107,15 +98,15 @@ def test_an_interrupted_creation_is_still_recognised_and_replaceable(tmp_path, p
     g = zarr.open_group(str(store), mode="w", zarr_format=3)
     g.attrs.update(producer="distributed_attr", schema_version="1.1")  # what creation writes first
     with pytest.raises(StoreError, match="not fully created"):
-        run(small(make_config, parquet_dir, store), resume=True, progress=False)
-    assert run(small(make_config, parquet_dir, store), overwrite=True, progress=False).units_done == 6
+        run(saliency_only(parquet_dir, store), resume=True, progress=False)
+    assert run(saliency_only(parquet_dir, store), overwrite=True, progress=False).units_done == 6
 
 
 # -- 8. one driver per store -----------------------------------------------------------------------
 
 def test_a_second_driver_is_refused_while_the_first_holds_the_store(tmp_path, parquet_dir, make_config, reference):
     store = tmp_path / "s.zarr"
-    cfg = small(make_config, parquet_dir, store)
+    cfg = saliency_only(parquet_dir, store)
     run(cfg, progress=False)
     # Another driver, alive (this very process's pid on this host), holds the store.
     other = StoreLease.acquire(store)
@@ -123,7 +114,7 @@ def test_a_second_driver_is_refused_while_the_first_holds_the_store(tmp_path, pa
         for kwargs in ({"resume": True}, {"overwrite": True}):
             with pytest.raises(StoreError, match="in use by another driver pid"):
                 run(cfg, progress=False, **kwargs)
-        assert_same(reference, arrays(store))  # --overwrite deleted nothing
+        assert_same(reference, read_arrays(store))  # --overwrite deleted nothing
     finally:
         other.release()
     assert lease_info(store) is None
@@ -155,7 +146,7 @@ def test_the_lease_is_a_zarr_group_that_xarray_and_zarr_ignore_quietly(tmp_path,
     import warnings
 
     store = tmp_path / "s.zarr"
-    run(small(make_config, parquet_dir, store), progress=False)
+    run(saliency_only(parquet_dir, store), progress=False)
     lease = StoreLease.acquire(store)
     try:
         with warnings.catch_warnings():
@@ -180,7 +171,7 @@ def _shard_file(store, name, unit):
 def test_a_damaged_shard_is_reported_refused_by_readers_and_recomputed_by_resume(tmp_path, parquet_dir, make_config,
                                                                                 reference, capsys, damage):
     store = tmp_path / "s.zarr"
-    cfg = small(make_config, parquet_dir, store)
+    cfg = saliency_only(parquet_dir, store)
     cfg["metrics"] = {}
     run(cfg, progress=False)
     shard = _shard_file(store, "maps/saliency", 2)
@@ -202,25 +193,25 @@ def test_a_damaged_shard_is_reported_refused_by_readers_and_recomputed_by_resume
     # --resume recomputes exactly that unit; the store equals a fault-free one.
     s = run(cfg, resume=True, progress=False)
     assert s.units_this_run == 1 and s.units_done == 6
-    assert_same(reference, arrays(store))
+    assert_same(reference, read_arrays(store))
     assert main(["inspect", str(store), "--verify"]) == 0
     assert main(["aggregate", str(store), "--workers", "0", "--out", str(tmp_path / "agg")]) == 0
 
 
 def test_resume_alone_finds_a_deleted_shard(tmp_path, parquet_dir, make_config, reference, capsys):
     store = tmp_path / "s.zarr"
-    cfg = small(make_config, parquet_dir, store)
+    cfg = saliency_only(parquet_dir, store)
     run(cfg, progress=False)
     _shard_file(store, "ok", 4).unlink()
     s = run(cfg, resume=True, progress=False)
     assert s.units_this_run == 1
     assert "unit 4: ok: shard" in capsys.readouterr().err
-    assert_same(reference, arrays(store))
+    assert_same(reference, read_arrays(store))
 
 
 def test_nan_maps_of_ok_images_are_refused_by_the_aggregate(tmp_path, parquet_dir, make_config):
     store = tmp_path / "s.zarr"
-    run(small(make_config, parquet_dir, store), progress=False)
+    run(saliency_only(parquet_dir, store), progress=False)
     g = zarr.open_group(str(store), mode="r+")
     m = g["maps/saliency"]
     block = m[0:16]
@@ -239,7 +230,7 @@ def test_a_parquet_file_replaced_by_another_with_the_same_row_count_blocks_resum
     data = tmp_path / "data"
     shutil.copytree(parquet_dir, data)
     store = tmp_path / "s.zarr"
-    cfg = small(make_config, data, store)
+    cfg = saliency_only(data, store)
     run(cfg, progress=False)
     victim = sorted(data.glob("*.parquet"))[1]
     table = pq.read_table(victim)
@@ -254,7 +245,7 @@ def test_a_parquet_file_replaced_by_another_with_the_same_row_count_blocks_resum
 
 def test_every_image_records_where_it_came_from(tmp_path, parquet_dir, make_config):
     store = tmp_path / "s.zarr"
-    run(small(make_config, parquet_dir, store), progress=False)
+    run(saliency_only(parquet_dir, store), progress=False)
     keys = zarr.open_group(str(store), mode="r")["source_key"][:]
     files = sorted(p.name for p in parquet_dir.glob("*.parquet"))
     counts = [pq.ParquetFile(parquet_dir / f).metadata.num_rows for f in files]
@@ -268,14 +259,14 @@ def test_every_image_records_where_it_came_from(tmp_path, parquet_dir, make_conf
 
 def test_a_moved_store_resumes(tmp_path, parquet_dir, make_config, reference):
     store = tmp_path / "a.zarr"
-    cfg = small(make_config, parquet_dir, store)
+    cfg = saliency_only(parquet_dir, store)
     run(cfg, progress=False, _after_commit=lambda u: (_ for _ in ()).throw(KeyboardInterrupt) if u == 2 else None)
     moved = tmp_path / "elsewhere" / "b.zarr"
     moved.parent.mkdir()
     shutil.move(str(store), str(moved))
-    s = run(small(make_config, parquet_dir, moved), resume=True, progress=False)
+    s = run(saliency_only(parquet_dir, moved), resume=True, progress=False)
     assert s.units_this_run == 3 and s.units_done == 6
-    assert_same(reference, arrays(moved))
+    assert_same(reference, read_arrays(moved))
 
 
 # -- 7. checks up front, before the store exists ---------------------------------------------------
@@ -286,7 +277,7 @@ def test_a_moved_store_resumes(tmp_path, parquet_dir, make_config, reference):
 ])
 def test_inputs_that_cannot_work_are_refused_before_the_store_exists(tmp_path, parquet_dir, make_config, change,
                                                                     message):
-    cfg = small(make_config, parquet_dir, tmp_path / "s.zarr")
+    cfg = saliency_only(parquet_dir, tmp_path / "s.zarr")
     for section, values in change.items():
         cfg[section].update(values)
     with pytest.raises(JobError, match=message):
@@ -303,7 +294,7 @@ def test_labels_outside_the_models_classes_are_refused_with_target_label(tmp_pat
     labels[3] = 17
     table = table.set_column(table.schema.get_field_index("label"), "label", __import__("pyarrow").array(labels))
     pq.write_table(table, f)
-    cfg = small(make_config, data, tmp_path / "s.zarr", target="label")
+    cfg = saliency_only(data, tmp_path / "s.zarr", target="label")
     with pytest.raises(JobError, match=r"1 label\(s\) are not classes of the model \(0..9\), e.g. \[17\]"):
         run(cfg, progress=False)
     assert not (tmp_path / "s.zarr").exists()
@@ -316,7 +307,7 @@ def test_an_error_in_a_unit_without_ray_is_one_error_line(tmp_path, parquet_dir,
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(UnitProcessor, "compute_batch", broken)
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(small(make_config, parquet_dir, tmp_path / "s.zarr")))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(saliency_only(parquet_dir, tmp_path / "s.zarr")))
     assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unit 0 failed: RuntimeError: CUDA error") and "Traceback" not in err
