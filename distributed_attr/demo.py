@@ -243,14 +243,16 @@ def _print_spectra(store: str) -> None:
     """Mean radial spectrum summary per method: high-frequency fraction and log-log slope."""
     import zarr
 
+    from .io.store import Keys
+
     g = zarr.open_group(store, mode="r")
     ok = g["ok"][:]
-    freqs = g["spectra/frequency"][:]
+    freqs = g[Keys.FREQUENCY][:]
     keep = freqs > 0
     rows = []
     for m in g.attrs["methods"]:
-        hf = g[f"hf_fraction/{m}"][:, 0][ok]
-        power = np.nanmean(g[f"spectra/{m}"][:, 0, :][ok], axis=0)
+        hf = g[Keys.hf_fraction(m)][:, 0][ok]
+        power = np.nanmean(g[Keys.spectra(m)][:, 0, :][ok], axis=0)
         slope = np.polyfit(np.log(freqs[keep]), np.log(np.maximum(power[keep], 1e-30)), 1)[0]
         rows.append((float(np.nanmean(hf)), m, slope))
     print("      mean radial spectra (unfiltered): high-frequency fraction (> 0.25 cycles/px), log-log slope")
@@ -265,6 +267,8 @@ def write_example_grid(store: str, path: Path, n: int = 6) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import zarr
+
+    from .io.store import Keys
 
     from .config import Config
     from .io.sources import decode_image, open_source
@@ -282,7 +286,7 @@ def write_example_grid(store: str, path: Path, n: int = 6) -> Path:
         axes[r, 0].imshow(img, cmap="gray")
         axes[r, 0].set_title(f"#{i} y={g['label'][i]} t={g['target'][i]}", fontsize=6)
         for c, m in enumerate(methods, start=1):
-            a = g[f"maps/{m}"][int(i)].astype(np.float32)
+            a = g[Keys.maps(m)][int(i)].astype(np.float32)
             lim = float(np.nanmax(np.abs(a))) or 1.0
             axes[r, c].imshow(a, cmap="RdBu_r", vmin=-lim, vmax=lim)  # a view: symmetric colour scale
             if r == 0:

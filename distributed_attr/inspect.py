@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from .io.lease import StoreLease, lease_info
-from .io.store import AttributionStore, _walk_arrays
+from .io.store import AttributionStore, Keys, _walk_arrays
 
 
 def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
@@ -24,7 +24,7 @@ def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
                 store.mark_not_done(invalid)
     a = store.attrs
     done = store.done_units()
-    seconds = store.group["units/seconds"][:]
+    seconds = store.group[Keys.UNITS_SECONDS][:]
     arrays = {}
     for name, arr in sorted(_walk_arrays(store.group)):
         arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype),

@@ -17,7 +17,7 @@ from torch import nn
 from .config import Config
 from .io.models import load_model
 from .io.sources import decode_image, open_source
-from .io.store import UnitWriter
+from .io.store import Keys, UnitWriter
 from .methods import Context, build_method, compute_maps, resolve_layer
 
 AUTOCAST = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,9 +124,9 @@ class UnitProcessor:
         }
         mctx = metric_context(cfg, self.evaluators, indices) if self.metrics else None
         for name, m in maps.items():
-            out[f"maps/{name}"] = m.cpu().numpy()
+            out[Keys.maps(name)] = m.cpu().numpy()
             if cfg.spectra.enabled:
-                out[f"spectra/{name}"], out[f"hf_fraction/{name}"] = self.spectra(m)
+                out[Keys.spectra(name)], out[Keys.hf_fraction(name)] = self.spectra(m)
             if not (self.metrics or self.stored_positions):
                 continue
             from .spectral import low_pass
@@ -135,11 +135,11 @@ class UnitProcessor:
             variants = [m if c == float("inf") else low_pass(m, c, kind=cfg.filters.kind, order=cfg.filters.order)
                         for c in self.cutoffs]
             if self.stored_positions:
-                out[f"filtered_maps/{name}"] = torch.stack([variants[i] for i in self.stored_positions], 1).cpu().numpy()
+                out[Keys.filtered_maps(name)] = torch.stack([variants[i] for i in self.stored_positions], 1).cpu().numpy()
             for metric in self.metrics:
                 per_cutoff = [metric.evaluate(self.model, x, v, target, mctx) for v in variants]
                 for output in per_cutoff[0]:
-                    out[f"metrics/{metric.name}/{output}/{name}"] = torch.stack(
+                    out[Keys.metric(metric.name, output, name)] = torch.stack(
                         [r[output].float() for r in per_cutoff], 1).cpu().numpy()
         return out
 

@@ -34,7 +34,7 @@ import zarr
 from threadpoolctl import threadpool_limits
 
 from ..io.storage import is_remote
-from ..io.store import AttributionStore, StoreError, open_group, outputs_dir
+from ..io.store import AttributionStore, Keys, StoreError, open_group, outputs_dir
 from .stats import GroupedMoments, Moments, MomentsResult
 
 __all__ = ["run_aggregation", "aggregate_units", "plan_groups", "PartialAggregate", "READ_BYTES"]
@@ -270,13 +270,13 @@ def _reduce_method(plan: ReadPlan, stats: dict[str, GroupedMoments], method: str
                    keep: np.ndarray, keys: np.ndarray) -> None:
     """Fold one method's part of a block (the rows ``keep``) into its states ``stats``."""
     freqs = np.asarray(plan.frequencies)
-    maps = got[f"maps/{method}"][keep] if f"maps/{method}" in got else None
+    maps = got[Keys.maps(method)][keep] if Keys.maps(method) in got else None
     if maps is not None and plan.read_maps:
         # without class maps, one group under a key no class has: only the overall map survives
         map_keys = keys if plan.class_maps else np.full(keys.shape, "all")
         stats.setdefault("map", GroupedMoments()).update(maps, map_keys, skip_nan=True)
-    if f"spectra/{method}" in got:
-        spectra = got[f"spectra/{method}"][keep].astype(np.float64)
+    if Keys.spectra(method) in got:
+        spectra = got[Keys.spectra(method)][keep].astype(np.float64)
     else:
         spectra = _spectra_from_maps(maps, plan).astype(np.float64)
     stats.setdefault("spectrum", GroupedMoments()).update(spectra, keys, skip_nan=True)
@@ -284,9 +284,9 @@ def _reduce_method(plan: ReadPlan, stats: dict[str, GroupedMoments], method: str
     stats.setdefault("image_slope", GroupedMoments()).update(slope, keys, skip_nan=True)
     hf = hf_fraction_from_spectrum(freqs, spectra, np.asarray(plan.counts), plan.hf_cutoff)
     stats.setdefault("image_hf_fraction", GroupedMoments()).update(hf, keys, skip_nan=True)
-    if f"hf_fraction/{method}" in got:
+    if Keys.hf_fraction(method) in got:
         stats.setdefault("stored_hf_fraction", GroupedMoments()).update(
-            got[f"hf_fraction/{method}"][keep], keys, skip_nan=True)
+            got[Keys.hf_fraction(method)][keep], keys, skip_nan=True)
 
 
 def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
@@ -361,11 +361,11 @@ def _arrays_read(plan: ReadPlan) -> list[str]:
     names = ["ok", "target"]
     for m in plan.methods:
         if plan.read_maps or not plan.have_spectra:
-            names.append(f"maps/{m}")
+            names.append(Keys.maps(m))
         if plan.have_spectra:
-            names.append(f"spectra/{m}")
+            names.append(Keys.spectra(m))
         if plan.have_stored_hf:
-            names.append(f"hf_fraction/{m}")
+            names.append(Keys.hf_fraction(m))
     return names
 
 
@@ -413,10 +413,10 @@ def _make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:
     config = attrs.get("config") or {}
     spectra_cfg = config.get("spectra") or {}
     filters_cfg = config.get("filters") or {}
-    have_spectra = all(f"spectra/{m}" in root for m in methods) and "spectra/cutoff" in root
+    have_spectra = all(Keys.spectra(m) in root for m in methods) and Keys.SPECTRA_CUTOFF in root
     if have_spectra:
-        cutoffs = [float(c) for c in root["spectra/cutoff"][:]]
-        frequencies = [float(f) for f in root["spectra/frequency"][:]]
+        cutoffs = [float(c) for c in root[Keys.SPECTRA_CUTOFF][:]]
+        frequencies = [float(f) for f in root[Keys.FREQUENCY][:]]
     else:
         from ..spectral import scaled_cutoffs
 
@@ -429,7 +429,7 @@ def _make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:
         counts = radial_bin_counts(h, w).tolist()
     else:  # another binning than ours: weight bins alike rather than guess
         counts = [1.0] * len(frequencies)
-    have_hf = all(f"hf_fraction/{m}" in root for m in methods)
+    have_hf = all(Keys.hf_fraction(m) in root for m in methods)
     return ReadPlan(
         store=str(store),
         unit_size=int(attrs["unit_size"]),

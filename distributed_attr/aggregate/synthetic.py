@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import zarr
 
-from ..io.store import _inner_chunk  # the same chunking policy as the job's stores
+from ..io.store import Keys, _inner_chunk  # the same chunking policy as the job's stores
 from ..spectral import REFERENCE_SWEEP, scaled_cutoffs
 
 __all__ = ["write_synthetic_store"]
@@ -87,19 +87,19 @@ def write_synthetic_store(
         "ok": create("ok", (n,), "bool", ["image"], False),
     }
     for m in methods:
-        arrays[f"maps/{m}"] = create(f"maps/{m}", (n, height, width), map_dtype, ["image", "y", "x"], float("nan"))
+        arrays[Keys.maps(m)] = create(Keys.maps(m), (n, height, width), map_dtype, ["image", "y", "x"], float("nan"))
         if with_spectra:
-            arrays[f"spectra/{m}"] = create(f"spectra/{m}", (n, len(cutoffs), freqs.size), "float32",
+            arrays[Keys.spectra(m)] = create(Keys.spectra(m), (n, len(cutoffs), freqs.size), "float32",
                                             ["image", "cutoff", "frequency"], float("nan"))
-            arrays[f"hf_fraction/{m}"] = create(f"hf_fraction/{m}", (n, len(cutoffs)), "float32",
+            arrays[Keys.hf_fraction(m)] = create(Keys.hf_fraction(m), (n, len(cutoffs)), "float32",
                                                 ["image", "cutoff"], float("nan"))
     if with_spectra:
         for g in ("spectra", "hf_fraction"):
             root.create_array(f"{g}/cutoff", data=np.asarray(cutoffs, dtype="float64"), dimension_names=["cutoff"])
-        root.create_array("spectra/frequency", data=freqs, dimension_names=["frequency"])
-    done_arr = root.create_array("units/done", shape=(n_units,), chunks=(1,), dtype="uint8", fill_value=0,
+        root.create_array(Keys.FREQUENCY, data=freqs, dimension_names=["frequency"])
+    done_arr = root.create_array(Keys.UNITS_DONE, shape=(n_units,), chunks=(1,), dtype="uint8", fill_value=0,
                                  dimension_names=["unit"])
-    root.create_array("units/seconds", shape=(n_units,), chunks=(1,), dtype="float32", fill_value=float("nan"),
+    root.create_array(Keys.UNITS_SECONDS, shape=(n_units,), chunks=(1,), dtype="float32", fill_value=float("nan"),
                       dimension_names=["unit"])
     failed_set = {int(i) for i in failed}
     yy, xx = np.mgrid[:height, :width]
@@ -121,16 +121,16 @@ def write_synthetic_store(
             maps = np.abs(maps) if j == 0 else maps
             maps[~ok] = np.nan
             stored = maps.astype(map_dtype)
-            block[f"maps/{m}"] = stored
+            block[Keys.maps(m)] = stored
             if with_spectra:
                 x = torch.from_numpy(stored.astype(np.float32))
                 spec = np.empty((k, len(cutoffs), freqs.size), dtype=np.float32)
                 spec[:, 0] = radial_spectrum(x)[1].numpy()  # unfiltered: the raw map
                 spec[:, 1:] = cutoff_sweep_spectra(x, cutoffs[1:], kind=filter_kind)[1].numpy()
-                block[f"spectra/{m}"] = spec
+                block[Keys.spectra(m)] = spec
                 hf = high_frequency_fraction_from_spectrum(torch.from_numpy(freqs), torch.from_numpy(spec),
                                                            counts, hf_cutoff)
-                block[f"hf_fraction/{m}"] = hf.numpy().astype(np.float32)
+                block[Keys.hf_fraction(m)] = hf.numpy().astype(np.float32)
         for name, value in block.items():
             arrays[name][start:stop] = value
     done = np.zeros(n_units, dtype=np.uint8)

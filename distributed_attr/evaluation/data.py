@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ..io.store import AttributionStore
+from ..io.store import AttributionStore, Keys
 
 def open_store(store: Any) -> zarr.Group:
     """A read-only Zarr group from a path or an open group; ``StoreError`` when the path holds no
@@ -108,7 +108,7 @@ def load_metric(store: Any, metric: str, output: str | None = None,
         raise ValueError(f"metric {metric!r} is not in the store; metrics in the store: {available}")
     higher, score_output = metric_info(metric)
     output = output or score_output
-    mgroup = group[f"metrics/{metric}"]
+    mgroup = group[Keys.metric_group(metric)]
     outputs = sorted(name for name, _ in mgroup.groups())
     if output not in outputs:
         raise ValueError(f"metric {metric!r} has no output {output!r}; outputs in the store: {outputs}")
@@ -121,10 +121,10 @@ def load_metric(store: Any, metric: str, output: str | None = None,
             raise ValueError(f"methods {unknown} have no {metric}/{output} in the store; methods: {stored_methods}")
         stored_methods = list(methods)
     # Every shard read here must be there and intact: a lost one would read as fill values.
-    _handle(group).require_intact(["ok", "image", *(f"metrics/{metric}/{output}/{m}" for m in stored_methods)])
+    _handle(group).require_intact(["ok", "image", *(Keys.metric(metric, output, m) for m in stored_methods)])
     positions = usable_positions(group)
     images = np.asarray(group["image"][:])[positions]
-    cutoffs = np.asarray(group["metrics/cutoff"][:], dtype=np.float64)
+    cutoffs = np.asarray(group[Keys.METRICS_CUTOFF][:], dtype=np.float64)
     values: dict[str, np.ndarray] = {}
     dims: tuple[str, ...] = ()
     coords: dict[str, list] = {}

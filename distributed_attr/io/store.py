@@ -50,6 +50,42 @@ WRITE_CONFIG = {"write_empty_chunks": True}
 COMMIT_SECONDS = 1.0
 
 
+class Keys:
+    """The one place the store's array paths are spelled (docs/store.md is their public form).
+    Writers, readers, the aggregation and the evaluation all build paths here."""
+
+    UNITS_DONE = "units/done"
+    UNITS_SECONDS = "units/seconds"
+    FREQUENCY = "spectra/frequency"
+    SPECTRA_CUTOFF = "spectra/cutoff"
+    METRICS_CUTOFF = "metrics/cutoff"
+    STORED_CUTOFF = "filtered_maps/stored_cutoff"
+
+    @staticmethod
+    def maps(method: str) -> str:
+        return f"maps/{method}"
+
+    @staticmethod
+    def filtered_maps(method: str) -> str:
+        return f"filtered_maps/{method}"
+
+    @staticmethod
+    def spectra(method: str) -> str:
+        return f"spectra/{method}"
+
+    @staticmethod
+    def hf_fraction(method: str) -> str:
+        return f"hf_fraction/{method}"
+
+    @staticmethod
+    def metric_group(metric: str) -> str:
+        return f"metrics/{metric}"
+
+    @staticmethod
+    def metric(metric: str, output: str, method: str) -> str:
+        return f"metrics/{metric}/{output}/{method}"
+
+
 class StoreError(RuntimeError):
     """The store cannot be used as asked (exists with another config, unreadable, ...)."""
 
@@ -98,17 +134,17 @@ class StorePlan:
         ]
         k = len(self.cutoffs)
         for m in self.methods:
-            specs.append(ArraySpec(f"maps/{m}", ("image", "y", "x"), (n, h, w), self.map_dtype))
+            specs.append(ArraySpec(Keys.maps(m), ("image", "y", "x"), (n, h, w), self.map_dtype))
             if self.stored_cutoffs:
-                specs.append(ArraySpec(f"filtered_maps/{m}", ("image", "stored_cutoff", "y", "x"),
+                specs.append(ArraySpec(Keys.filtered_maps(m), ("image", "stored_cutoff", "y", "x"),
                                        (n, len(self.stored_cutoffs), h, w), self.map_dtype))
             if self.frequencies is not None:
-                specs.append(ArraySpec(f"spectra/{m}", ("image", "cutoff", "frequency"),
+                specs.append(ArraySpec(Keys.spectra(m), ("image", "cutoff", "frequency"),
                                        (n, k, len(self.frequencies)), "float32"))
-                specs.append(ArraySpec(f"hf_fraction/{m}", ("image", "cutoff"), (n, k), "float32"))
+                specs.append(ArraySpec(Keys.hf_fraction(m), ("image", "cutoff"), (n, k), "float32"))
             for metric, outputs in self.metric_outputs.items():
                 for out, (dims, sizes, coords) in outputs.items():
-                    specs.append(ArraySpec(f"metrics/{metric}/{out}/{m}", ("image", "cutoff", *dims),
+                    specs.append(ArraySpec(Keys.metric(metric, out, m), ("image", "cutoff", *dims),
                                            (n, k, *sizes), "float32", {"coords": coords}))
         return specs
 
@@ -181,16 +217,16 @@ class AttributionStore:
             root.create_array(f"{g}/cutoff", data=np.asarray(plan.cutoffs, dtype="float64"),
                               dimension_names=["cutoff"], attributes={"units": "cycles per image; inf = unfiltered"})
         if plan.frequencies is not None:
-            root.create_array("spectra/frequency", data=np.asarray(plan.frequencies, dtype="float64"),
+            root.create_array(Keys.FREQUENCY, data=np.asarray(plan.frequencies, dtype="float64"),
                               dimension_names=["frequency"], attributes={"units": "cycles per pixel"})
         if plan.stored_cutoffs:
-            root.create_array("filtered_maps/stored_cutoff", data=np.asarray(plan.stored_cutoffs, dtype="float64"),
+            root.create_array(Keys.STORED_CUTOFF, data=np.asarray(plan.stored_cutoffs, dtype="float64"),
                               dimension_names=["stored_cutoff"], attributes={"units": "cycles per image"})
         # Written by the driver alone, in batches: chunks of many units make a batch a write or two.
         unit_chunk = min(max(1, plan.n_units), 4096)
-        root.create_array("units/done", shape=(plan.n_units,), chunks=(unit_chunk,), dtype="uint8", fill_value=0,
+        root.create_array(Keys.UNITS_DONE, shape=(plan.n_units,), chunks=(unit_chunk,), dtype="uint8", fill_value=0,
                           dimension_names=["unit"])
-        root.create_array("units/seconds", shape=(plan.n_units,), chunks=(unit_chunk,), dtype="float32",
+        root.create_array(Keys.UNITS_SECONDS, shape=(plan.n_units,), chunks=(unit_chunk,), dtype="float32",
                           fill_value=float("nan"), dimension_names=["unit"])
         attrs = dict(plan.attrs)
         attrs.update(
@@ -259,12 +295,12 @@ class AttributionStore:
 
     def done_units(self) -> np.ndarray:
         self.flush()
-        return np.flatnonzero(self.group["units/done"][:] == 1)
+        return np.flatnonzero(self.group[Keys.UNITS_DONE][:] == 1)
 
     def usable(self) -> np.ndarray:
         """Boolean mask over images: ok and in a unit marked done. A unit that was running when
         a job stopped may hold a partial block, and failed images hold fill values."""
-        done = np.asarray(self.group["units/done"][:]) == 1
+        done = np.asarray(self.group[Keys.UNITS_DONE][:]) == 1
         in_done = np.repeat(done, self.unit_size)[: self.n_images]
         return in_done & np.asarray(self.group["ok"][:]).astype(bool)
 
@@ -348,8 +384,8 @@ class AttributionStore:
             self.group.attrs["failures"] = merged
         units = np.fromiter(sorted(self._pending), dtype=np.int64)
         seconds = np.asarray([self._pending[int(u)] for u in units], dtype=np.float32)
-        self._bookkeeping("units/seconds").set_orthogonal_selection((units,), seconds)
-        self._bookkeeping("units/done").set_orthogonal_selection((units,), np.ones(len(units), dtype=np.uint8))
+        self._bookkeeping(Keys.UNITS_SECONDS).set_orthogonal_selection((units,), seconds)
+        self._bookkeeping(Keys.UNITS_DONE).set_orthogonal_selection((units,), np.ones(len(units), dtype=np.uint8))
         self._pending.clear()
         self._pending_failures.clear()
 
@@ -365,7 +401,7 @@ class AttributionStore:
         self.flush()
         if not reasons:
             return
-        done = self.group["units/done"]
+        done = self.group[Keys.UNITS_DONE]
         for u in reasons:
             done[int(u)] = 0
         invalid = {str(k): v for k, v in self.group.attrs.get("invalid_units", {}).items()}
