@@ -29,7 +29,6 @@ def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
     for name, arr in sorted(_walk_arrays(store.group)):
         arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype),
                         "dims": list(arr.metadata.dimension_names or [])}
-    ok = store.group["ok"][:]
     images_done = sum(store.unit_range(int(u))[1] - store.unit_range(int(u))[0] for u in done)
     return {
         "store": path,
@@ -39,7 +38,7 @@ def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
         "units": store.n_units,
         "units_done": int(len(done)),
         "images_done": int(images_done),
-        "images_ok": int(ok[np.isin(np.arange(len(ok)) // store.unit_size, done)].sum()),
+        "images_ok": int(store.usable().sum()),
         "complete": bool(len(done) == store.n_units),
         "methods": a.get("methods", []),
         "metrics": a.get("metrics", []),

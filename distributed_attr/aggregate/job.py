@@ -34,6 +34,7 @@ import zarr
 from threadpoolctl import threadpool_limits
 
 from ..io.storage import is_remote
+from ..spectral.radial import NUMERICAL_FLOOR  # one floor for the torch and NumPy spectral maths
 from ..io.store import AttributionStore, Keys, StoreError, open_group, outputs_dir
 from .stats import GroupedMoments, Moments, MomentsResult
 
@@ -61,11 +62,6 @@ QUANTITIES = ("spectrum", "image_slope", "image_hf_fraction", "stored_hf_fractio
 # ------------------------------------------------------------------------------------------------
 # Pure helpers (NumPy, also used by the tests' expectations through their definitions)
 # ------------------------------------------------------------------------------------------------
-
-
-#: bins (and non-DC energies) below this share of the largest bin (of the total energy) are
-#: float rounding of filtered-out content, not signal
-NUMERICAL_FLOOR = 1e-10
 
 
 def loglog_slope(freqs: np.ndarray, power: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -448,11 +444,9 @@ def _make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:
     )
 
 
-def _count_classes(root: zarr.Group, plan: ReadPlan, done: np.ndarray) -> int:
-    """Distinct ``target`` classes of the ok images of done units (8 + 1 bytes per image read)."""
-    in_done = np.isin(np.arange(plan.n_images) // plan.unit_size, done)
-    ok = np.asarray(root["ok"][:], dtype=bool) & in_done
-    return int(np.unique(np.asarray(root["target"][:])[ok]).size)
+def _count_classes(handle: AttributionStore, usable: np.ndarray) -> int:
+    """Distinct ``target`` classes of the usable images (8 bytes per image read)."""
+    return int(np.unique(np.asarray(handle.group["target"][:])[usable]).size)
 
 
 def _local_cpus(num_workers: int | None, threads: int = 1) -> int:
@@ -549,9 +543,10 @@ def run_aggregation(
     missing = handle.verify(decode=False, arrays=_arrays_read(plan))
     if missing:
         raise StoreError(_damaged_message(store, missing))
-    expected_images = int(handle.usable().sum())
+    usable = handle.usable()
+    expected_images = int(usable.sum())
     if plan.read_maps:
-        plan.class_maps = _count_classes(root, plan, done) <= class_maps
+        plan.class_maps = _count_classes(handle, usable) <= class_maps
     t_read = time.perf_counter()
     if num_workers == 0:
         workers = 0

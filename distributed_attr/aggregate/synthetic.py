@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import zarr
 
-from ..io.store import Keys, _inner_chunk  # the same chunking policy as the job's stores
+from ..io.store import Keys, inner_chunk  # the same chunking policy as the job's stores
 from ..spectral import REFERENCE_SWEEP, scaled_cutoffs
 
 __all__ = ["write_synthetic_store"]
@@ -72,7 +72,7 @@ def write_synthetic_store(
 
     def create(name, shape, dtype, dims, fill):
         per_image = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-        c0 = _inner_chunk(unit_size, max(1, per_image))
+        c0 = inner_chunk(unit_size, max(1, per_image))
         return root.create_array(name, shape=shape, chunks=(c0, *shape[1:]),
                                  shards=(unit_size, *shape[1:]) if c0 < unit_size else None,
                                  dtype=dtype, fill_value=fill, dimension_names=list(dims))

@@ -149,7 +149,7 @@ class StorePlan:
         return specs
 
 
-def _inner_chunk(unit_size: int, bytes_per_image: int, target: int = 1 << 18) -> int:
+def inner_chunk(unit_size: int, bytes_per_image: int, target: int = 1 << 18) -> int:
     """Largest divisor of ``unit_size`` whose chunk stays under ``target`` bytes (>= 1)."""
     best = 1
     for c in range(1, unit_size + 1):
@@ -197,7 +197,7 @@ class AttributionStore:
         for spec in plan.arrays():
             itemsize = 16 if spec.dtype == "str" else np.dtype(spec.dtype).itemsize
             per_image = int(np.prod(spec.shape[1:], dtype=np.int64)) * itemsize
-            chunk0 = _inner_chunk(plan.unit_size, max(1, per_image))
+            chunk0 = inner_chunk(plan.unit_size, max(1, per_image))
             shards = None
             if chunk0 < plan.unit_size:
                 shards = (plan.unit_size, *spec.shape[1:])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +41,6 @@ class Context:
     autocast: torch.dtype | None = None
     #: reference images for methods that need other natural images (Soundness Saliency)
     references: Tensor | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def indices_for(self, n: int) -> Tensor:
         if self.indices is None:
@@ -138,14 +137,6 @@ def per_image_generators(seed: int, method: str, indices: Tensor) -> list[torch.
     return gens
 
 
-def per_image_randn(
-    gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device, dtype=torch.float32
-) -> Tensor:
-    """``(N, *shape)`` standard normal draws, image i drawn from ``gens[i]``."""
-    out = torch.stack([torch.randn(tuple(shape), generator=g, dtype=dtype) for g in gens])
-    return out.to(device)
-
-
 def per_image_rand(
     gens: Sequence[torch.Generator], shape: Sequence[int], device: torch.device, dtype=torch.float32
 ) -> Tensor:
@@ -193,12 +184,6 @@ def autocast_ctx(ctx: Context, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=ctx.autocast)
 
 
-def chunks(n: int, size: int) -> Iterator[slice]:
-    size = max(1, int(size))
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
 def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
@@ -227,43 +212,6 @@ def run_in_chunks(fn: Callable[[slice], Tensor], n: int, ctx: Context) -> Tensor
 def select_scores(logits: Tensor, target: Tensor) -> Tensor:
     """``logits[i, target[i]]`` as a vector."""
     return logits.gather(1, target.view(-1, 1).to(logits.device)).squeeze(1)
-
-
-def input_gradient(
-    model: nn.Module, x: Tensor, target: Tensor, ctx: Context, output: str = "logit"
-) -> Tensor:
-    """d output[target] / d x for a batch of any size, chunked to ``ctx.max_batch``.
-
-    Only the input requires grad: parameters are not asked for gradients, so no weight gradient
-    is computed or accumulated. ``output`` is "logit" (the model's raw output, Captum's convention)
-    or "probability" (softmax)."""
-
-    def one(sl: slice) -> Tensor:
-        xi = x[sl].detach().requires_grad_(True)
-        with torch.enable_grad(), autocast_ctx(ctx, xi.device):
-            out = model(xi)
-            if output == "probability":
-                out = torch.softmax(out.float(), dim=1)
-            score = select_scores(out, target[sl]).float().sum()
-        (grad,) = torch.autograd.grad(score, xi)
-        return grad.float()
-
-    return run_in_chunks(one, x.shape[0], ctx)
-
-
-def forward_scores(
-    model: nn.Module, x: Tensor, target: Tensor, ctx: Context, output: str = "logit"
-) -> Tensor:
-    """``output[target]`` for a batch of any size without gradients, chunked."""
-
-    def one(sl: slice) -> Tensor:
-        with torch.no_grad(), autocast_ctx(ctx, x.device):
-            out = model(x[sl]).float()
-            if output == "probability":
-                out = torch.softmax(out, dim=1)
-        return select_scores(out, target[sl])
-
-    return run_in_chunks(one, x.shape[0], ctx)
 
 
 def forward_probabilities(model: nn.Module, x: Tensor, ctx: Context) -> Tensor:
