@@ -40,10 +40,14 @@ class CutoffStatistics:
     best: pd.DataFrame
 
 
+class NotScalarError(ValueError):
+    """A metric output with trailing dimensions (a curve, a matrix): it has no cutoff statistics."""
+
+
 def _score_matrix(table: MetricTable, method: str) -> np.ndarray:
     v = table.values[method]
     if v.ndim != 2:
-        raise ValueError(
+        raise NotScalarError(
             f"{table.metric}/{table.output} has trailing dims {table.dims}; statistics need a scalar output "
             f"(the metric's score output)"
         )

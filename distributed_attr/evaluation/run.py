@@ -25,7 +25,7 @@ from typing import Any
 from ..io.store import StoreError, outputs_dir
 from .data import metric_names, open_store, store_path, usable_positions
 from .plots import plot_cross_architecture, plot_cutoff_curves, plot_rank_table
-from .rankings import best_cutoffs, cross_architecture_matrix, cutoff_statistics, rank_methods
+from .rankings import NotScalarError, best_cutoffs, cross_architecture_matrix, cutoff_statistics, rank_methods
 
 
 def default_out_dir(store: Any) -> Path:
@@ -66,10 +66,8 @@ def run_evaluation(
     for metric in names:
         try:
             s = cutoff_statistics(group, metric, validation_fraction, seed, n_boot)
-        except ValueError as exc:
-            if "trailing dims" in str(exc):
-                continue
-            raise
+        except NotScalarError:  # e.g. a curve-valued metric: tables and figures of its own elsewhere
+            continue
         stats.append(s)
         scalar.append(metric)
         files.append(str(plot_cutoff_curves(s.curves, s.best, metric, s.higher_is_better,
