@@ -2,28 +2,57 @@
 ``compute_maps``, reproducibility across batch compositions, no weight gradients, errors."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 from torch import nn
 
 import distributed_attr
-from distributed_attr.methods import Context, build_method, compute_maps, resolve_layer
+from distributed_attr.methods import (
+    METHODS,
+    Context,
+    build_method,
+    compute_maps,
+    resolve_layer,
+)
 from distributed_attr.registry import RegistryError
 
-ALL = [
+#: every registered method: the tests that cover "every method" take their cases from here, so a
+#: newly registered method is tested without being added to a list
+NAMES = list(METHODS)
+#: the built-in methods, only to check that none of them disappears from the registry
+BUILTIN = [
     "saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "vargrad", "squaregrad",
     "guided_backprop", "gradcam", "gradcam_pp", "occlusion", "rise", "sobol", "soundness_saliency",
 ]
-#: small parameters so every method runs in well under a second here
-SMALL = {
-    "integrated_gradients": {"steps": 4},
-    "smoothgrad": {"samples": 3}, "vargrad": {"samples": 3}, "squaregrad": {"samples": 3},
-    "occlusion": {"patch": 4, "stride": 4},
-    "rise": {"masks": 20, "grid": 4},
-    "sobol": {"grid": 2, "design": 4},
-    "soundness_saliency": {"steps": 3, "references": 2},
+#: small values for the parameters that set a method's work, by parameter name: a method gets the
+#: ones its ``Params`` declares, so every method runs in well under a second here
+FAST_VALUES = {
+    "steps": 3, "samples": 3, "n_samples": 3, "masks": 20, "n_masks": 20, "design": 4,
+    "references": 2, "grid": 3, "patch": 4, "stride": 4, "iterations": 3, "n_iter": 3,
 }
-RANDOM = ["smoothgrad", "vargrad", "squaregrad", "rise", "sobol", "soundness_saliency"]
+#: parameters whose count is a number of random draws: a method declaring one must use the seed
+SAMPLING = {"samples", "n_samples", "masks", "n_masks", "design", "references"}
+#: most passes per image (``Method.cost``) a method may take with its fast parameters here
+MAX_COST = 100
+#: an integer parameter whose default is above this must have a fast value in ``FAST_VALUES``
+MAX_INT_DEFAULT = 16
+
+
+def param_fields(name: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(METHODS.get(name).Params)}
+
+
+def fast(name: str) -> dict:
+    """The method's fast parameters, derived from the parameters it declares."""
+    return {k: v for k, v in FAST_VALUES.items() if k in param_fields(name)}
+
+
+def samples_randomly(name: str) -> bool:
+    """Whether the method declares a number of random draws among its parameters."""
+    return bool(SAMPLING & set(param_fields(name)))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,79 +81,103 @@ def setup(n: int = 4):
 
 def test_every_method_is_registered_and_described():
     listed = distributed_attr.methods()
-    assert set(ALL) <= set(listed)
-    for name in ALL:
+    assert set(BUILTIN) <= set(listed) and list(listed) == NAMES
+    for name in NAMES:
         info = listed[name]
-        assert info["family"] in {"gradient", "prediction", "optimisation"}
-        assert isinstance(info["params"], dict) and info["channel_rule"] and info["doc"]
+        assert info["family"] in {"gradient", "prediction", "optimisation"}, name
+        assert isinstance(info["params"], dict) and info["channel_rule"] and info["doc"], name
     assert listed["rise"]["params"]["masks"] == 4000
     assert listed["gradcam"]["params"] == {"layer": None} and listed["gradcam"]["needs_layer"]
-    assert [n for n in ALL if listed[n]["needs_references"]] == ["soundness_saliency"]
+    assert [n for n in BUILTIN if listed[n]["needs_references"]] == ["soundness_saliency"]
     assert listed["soundness_saliency"]["params"] == {
         "steps": 2000, "lr": 0.05, "l1": 2e-5, "tv": 0.01, "references": 10, "downsample": 4,
         "objective": "soundness",
     }
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_every_method_has_fast_parameters_known_to_this_suite(name):
+    """Every test here runs each registered method with ``fast(name)``: a method whose work is
+    set by a parameter this suite does not know would make the suite slow, so it fails here
+    instead (add the parameter's small value to ``FAST_VALUES``)."""
+    m = build_method(name, fast(name))
+    kwargs = {k: 12 for k in ("height", "width") if k in inspect.signature(m.cost).parameters}
+    assert m.cost(**kwargs) <= MAX_COST, (name, fast(name), m.cost(**kwargs))
+    big = [f.name for f in param_fields(name).values()
+           if type(f.default) is int and f.default > MAX_INT_DEFAULT and f.name not in FAST_VALUES]
+    assert not big, f"{name}: no fast value known for {big}; add one to FAST_VALUES"
+
+
 def test_every_method_runs_through_compute_maps_together():
     model, x, t, refs = setup()
     ctx = Context(layer=model.features, references=refs, max_batch=16)
-    methods = [build_method(n, SMALL.get(n, {})) for n in ALL]
+    methods = [build_method(n, fast(n)) for n in NAMES]
     maps = compute_maps(model, x, t, methods, ctx)
-    assert list(maps) == ALL
+    assert list(maps) == NAMES
     for name, m in maps.items():
         assert m.shape == (4, 12, 12) and m.dtype == torch.float32, name
         assert torch.isfinite(m).all() and m.abs().max() > 0, name
         if not build_method(name).signed:
             assert m.min() >= 0, name
-        alone = compute_maps(model, x, t, [build_method(name, SMALL.get(name, {}))], ctx)[name]
+        alone = compute_maps(model, x, t, [build_method(name, fast(name))], ctx)[name]
         torch.testing.assert_close(m, alone, rtol=1e-5, atol=1e-7, msg=name)
     assert all(p.grad is None for p in model.parameters())  # input gradients only
 
 
-@pytest.mark.parametrize("name", RANDOM)
-def test_random_methods_reproduce_bit_for_bit_across_batch_compositions(name):
+@pytest.mark.parametrize("name", NAMES)
+def test_maps_reproduce_bit_for_bit_across_batch_compositions(name):
+    """Random methods draw per (seed, method, global image index); deterministic ones ignore the
+    seed and the indices. A method that declares a number of random draws must be random."""
     model, x, t, refs = setup()
-    params = SMALL[name]
-    whole = compute_maps(model, x, t, [build_method(name, params)],
-                         Context(seed=7, indices=torch.arange(4), references=refs, max_batch=64))[name]
-    part = compute_maps(model, x[2:], t[2:], [build_method(name, params)],
-                        Context(seed=7, indices=torch.tensor([2, 3]), references=refs, max_batch=64))[name]
+    params = fast(name)
+
+    def run(xs, ts, seed, indices, **kw):
+        ctx = Context(seed=seed, indices=indices, layer=model.features, references=refs, **kw)
+        return compute_maps(model, xs, ts, [build_method(name, params)], ctx)[name]
+
+    whole = run(x, t, 7, torch.arange(4), max_batch=64)
+    part = run(x[2:], t[2:], 7, torch.tensor([2, 3]), max_batch=64)
     assert torch.equal(whole[2:], part)
-    other_seed = compute_maps(model, x[2:], t[2:], [build_method(name, params)],
-                              Context(seed=8, indices=torch.tensor([2, 3]), references=refs))[name]
-    assert not torch.equal(other_seed, part)
+    other_seed = run(x[2:], t[2:], 8, torch.tensor([2, 3]))
     # the draws follow the global index, not the position in the batch
-    moved = compute_maps(model, x[2:], t[2:], [build_method(name, params)],
-                         Context(seed=7, indices=torch.tensor([0, 1]), references=refs))[name]
-    assert not torch.equal(moved, part)
+    moved = run(x[2:], t[2:], 7, torch.tensor([0, 1]))
+    if samples_randomly(name) or not torch.equal(other_seed, part):
+        assert not torch.equal(other_seed, part), f"{name} declares random draws but ignores the seed"
+        assert not torch.equal(moved, part)
+    else:  # deterministic: neither the seed nor the indices change a bit
+        assert torch.equal(moved, part)
 
 
 class ElementwiseNet(nn.Module):
     """Logit k = sum(tanh(x * w_k + b_k)): per-sample arithmetic only, so its outputs and input
     gradients are bitwise independent of the batch size (unlike BLAS/oneDNN convolutions, whose
-    results for one sample can change in the last bits with the batch size)."""
+    results for one sample can change in the last bits with the batch size). The tanh is a
+    module whose output (N, 3, H, W) is the layer CAM methods hook."""
 
     def __init__(self):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.w = nn.Parameter(torch.randn(3, 1, 12, 12, generator=g))
         self.b = nn.Parameter(torch.randn(3, 1, 12, 12, generator=g))
+        self.act = nn.Tanh()
 
     def forward(self, x):
-        return torch.stack([torch.tanh(x * self.w[k] + self.b[k]).sum(dim=(1, 2, 3)) for k in range(3)], dim=1)
+        return self.act(x * self.w[:, 0] + self.b[:, 0]).sum(dim=(2, 3))
 
 
-@pytest.mark.parametrize("name", RANDOM)
-def test_random_draws_do_not_depend_on_chunking(name):
+@pytest.mark.parametrize("name", NAMES)
+def test_maps_do_not_depend_on_chunking(name):
     """A retried unit may run with a smaller max_batch (after an out-of-memory error, or on
     another actor): with a batch-size-invariant model the maps must not change by a bit."""
     _, x, t, refs = setup()
     model = ElementwiseNet()
-    params = SMALL[name]
-    big = compute_maps(model, x, t, [build_method(name, params)], Context(seed=1, references=refs, max_batch=64))
-    small = compute_maps(model, x, t, [build_method(name, params)], Context(seed=1, references=refs, max_batch=3))
-    assert torch.equal(big[name], small[name])
+    params = fast(name)
+
+    def run(max_batch):
+        ctx = Context(seed=1, layer=model.act, references=refs, max_batch=max_batch)
+        return compute_maps(model, x, t, [build_method(name, params)], ctx)[name]
+
+    assert torch.equal(run(64), run(3))
 
 
 def test_attribute_public_api():
