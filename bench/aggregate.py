@@ -131,7 +131,6 @@ def bench_aggregate(n_images: int, size: int, reps: int, workdir: str, classes: 
     import dataclasses
 
     import ray
-    import zarr
 
     from distributed_attr.aggregate import job as agg
     from distributed_attr.aggregate.synthetic import write_synthetic_store
@@ -156,10 +155,12 @@ def bench_aggregate(n_images: int, size: int, reps: int, workdir: str, classes: 
         return run
 
     def in_process_zarr_reads(read_maps):  # the ablation: the same job, every read through zarr
-        root = zarr.open_group(store, mode="r")
-        plan = dataclasses.replace(agg._make_plan(store, root, read_maps), fast_reads=False)
-        done = np.flatnonzero(root["units/done"][:] == 1)
-        plan.class_maps = agg._count_classes(root, plan, done) <= agg.CLASS_MAPS  # as run_aggregation does
+        from distributed_attr.io.store import AttributionStore
+
+        handle = AttributionStore.open(store, mode="r")
+        plan = dataclasses.replace(agg._make_plan(store, handle.group, read_maps), fast_reads=False)
+        done = handle.done_units()
+        plan.class_maps = agg._count_classes(handle, handle.usable()) <= agg.CLASS_MAPS  # as run_aggregation does
         units = done.tolist()
 
         def run():

@@ -173,7 +173,8 @@ def test_read_paths_and_threads_give_identical_states(store):
     reused every other block) or of several: the very same partial states, bit for bit."""
     import dataclasses
 
-    from distributed_attr.aggregate.job import _BlockReader, _make_plan, aggregate_units
+    from distributed_attr.aggregate.plan import _make_plan
+    from distributed_attr.aggregate.reader import _BlockReader, aggregate_units
 
     root = zarr.open_group(store, mode="r")
     plan = _make_plan(store, root, read_maps=True)
@@ -207,7 +208,7 @@ def test_local_ray_gets_the_cpus_the_tasks_ask_for():
     was asked for, so the tasks asked for run side by side."""
     import os
 
-    from distributed_attr.aggregate.job import _local_cpus
+    from distributed_attr.aggregate.schedule import _local_cpus
 
     assert _local_cpus(1, 2) == max(os.cpu_count(), 2)
     assert _local_cpus(8, 2) == max(os.cpu_count(), 16)
