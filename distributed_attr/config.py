@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A configuration key or value is wrong; the message names the key path."""
 
 
+def _speed(default: Any) -> Any:
+    """A run setting that changes how fast a job runs but never what it writes: a resume may
+    change it, and it is left out of the config hash."""
+    return field(default=default, metadata={"speed": True})
+
+
 @dataclass
 class DataConfig:
     #: parquet (Hugging Face datasets layout), folder (one subfolder per class), webdataset (.tar), numpy (.npy)
@@ -116,34 +122,34 @@ class FiltersConfig:
 @dataclass
 class RunConfig:
     #: images per forward/backward batch inside a worker
-    batch_size: int = 32
+    batch_size: int = _speed(32)
     #: images per work unit = one Zarr shard along the image axis; the unit of retry and resume
     unit_size: int = 256
     #: number of actors (model replicas); 0 = in the driver process, without Ray
-    num_workers: int = 2
+    num_workers: int = _speed(2)
     #: GPUs per actor; "auto" = 1 when the cluster has GPUs, else 0
-    gpus_per_worker: float | Literal["auto"] = "auto"
+    gpus_per_worker: float | Literal["auto"] = _speed("auto")
     #: CPUs per actor (and torch threads per actor on the CPU)
-    cpus_per_worker: float = 1
+    cpus_per_worker: float = _speed(1)
     seed: int = 0
     #: most samples per internal forward pass (IG steps x images, masks x images, ...)
-    max_batch: int = 256
+    max_batch: int = _speed(256)
     autocast: Literal["none", "bfloat16", "float16"] = "none"
     map_dtype: Literal["float16", "float32"] = "float16"
     #: explained class: the model's prediction, the dataset label, or a fixed class index
     target: Literal["prediction", "label"] | int = "prediction"
     #: attempts per unit after actor crashes before the job gives up
-    max_retries: int = 3
+    max_retries: int = _speed(3)
     #: units in flight per actor (1 running + prefetched)
-    units_in_flight: int = 2
+    units_in_flight: int = _speed(2)
     #: number of reference images for methods that need them (Soundness Saliency)
     references: int = 16
     #: seconds the job waits while no actor is alive (all dead, restarting or unschedulable)
     #: before it fails
-    actor_timeout: float = 600.0
+    actor_timeout: float = _speed(600.0)
     #: seconds the job waits for its actors to be placed and started (an autoscaler adding nodes,
     #: or no node offering what an actor asks for) before it fails, saying what is missing
-    placement_timeout: float = 900.0
+    placement_timeout: float = _speed(900.0)
 
     def validate(self) -> None:
         for name in ("batch_size", "unit_size", "max_batch", "units_in_flight", "references"):
@@ -161,10 +167,9 @@ class RunConfig:
                 raise ValueError(f"{name} must be > 0 seconds")
 
 
-#: keys that change how fast a job runs but never what it writes: a resume may change them
-_RESUMABLE_KEYS = {"run.num_workers", "run.gpus_per_worker", "run.cpus_per_worker", "run.units_in_flight",
-                   "run.max_retries", "run.batch_size", "run.max_batch", "run.actor_timeout",
-                   "run.placement_timeout"}
+#: keys that change how fast a job runs but never what it writes: a resume may change them (the
+#: run settings declared with ``_speed``)
+_RESUMABLE_KEYS = {f"run.{f.name}" for f in dataclasses.fields(RunConfig) if f.metadata.get("speed")}
 #: keys that are neither results nor speed: where the store lives (a moved store may be resumed) and
 #: how to reach object storage (credentials, endpoints; never recorded unredacted)
 _IGNORED_KEYS = {"store", "storage_options"}
