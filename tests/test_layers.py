@@ -134,3 +134,13 @@ def test_allowed_imports_are_not_flagged(tmp_path):
         "from ..methods.base import run_in_chunks\nimport inspect\n"
     )
     assert violations(copy) == []
+
+
+def test_commons_sits_below_methods_and_metrics():
+    """``commons`` is what methods and metrics share: it may import neither, nor anything above."""
+    path = ROOT / "commons.py"
+    module, is_init = module_name(path, ROOT)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    ours = [(line, name) for line, name, _ in imported_names(tree, module, is_init)
+            if name.startswith(PACKAGE + ".") or name == PACKAGE]
+    assert not ours, f"commons imports {ours}"

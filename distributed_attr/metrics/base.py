@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..methods.base import autocast_ctx, run_in_chunks, select_scores
+from ..commons import BatchContext, autocast_ctx, run_in_chunks, select_scores
 from ..registry import Registry, build_params, describe_params
 
 METRICS: Registry["Metric"] = Registry("metric")
@@ -34,26 +34,14 @@ def register(cls: type["Metric"]) -> type["Metric"]:
 
 
 @dataclass
-class MetricContext:
-    """What a metric may use besides the model, the images, the maps and the targets."""
+class MetricContext(BatchContext):
+    """What a metric may use besides the model, the images, the maps and the targets: the batch's
+    seed, indices, budget and autocast (``BatchContext``), plus what metrics alone need."""
 
-    seed: int = 0
-    #: global dataset index of every image (N,), so random subsets are drawn per image and do not
-    #: depend on which other images share the batch; defaults to 0..N-1
-    indices: Tensor | None = None
-    #: most samples one forward pass may hold (steps x images, subsets x images, ...)
-    max_batch: int = 256
-    #: ``torch.bfloat16`` / ``torch.float16`` to run the model under autocast, or None
-    autocast: torch.dtype | None = None
     #: other models trained on the same data (name -> model), for feature detection
     evaluators: dict[str, nn.Module] = field(default_factory=dict)
     #: per-channel mean of the dataset (C,), in the model's input space, for the "mean" baseline
     dataset_mean: Tensor | None = None
-
-    def indices_for(self, n: int) -> Tensor:
-        if self.indices is None:
-            return torch.arange(n, dtype=torch.int64)
-        return self.indices.detach().to("cpu", torch.int64).reshape(-1)
 
 
 OutputSpec = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]

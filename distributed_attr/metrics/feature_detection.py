@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ..methods.base import autocast_ctx, run_in_chunks
+from ..commons import autocast_ctx, run_in_chunks
 from .base import Metric, MetricContext, baseline_images, check_baseline, pixel_ranks, register
 
 

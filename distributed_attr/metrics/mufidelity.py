@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from ..methods.base import per_image_generators, per_image_rand
+from ..commons import per_image_generators, per_image_rand
 from .base import (
     Metric,
     MetricContext,
