@@ -6,6 +6,7 @@ mode (``run.num_workers: 0``) and the tests all run exactly the same code.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,12 +112,14 @@ class UnitProcessor:
         x = x.to(self.device)
         if not self._layer_resolved:
             name = next((m.params.layer for m in self.methods if getattr(m.params, "layer", None)), None)
-            self.ctx.layer = resolve_layer(self.model, name, x[:1])
+            self.ctx = dataclasses.replace(self.ctx, layer=resolve_layer(self.model, name, x[:1]))
             self._layer_resolved = True
         target, prediction, probability = self.targets(x, labels)
-        self.ctx.indices = indices
-        self.ctx.references = self.references()
-        maps = compute_maps(self.model, x, target, self.methods, self.ctx)
+        # a context of this batch's own: nothing of one batch leaks into the next ...
+        ctx = dataclasses.replace(self.ctx, indices=indices, references=self.references())
+        maps = compute_maps(self.model, x, target, self.methods, ctx)
+        # ... except the sample budget an out-of-memory error taught run_in_chunks
+        self.ctx.max_batch = ctx.max_batch
         out: dict[str, np.ndarray] = {
             "target": target.cpu().numpy(),
             "prediction": prediction.cpu().numpy(),
