@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from ..io.storage import is_remote
-from ..io.store import Keys
+from ..io.store import Keys, damaged_message
 from .stats import GroupedMoments
 
 #: about the most decoded bytes one block holds (whole units only; at least one unit); a task
@@ -103,10 +103,7 @@ def _arrays_read(plan: ReadPlan) -> list[str]:
 
 
 def _damaged_message(store: str, bad: dict[int, str], units_word: str = "unit(s)") -> str:
-    first = "; ".join(f"unit {u}: {why}" for u, why in list(bad.items())[:3])
-    return (f"{len(bad)} {units_word} marked done in {store!r} have missing or damaged data ({first}"
-            f"{'; ...' if len(bad) > 3 else ''}); no aggregate was written. Run `distributed-attr inspect --verify "
-            f"{store}` to mark them not done, then `distributed-attr run CONFIG --resume` to recompute them.")
+    return damaged_message(store, bad, units_word, outcome="; no aggregate was written")
 
 
 def _make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:

@@ -350,11 +350,7 @@ class AttributionStore:
         so that no aggregate is ever computed over fill values."""
         bad = self.verify(decode=True, arrays=arrays)
         if bad:
-            first = "; ".join(f"unit {u}: {why}" for u, why in list(bad.items())[:3])
-            raise StoreError(
-                f"{len(bad)} unit(s) marked done in {self.path!r} have missing or damaged data ({first}"
-                f"{'; ...' if len(bad) > 3 else ''}). Run `distributed-attr inspect --verify {self.path}` to mark them "
-                "not done, then `distributed-attr run CONFIG --resume` to recompute them.")
+            raise StoreError(damaged_message(self.path, bad))
 
     def failures(self) -> dict[int, str]:
         self.flush()
@@ -411,6 +407,14 @@ class AttributionStore:
     def set_attrs(self, **attrs: Any) -> None:
         self.flush()
         self.group.attrs.update(attrs)
+
+
+def damaged_message(store: str, bad: dict[int, str], units_word: str = "unit(s)", outcome: str = "") -> str:
+    """The one message for done units whose data are missing or damaged: which, and what to run."""
+    first = "; ".join(f"unit {u}: {why}" for u, why in list(bad.items())[:3])
+    return (f"{len(bad)} {units_word} marked done in {store!r} have missing or damaged data ({first}"
+            f"{'; ...' if len(bad) > 3 else ''}){outcome}. Run `distributed-attr inspect --verify {store}` to mark "
+            "them not done, then `distributed-attr run CONFIG --resume` to recompute them.")
 
 
 def outputs_dir(store: str | Path) -> Path:
