@@ -7,7 +7,11 @@ mode (``run.num_workers: 0``) and the tests all run exactly the same code.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +35,136 @@ class UnitResult:
     failures: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
     worker: str = ""
+
+
+@dataclass
+class _LoadedUnit:
+    """A unit whose records are read: per image its label and key, and per image that can be
+    attributed ``(index, label, name, image)`` where ``image`` is a decode future (overlapped)
+    or the undecoded payload (sequential)."""
+
+    unit: int
+    start: int
+    labels: np.ndarray
+    keys: list[str]
+    t0: float
+    items: list[tuple[int, int, str, Any]] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)
+
+
+class UnitStages:
+    """The threads that keep an actor's compute fed: one reader, a pool of decoders, one writer.
+
+    ``held`` counts the units whose data this actor holds (read or decoding, computing, or being
+    written); ``max_held`` is its high-water mark, never above ``prefetch_units + 2``."""
+
+    def __init__(self, decode_workers: int, prefetch_units: int, decode_device: torch.device | None = None):
+        self.prefetch_units = prefetch_units
+        self.decode_device = decode_device
+        self.decoders = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="read")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self.held = 0
+        self.max_held = 0
+        self._lock = threading.Lock()
+
+    def decode(self, payload: Any, data: Any) -> Future:
+        return self.decoders.submit(decode_image, payload, data, self.decode_device)
+
+    def _hold(self, change: int) -> None:
+        with self._lock:
+            self.held += change
+            self.max_held = max(self.max_held, self.held)
+
+    def run(self, proc: "UnitProcessor", units: list[int]) -> Iterator[UnitResult]:
+        ahead: deque[tuple[int, Future]] = deque()  # units being read and decoded, in order
+        todo = iter(units)
+        writing: tuple[Future, UnitResult] | None = None
+        unit = units[0] if units else -1
+
+        def read_next() -> None:
+            nxt = next(todo, None)
+            if nxt is not None:
+                self._hold(+1)
+                ahead.append((nxt, self.reader.submit(proc._read, nxt, False)))
+
+        def finish_write() -> UnitResult:
+            nonlocal writing, unit
+            assert writing is not None
+            fut, res = writing
+            writing = None
+            try:
+                fut.result()
+            except Exception as exc:
+                exc.unit = res.unit  # type: ignore[attr-defined]
+                raise
+            finally:
+                self._hold(-1)
+            res.seconds = time.perf_counter() - res.seconds
+            return res
+
+        try:
+            for _ in range(1 + self.prefetch_units):
+                read_next()
+            while ahead:
+                unit, fut = ahead.popleft()
+                try:
+                    loaded = fut.result()
+                    arrays, failures = proc._compute(loaded)
+                except Exception as exc:
+                    exc.unit = unit  # type: ignore[attr-defined]
+                    if writing is not None:  # the unit before this one is reported first, as in order
+                        yield finish_write()
+                    raise
+                result = UnitResult(unit=unit, images=len(loaded.labels), failures=failures, seconds=loaded.t0)
+                del loaded
+                # the previous unit's write overlapped this unit's compute; it must end before this
+                # one's starts (one unit written at a time)
+                if writing is not None:
+                    yield finish_write()
+                writing = (self.writer.submit(proc._write, unit, arrays), result)
+                del arrays
+                read_next()
+            if writing is not None:
+                yield finish_write()
+        except BaseException as exc:
+            if isinstance(exc, Exception) and not hasattr(exc, "unit"):
+                exc.unit = unit  # type: ignore[attr-defined]
+            raise
+        finally:
+            self._drain(ahead, writing)
+
+    def _drain(self, ahead: deque, writing: tuple[Future, UnitResult] | None) -> None:
+        """After a failure (or a consumer that stopped early): cancel what was read ahead and let a
+        write in progress end, so that no thread of this call outlives it."""
+        for _, fut in ahead:
+            if not fut.cancel():
+                try:
+                    loaded = fut.result()
+                except Exception:
+                    pass
+                else:
+                    for *_, image in loaded.items:
+                        image.cancel()
+                    for *_, image in loaded.items:
+                        if not image.cancelled():
+                            image.exception()
+            self._hold(-1)
+        ahead.clear()
+        if writing is not None:
+            writing[0].exception()
+            self._hold(-1)
+        with self._lock:
+            self.held = 0
+
+    def close(self) -> None:
+        for pool in (self.reader, self.decoders, self.writer):
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def resolve_decode_workers(setting: int | str, cpus_per_worker: float) -> int:
+    """``run.decode_workers``: "auto" = one decode thread per CPU the actor asked for."""
+    return max(1, round(cpus_per_worker)) if setting == "auto" else int(setting)
 
 
 def default_device() -> torch.device:
@@ -68,6 +202,12 @@ class UnitProcessor:
         # positions in ``self.cutoffs`` (entry 0 is the unfiltered map)
         self.stored_positions = [1 + cfg.filters.sweep.index(s) for s in cfg.filters.store_maps]
         self.ctx = Context(seed=cfg.run.seed, max_batch=cfg.run.max_batch, autocast=AUTOCAST[cfg.run.autocast])
+        if cfg.run.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        workers = resolve_decode_workers(cfg.run.decode_workers, cfg.run.cpus_per_worker)
+        decode_device = self.device if cfg.run.decode_on_gpu and self.device.type == "cuda" else None
+        #: the overlapped stages; None = read, decode, compute and write one after another
+        self.stages = UnitStages(workers, cfg.run.prefetch_units, decode_device) if workers > 0 else None
         self._layer_resolved = not any(m.needs_layer for m in self.methods)
         self._references: torch.Tensor | None = None
         self._writer: UnitWriter | None = None
@@ -109,7 +249,13 @@ class UnitProcessor:
     def compute_batch(self, x: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, np.ndarray]:
         """Every per-image array the store holds, for one batch of decoded images."""
         cfg = self.cfg
-        x = x.to(self.device)
+        if self.device.type == "cuda" and x.device.type == "cpu":
+            # from page-locked memory the copy runs asynchronously to the host
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        if cfg.run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         if not self._layer_resolved:
             name = next((m.params.layer for m in self.methods if getattr(m.params, "layer", None)), None)
             self.ctx = dataclasses.replace(self.ctx, layer=resolve_layer(self.model, name, x[:1]))
@@ -165,50 +311,101 @@ class UnitProcessor:
     # -- the unit of work ------------------------------------------------------------------------
     def process(self, unit: int) -> UnitResult:
         """Attribute one unit and write its block of every array (one call per array)."""
+        return list(self.process_units([unit]))[0]
+
+    def process_units(self, units: Sequence[int]) -> Iterator[UnitResult]:
+        """Attribute ``units`` in order, yielding each one's result once its shards are written.
+
+        Overlapped (``run.decode_workers`` > 0): a reader thread reads the records of up to
+        ``run.prefetch_units`` units ahead and hands each image to a pool of decode threads, the
+        calling thread computes batch after batch as soon as their images are decoded, and a writer
+        thread writes a finished unit's shards while the next unit computes. At most
+        ``prefetch_units + 2`` units are held (reading ahead, computing, writing). Sequential
+        (``decode_workers: 0``): read, decode, compute and write one after another in this thread.
+        Both give the same arrays, bit for bit: batches are formed from the same images in the same
+        order, and decoding is a pure function of the payload.
+
+        A unit fails exactly as before: an image that does not decode is a recorded failure, an
+        error in reading, computing or writing raises with ``exc.unit`` naming the unit, and no
+        unit after it is written."""
+        self.references()  # read before the reader thread shares the source
+        if self.stages is None:
+            for unit in units:
+                try:
+                    loaded = self._read(unit, inline=True)
+                    arrays, failures = self._compute(loaded)
+                    self._write(unit, arrays)
+                except Exception as exc:
+                    exc.unit = unit  # type: ignore[attr-defined]  (the caller names the failing unit)
+                    raise
+                yield UnitResult(unit=unit, images=len(loaded.labels), failures=failures,
+                                 seconds=time.perf_counter() - loaded.t0)
+            return
+        yield from self.stages.run(self, list(units))
+
+    def _read(self, unit: int, inline: bool) -> _LoadedUnit:
+        """A unit's records, each image either decoded in the background (a future of the decode
+        pool) or, ``inline``, left as its payload for the computing thread to decode."""
         t0 = time.perf_counter()
         cfg = self.cfg
         start = unit * cfg.run.unit_size
         stop = min(self.n_images(), start + cfg.run.unit_size)
-        n = stop - start
-        failures: dict[int, str] = {}
-        images, labels, rows = [], [], []
-        all_labels = np.full(n, -1, dtype=np.int64)
-        keys = [""] * n
+        loaded = _LoadedUnit(unit=unit, start=start, labels=np.full(stop - start, -1, dtype=np.int64),
+                             keys=[""] * (stop - start), t0=t0)
         for rec in self.source.read(start, stop):
-            all_labels[rec.index - start] = rec.label
-            keys[rec.index - start] = rec.key
+            loaded.labels[rec.index - start] = rec.label
+            loaded.keys[rec.index - start] = rec.key
             if cfg.run.target == "label" and not 0 <= rec.label < self.num_classes:
-                failures[rec.index] = (f"target is 'label' but the image's label {rec.label} is not a class of the "
-                                       f"model (0..{self.num_classes - 1})" if rec.label >= 0
-                                       else "target is 'label' but the image has no label")
+                loaded.failures[rec.index] = (
+                    f"target is 'label' but the image's label {rec.label} is not a class of the "
+                    f"model (0..{self.num_classes - 1})" if rec.label >= 0 else "target is 'label' but the image has no label")
                 continue
-            try:
-                images.append(decode_image(rec.payload, cfg.data))
-            except Exception as exc:  # a corrupt image fails alone; the unit goes on
-                failures[rec.index] = f"{type(exc).__name__}: {exc}"[:300] + (f" ({rec.name})" if rec.name else "")
-                continue
-            labels.append(rec.label)
-            rows.append(rec.index - start)
+            image = rec.payload if inline else self.stages.decode(rec.payload, cfg.data)
+            loaded.items.append((rec.index, rec.label, rec.name, image))
+        return loaded
+
+    def _compute(self, loaded: _LoadedUnit) -> tuple[dict[str, np.ndarray], dict[int, str]]:
+        """Every array of one unit: batches of ``run.batch_size`` decoded images, in record order."""
+        cfg = self.cfg
+        n, start = len(loaded.labels), loaded.start
+        failures = dict(loaded.failures)
         arrays: dict[str, np.ndarray] = {}
-        rows_t = np.asarray(rows, dtype=np.int64)
-        bs = cfg.run.batch_size
-        for b in range(0, len(images), bs):
-            x = torch.stack(images[b:b + bs])
-            idx = torch.as_tensor(rows_t[b:b + bs] + start)
-            batch = self.compute_batch(x, torch.as_tensor(labels[b:b + bs]), idx)
-            for key, value in batch.items():
+        done_rows: list[int] = []
+        batch: list[tuple[int, int, torch.Tensor]] = []
+
+        def flush() -> None:
+            rows = np.asarray([r for r, _, _ in batch], dtype=np.int64) - start
+            x = torch.stack([img for _, _, img in batch])
+            out = self.compute_batch(x, torch.as_tensor([lab for _, lab, _ in batch]), torch.as_tensor(rows + start))
+            for key, value in out.items():
                 if key not in arrays:
                     arrays[key] = np.full((n, *value.shape[1:]), -1 if value.dtype.kind in "iu" else np.nan,
                                           dtype=value.dtype if value.dtype.kind in "iu" else np.float32)
-                arrays[key][rows_t[b:b + bs]] = value
+                arrays[key][rows] = value
+            done_rows.extend(rows.tolist())
+            batch.clear()
+
+        for index, label, name, image in loaded.items:
+            try:
+                img = image.result() if isinstance(image, Future) else decode_image(image, cfg.data)
+            except Exception as exc:  # a corrupt image fails alone; the unit goes on
+                failures[index] = f"{type(exc).__name__}: {exc}"[:300] + (f" ({name})" if name else "")
+                continue
+            batch.append((index, label, img))
+            if len(batch) == cfg.run.batch_size:
+                flush()
+        if batch:
+            flush()
         ok = np.zeros(n, dtype=bool)
-        ok[rows_t] = True
-        arrays.update(image=np.arange(start, stop, dtype=np.int64), label=all_labels, ok=ok,
-                      source_key=np.asarray(keys, dtype=str))
+        ok[done_rows] = True
+        arrays.update(image=np.arange(start, start + n, dtype=np.int64), label=loaded.labels, ok=ok,
+                      source_key=np.asarray(loaded.keys, dtype=str))
+        return arrays, failures
+
+    def _write(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
         if self._writer is None:
-            self._writer = UnitWriter(cfg.store, cfg.storage_options)
+            self._writer = UnitWriter(self.cfg.store, self.cfg.storage_options)
         self._writer.write(unit, arrays)
-        return UnitResult(unit=unit, images=n, failures=failures, seconds=time.perf_counter() - t0)
 
     @property
     def num_classes(self) -> int:

@@ -315,14 +315,19 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
     state["t_start"] = time.perf_counter()
     try:
         if workers == 0 or not pending:
-            for u in pending:
-                try:
-                    res = probe.process(u)
-                except (KeyboardInterrupt, LeaseError):
+            results = probe.process_units(pending)
+            try:
+                for res in results:
+                    commit(res)
+            except (KeyboardInterrupt, LeaseError):
+                raise
+            except Exception as exc:  # the same message the Ray path gives for our own code's errors
+                unit = getattr(exc, "unit", None)
+                if unit is None:
                     raise
-                except Exception as exc:  # the same message the Ray path gives for our own code's errors
-                    raise JobError(f"unit {u} failed: {type(exc).__name__}: {exc}") from exc
-                commit(res)
+                raise JobError(f"unit {unit} failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                results.close()  # an interrupted run lets the write in progress end
         else:
             from .ray_session import ray_session
 
@@ -689,14 +694,12 @@ class AttributionWorker:
         return res
 
     def process_many(self, units: list[int]) -> list[UnitResult]:
-        """Several units in one call (one driver round trip); each is written as it finishes."""
-        results = []
-        for unit in units:
-            try:
-                results.append(self.process(unit))
-            except Exception as exc:
-                exc.unit = unit  # type: ignore[attr-defined]  (the driver names the failing unit)
-                raise
+        """Several units in one call (one driver round trip), through the actor's overlapped
+        stages; each is written before the call returns. A failing unit's exception carries
+        ``unit`` so the driver can name it."""
+        results = list(self.processor.process_units(units))
+        for res in results:
+            res.worker = self.name
         return results
 
     def pid(self) -> int:

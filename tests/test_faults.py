@@ -74,7 +74,8 @@ def reference(importable_support, tmp_path_factory, parquet_dir):
     from conftest import base_config
 
     path = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    run(config(base_config, parquet_dir, path), progress=False)
+    # fault-free and sequential (no decode threads): the faulted runs use the overlapped stages
+    run(config(base_config, parquet_dir, path, decode_workers=0), progress=False)
     return arrays(path)
 
 
