@@ -140,8 +140,20 @@ class RunConfig:
     target: Literal["prediction", "label"] | int = "prediction"
     #: attempts per unit after actor crashes before the job gives up
     max_retries: int = _speed(3)
-    #: units in flight per actor (1 running + prefetched)
+    #: calls of units the driver keeps queued at each actor (1 running + waiting), so an actor
+    #: never idles between calls
     units_in_flight: int = _speed(2)
+    #: threads that decode images inside each actor, overlapped with compute and writing; "auto" =
+    #: one per ``cpus_per_worker``; 0 = read, decode, compute and write one after another
+    decode_workers: int | Literal["auto"] = _speed("auto")
+    #: units an actor reads and decodes ahead of the one it computes (memory: at most
+    #: ``prefetch_units + 2`` units held per actor)
+    prefetch_units: int = _speed(1)
+    #: GPU fast paths. channels_last: NHWC memory layout for model and inputs (faster convolutions
+    #: on tensor cores); decode_on_gpu: JPEG payloads decoded by nvJPEG on the actor's GPU
+    #: (others on the CPU). Both change maps within float tolerance only (docs/benchmarks-gpu.md).
+    channels_last: bool = False
+    decode_on_gpu: bool = False
     #: number of reference images for methods that need them (Soundness Saliency)
     references: int = 16
     #: seconds the job waits while no actor is alive (all dead, restarting or unschedulable)
@@ -155,7 +167,9 @@ class RunConfig:
         for name in ("batch_size", "unit_size", "max_batch", "units_in_flight", "references"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("num_workers", "max_retries", "cpus_per_worker"):
+        if self.decode_workers != "auto" and self.decode_workers < 0:
+            raise ValueError("decode_workers must be >= 0 or 'auto'")
+        for name in ("num_workers", "max_retries", "cpus_per_worker", "prefetch_units"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         if self.gpus_per_worker != "auto" and self.gpus_per_worker < 0:
