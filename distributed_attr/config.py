@@ -69,21 +69,57 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    #: zoo (bundled digits models), torchvision, torchscript, export (torch.export), callable, timm
-    kind: Literal["zoo", "torchvision", "torchscript", "export", "callable", "timm"] = "zoo"
-    #: architecture name (zoo / torchvision / timm) or "package.module:factory" (callable)
+    #: zoo (bundled digits models), torchvision, torchscript, export (torch.export), callable, timm,
+    #: huggingface (an image classifier saved by transformers' save_pretrained); docs/models.md
+    kind: Literal["zoo", "torchvision", "torchscript", "export", "callable", "timm", "huggingface"] = "zoo"
+    #: architecture name (zoo / torchvision / timm) or "package.module:factory" (callable); a label
+    #: only for huggingface (the directory in ``weights`` says everything)
     name: str = "digits_cnn"
-    #: weights file; loaded with weights_only=True. Zoo models train and cache themselves when omitted.
+    #: weights file, loaded with weights_only=True (or a .safetensors file); for huggingface the
+    #: directory written by save_pretrained, local or on object storage. Zoo models train and cache
+    #: themselves when omitted.
     weights: str | None = None
+    #: classes of the model's head (zoo, torchvision, timm build it so); huggingface: checked
+    #: against config.json
     num_classes: int | None = None
-    #: keyword arguments for a callable factory
+    #: keyword arguments of the callable factory, torchvision.models.get_model, timm.create_model,
+    #: or from_pretrained (huggingface: only the keys of _HF_KWARGS)
     kwargs: dict = field(default_factory=dict)
+
+    # (not fields) from_pretrained arguments a huggingface config may set; arguments refused with
+    # a reason (nothing is downloaded, no code from a model directory runs, heads are never random)
+    _HF_KWARGS = {"attn_implementation": "'eager' or 'sdpa'", "variant": "loads model.<variant>.safetensors",
+                  "use_safetensors": "true refuses pytorch_model.bin"}
+    _REFUSED = {
+        "huggingface": {
+            "trust_remote_code": "would import and run Python files from the model directory; only architectures "
+                                 "built into transformers are loaded (docs/models.md, security)",
+            "num_labels": "would replace the classification head by a random one; model.num_classes checks the "
+                          "class count",
+            "ignore_mismatched_sizes": "would replace weights that do not fit by random ones",
+            "weights_only": "is always true",
+        },
+        "timm": {k: "would load weights past model.weights; timm models are built with pretrained=False and "
+                    "their weights come from model.weights" for k in
+                 ("pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay")},
+    }
 
     def validate(self) -> None:
         if self.kind in ("torchscript", "export") and not self.weights:
             raise ValueError(f"kind {self.kind!r} needs 'weights': the path of the saved model file")
         if self.kind == "callable" and ":" not in self.name:
             raise ValueError("kind 'callable' needs name 'package.module:factory'")
+        for key in self.kwargs:
+            if key in self._REFUSED.get(self.kind, {}):
+                raise ValueError(f"kwargs.{key} is refused for kind {self.kind!r}: it {self._REFUSED[self.kind][key]}")
+            if self.kind == "huggingface" and key not in self._HF_KWARGS:
+                allowed = ", ".join(f"{k} ({v})" for k, v in self._HF_KWARGS.items())
+                raise ValueError(f"kwargs.{key} is not accepted for kind 'huggingface'; accepted: {allowed}")
+        if self.kind == "huggingface" and not self.weights:
+            raise ValueError("kind 'huggingface' needs 'weights': the directory written by save_pretrained "
+                             "(config.json and the weights), local or on object storage; nothing is downloaded "
+                             "from the Hugging Face Hub"
+                             + (f" (name {self.name!r} is not fetched)" if "/" in self.name else ""))
 
 
 @dataclass

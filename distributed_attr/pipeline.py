@@ -192,7 +192,7 @@ class UnitProcessor:
     def __init__(self, cfg: Config, device: torch.device | str | None = None, model: nn.Module | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = (model if model is not None else load_model(cfg.model, "model", cfg.storage_options)).to(self.device).eval()
+        self.model = (model if model is not None else load_model(cfg.model, "model", cfg.storage_options, data=cfg.data)).to(self.device).eval()
         self.methods = [build_method(name, params) for name, params in cfg.methods.items()]
         self.metrics = build_metrics(cfg)
         self.evaluators = {name: load_model(m, f"evaluators.{name}", cfg.storage_options).to(self.device)

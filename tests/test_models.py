@@ -62,3 +62,16 @@ def test_loader_errors_say_what_is_wrong(tmp_path):
     torch.save({"state_dict": zoo.build("digits_cnn").state_dict(), "fn": print}, tmp_path / "evil.pt")
     with pytest.raises(ModelError, match="weights_only=True"):
         load_model(ModelConfig(kind="zoo", name="digits_cnn", weights=str(tmp_path / "evil.pt")))
+
+
+def test_safetensors_and_training_checkpoints_load_like_state_dicts(tmp_path, zoo_cnn):
+    from safetensors.torch import save_file
+
+    model, _ = zoo_cnn
+    save_file(model.state_dict(), str(tmp_path / "cnn.safetensors"))
+    torch.save({"model": model.state_dict(), "epoch": 7}, tmp_path / "checkpoint.pth")
+    for name in ("cnn.safetensors", "checkpoint.pth"):
+        loaded = load_model(ModelConfig(kind="zoo", name="digits_cnn", weights=str(tmp_path / name)))
+        assert fingerprint(loaded) == fingerprint(model), name
+    with pytest.raises(ModelError, match=r"^model.weights: file .* does not exist$"):  # not wrapped twice
+        load_model(ModelConfig(kind="torchscript", weights=str(tmp_path / "missing.ts")))
