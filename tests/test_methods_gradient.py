@@ -122,6 +122,50 @@ def test_guided_backprop_leaves_the_model_unchanged():
     assert not model.conv1._forward_hooks and not model.relu1._forward_hooks
 
 
+class FunctionalOnly(nn.Module):
+    """Convolutions with ``F.relu`` calls only (no ``nn.ReLU`` module), or with ``act`` instead."""
+
+    def __init__(self, act=F.relu):
+        super().__init__()
+        self.act = act
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.act(self.conv2(self.act(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+def test_guided_backprop_refuses_models_without_relus_it_can_guide():
+    """A GELU ViT used to get the plain gradient, silently: nothing to guide."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10
+    ).double().eval()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    for relu in ("all", "modules"):
+        with pytest.raises(ValueError, match=rf"guided_backprop: .*no ReLU it can guide \(relu='{relu}'.*"
+                                             r"it ran gelu x 2\..*plain input gradient"):
+            run("guided_backprop", vit, x, torch.tensor([0, 1]), relu=relu)
+    # relu="modules" on a model calling F.relu only: named, with the setting that covers it
+    torch.manual_seed(0)
+    functional = FunctionalOnly().double().eval()
+    x, t = make_inputs()
+    with pytest.raises(ValueError, match=r"relu='modules'.*functional relu x 2 \(guided by relu='all' only\)"):
+        run("guided_backprop", functional, x, t, relu="modules")
+    assert run("guided_backprop", functional, x, t, relu="all").abs().max() > 0
+
+
+def test_guided_backprop_without_any_rectifier_is_the_gradient():
+    """No rectifier at all (tanh here): the definition leaves the gradient as it is; allowed."""
+    torch.manual_seed(0)
+    model = FunctionalOnly(act=torch.tanh).double().eval()
+    x, t = make_inputs()
+    ref = captum_attr.Saliency(model).attribute(x, target=t, abs=False).sum(dim=1)
+    assert rel_err(run("guided_backprop", model, x, t), ref) < 1e-6  # the maps are float32
+
+
 def test_gradcam_matches_captum_layer_gradcam():
     model, (x, t) = make_model(), make_inputs()
     layer = model.features

@@ -36,12 +36,18 @@ def probability_after(model, x, mask, backgrounds):
         return float(torch.softmax(model(comp), dim=1)[:, 0].mean())
 
 
-@pytest.mark.parametrize("l1,tv,contrast", [(2e-5, 0.01, 0.0), (1e-3, 1e-3, 0.4)])
+#: the weight the paper's l1 had at 16 px before it was defined at 224 px: 2e-5 on sum(M) of 16 x 16
+UNSCALED_L1_AT_16 = 2e-5 * 16 * 16 / 224**2
+
+
+@pytest.mark.parametrize("l1,tv,contrast", [(2e-5, 0.01, 0.4), (UNSCALED_L1_AT_16, 0.01, 0.0)])
 def test_mask_holds_the_region_the_model_reads(l1, tv, contrast):
-    """The region holds the top of the mask. With the paper's weights (l1 2e-5, tv 0.01) the
-    contrast is small on this toy: outside the region the model gives no gradient, so under Adam
-    only the balance L1 vs TV moves the mask there, and TV wins (the mask spreads at ~0.9 and
-    the single largest pixel may sit just outside). A stronger L1 makes the region stand out."""
+    """The region holds the top of the mask. With the paper's weights (l1 2e-5 at 224 px, scaled
+    to 16 px; tv 0.01) the region stands out (inside ~0.57, outside ~0.06). With the L1 weight
+    that 2e-5 amounted to at 16 px before the scaling (196x weaker), the contrast is small:
+    outside the region the model gives no gradient, so under Adam only the balance L1 vs TV moves
+    the mask there, and TV wins (the mask spreads at ~0.9 and the single largest pixel may sit
+    just outside)."""
     model = RegionModel(region=(4, 8, 8, 12), gain=8.0, offset=0.4)
     g = torch.Generator().manual_seed(0)
     x = torch.ones(2, 1, 16, 16)
@@ -114,3 +120,38 @@ def test_bfloat16_autocast_runs():
     mk = mask["soundness_saliency"]
     assert mk.dtype == torch.float32
     assert mk[:, 4:8, 8:12].mean() > mk.mean()
+
+
+def test_default_weights_mean_the_same_at_every_image_size():
+    """The paper's weights are sums over a 224-px mask. Unscaled, the L1 term of a 32-px image is
+    49x weaker and the mask stays high outside the region the model reads (old code, 150 steps:
+    0.91 inside, 0.73 outside). With l1 defined at 224 px and scaled by 224^2 / (H W), the
+    defaults (lr, l1, tv, references) give the same mask at 32, 64 and 224 px: outside below half
+    the inside. 150 steps instead of 2,000 (the claim already holds there, with a wide margin)."""
+    outside, inside = {}, {}
+    for size in (32, 64, 224):
+        k = size // 32  # one 6 x 6 patch of the 32-px image, the same part of the image at every size
+        region = (8 * k, 14 * k, 16 * k, 22 * k)
+        model = RegionModel(region=region, gain=8.0, offset=0.4)
+        g = torch.Generator().manual_seed(0)
+        x = torch.ones(1, 1, size, size)
+        refs = torch.rand(8, 1, size, size, generator=g) * 0.5
+        m = build_method("soundness_saliency", {"steps": 150})
+        mask = compute_maps(model, x, torch.tensor([0]), [m], Context(references=refs))["soundness_saliency"][0]
+        kept = torch.zeros(size, size, dtype=torch.bool)
+        kept[region[0]:region[1], region[2]:region[3]] = True
+        inside[size], outside[size] = float(mask[kept].mean()), float(mask[~kept].mean())
+    for size, kept_mean in inside.items():
+        assert outside[size] < 0.5 * kept_mean, (size, kept_mean, outside[size])
+    # the same meaning at every size: the masks agree to a few hundredths
+    assert max(inside.values()) - min(inside.values()) < 0.1, inside
+    assert max(outside.values()) - min(outside.values()) < 0.05, outside
+
+
+def test_l1_weight_is_defined_at_224_px():
+    from distributed_attr.methods.soundness import SoundnessSaliency
+
+    assert SoundnessSaliency.l1_weight(2e-5, 224, 224) == 2e-5
+    assert SoundnessSaliency.l1_weight(2e-5, 32, 32) == pytest.approx(2e-5 * 49)
+    assert SoundnessSaliency.l1_weight(1.0, 112, 448) == pytest.approx(1.0)  # same area as 224 x 224
+    assert SoundnessSaliency.l1_weight(2e-5, 32, 32, reference=None) == 2e-5  # before 0.2: absolute

@@ -9,6 +9,7 @@ methods, the number of samples one forward pass may hold, and the autocast dtype
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -64,6 +65,7 @@ class Method:
         (one forward+backward for saliency/gradient x input/Grad-CAM/Grad-CAM++; the same noisy
         samples for SmoothGrad/VarGrad/SquareGrad).
     cost: forward+backward passes per image, as a function of the parameters (for docs, budgets).
+    compile_safe: whether ``run.compile`` may hand the method a compiled model.
     channel_rule: how the map is reduced over channels (documented in docs/methods.md).
     """
 
@@ -77,6 +79,10 @@ class Method:
     cost_unit: ClassVar[str] = "forward+backward"
     #: whether the method wants ``ctx.references`` (other natural images of the dataset)
     needs_references: ClassVar[bool] = False
+    #: whether the method only calls the model (no hooks on its layers, no rewritten functions),
+    #: so that it may be given the ``torch.compile``d model (``run.compile``); a method that hooks
+    #: layers would see the hooks ignored or force recompiles, so the default is no
+    compile_safe: ClassVar[bool] = False
 
     @dataclass
     class Params:
@@ -107,6 +113,7 @@ class Method:
             "signed": cls.signed,
             "needs_layer": cls.needs_layer,
             "needs_references": cls.needs_references,
+            "compile_safe": cls.compile_safe,
             "share_group": cls.share_group,
             "channel_rule": cls.channel_rule,
             "cost_unit": cls.cost_unit,
@@ -123,13 +130,146 @@ class Method:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_layer(model: nn.Module, layer: str | None, example: Tensor | None = None) -> nn.Module:
-    """The module CAM methods hook: ``layer`` by dotted name, or else the last module, in
-    execution order, whose output is a spatial feature map (N, C, h, w) with h*w > 1.
+#: the ways a CAM layer's output becomes (N, K, h, w) feature maps (the CAM methods' ``reshape``
+#: parameter also takes an integer: the number of leading tokens to drop)
+GRID_LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
+#: most leading (class, distillation, register) tokens "auto" and "tokens" look for; a model with
+#: more names the count in ``reshape``
+MAX_PREFIX_TOKENS = 16
 
-    Forward hooks fire inner-first, so "last to fire" picks the outermost stage that ends the
-    convolutional trunk (``layer4`` of a ResNet, ``features`` of a VGG): the layer Grad-CAM's
-    reference implementations use. Found by one forward pass of ``example`` (one image)."""
+
+@dataclass(frozen=True)
+class GridLayout:
+    """How one layer output maps to (N, K, h, w): ``kind`` "nchw" (as is), "nhwc" (channels
+    last, permuted) or "tokens" ((N, T, C): the first ``prefix`` tokens dropped, the other h * w
+    tokens laid out row by row on the ``grid`` (h, w), channels moved first)."""
+
+    kind: str
+    prefix: int = 0
+    grid: tuple[int, int] | None = None
+
+    def apply(self, t: Tensor) -> Tensor:
+        if self.kind == "nchw":
+            return t
+        if self.kind == "nhwc":
+            return t.permute(0, 3, 1, 2)
+        h, w = self.grid  # type: ignore[misc]
+        return t[:, self.prefix:, :].reshape(t.shape[0], h, w, t.shape[2]).permute(0, 3, 1, 2)
+
+
+def _strides(n: int, size: int) -> set[int]:
+    """Integer strides s that turn ``size`` pixels into ``n`` positions (floor or ceil of size / s,
+    the two roundings convolutions and patch embeddings use)."""
+    if n < 1:
+        return set()
+    lo, hi = max(1, size // (n + 1)), size // max(n - 1, 1) + 1
+    return {s for s in range(lo, hi + 1) if n in (size // s, -(-size // s))}
+
+
+def grid_fits(h: int, w: int, height: int, width: int) -> bool:
+    """Whether an h x w grid with h * w > 1 can be the image (height x width) seen with one
+    integer stride: what a patch embedding or a stack of strided layers produces. A square image
+    gives a square grid."""
+    if h * w < 2 or (height == width and h != w):
+        return False
+    return bool(_strides(h, height) & _strides(w, width))
+
+
+def _token_grid(tokens: int, height: int, width: int, prefix: int | None) -> tuple[int, tuple[int, int]] | None:
+    """(prefix, (h, w)): the fewest leading tokens (or exactly ``prefix``) whose removal leaves a
+    grid that fits the image; among grids of the same size, the one nearest the image's aspect."""
+    counts = [prefix] if prefix is not None else range(min(MAX_PREFIX_TOKENS, tokens - 2) + 1)
+    for p in counts:
+        n = tokens - p
+        pairs = {(h, n // h) for h in range(1, math.isqrt(n) + 1) if n % h == 0}
+        pairs |= {(w, h) for h, w in pairs}
+        grids = [g for g in sorted(pairs) if grid_fits(g[0], g[1], height, width)]
+        if grids:
+            return p, min(grids, key=lambda g: abs(g[0] * width - g[1] * height))
+    return None
+
+
+def grid_layout(shape: Sequence[int], reshape: str | int, image_size: Sequence[int]) -> GridLayout:
+    """How a layer output of ``shape`` maps to (N, K, h, w) feature maps for images of
+    ``image_size`` (H, W), following the CAM methods' ``reshape`` parameter:
+
+    - "auto": a 4-d output is (N, K, h, w), unless only its channels-last reading (N, h, w, C)
+      fits the image (timm's Swin stages); a 3-d output (N, T, C) is a token sequence, as "tokens".
+    - "nchw" / "nhwc": a 4-d output, channels first / channels last.
+    - "tokens": (N, T, C); the leading non-patch tokens (class, distillation, register) are the
+      fewest, at most ``MAX_PREFIX_TOKENS``, that leave a grid fitting the image (for a square
+      image: a square number of patch tokens). 197 tokens at 224 px: 1 dropped, 14 x 14.
+    - an integer p: (N, T, C) with exactly p leading tokens dropped.
+
+    Raises ``ValueError`` saying why the shape does not map."""
+    shape, (height, width) = tuple(int(d) for d in shape), (int(image_size[0]), int(image_size[1]))
+    dims = len(shape)
+    if dims == 4 and reshape in ("auto", "nchw", "nhwc"):
+        if reshape == "auto":
+            channels_last = grid_fits(shape[1], shape[2], height, width) and not grid_fits(
+                shape[2], shape[3], height, width
+            )
+            return GridLayout("nhwc" if channels_last else "nchw")
+        return GridLayout(str(reshape))
+    if dims == 3 and (reshape in ("auto", "tokens") or isinstance(reshape, int)):
+        prefix = None if isinstance(reshape, str) else int(reshape)
+        if prefix is not None and not 0 <= prefix < shape[1]:
+            raise ValueError(f"reshape={prefix} leading tokens, but the layer outputs {shape[1]} tokens")
+        found = _token_grid(shape[1], height, width, prefix)
+        if found is None and prefix is not None:
+            raise ValueError(
+                f"the {shape[1] - prefix} tokens after the first {prefix} do not form a grid that fits "
+                f"the {height} x {width} image"
+            )
+        if found is None:
+            raise ValueError(
+                f"no count of at most {MAX_PREFIX_TOKENS} leading tokens leaves patch tokens that form a "
+                f"grid fitting the {height} x {width} image; give the number of leading tokens as reshape"
+            )
+        return GridLayout("tokens", found[0], found[1])
+    if reshape == "auto":
+        wants = "a 4-d feature map or a 3-d (N, T, C) token sequence"
+    elif reshape in ("nchw", "nhwc"):
+        wants = f"a 4-d ({'N, K, h, w' if reshape == 'nchw' else 'N, h, w, C'}) output"
+    else:
+        wants = "a 3-d (N, T, C) token output"
+    raise ValueError(f"reshape={reshape!r} needs {wants}")
+
+
+def layer_grid(output: Tensor, reshape: str | int, image_size: Sequence[int], layer_name: str) -> GridLayout:
+    """``grid_layout`` for one CAM layer's output, with an error naming the layer and its shape."""
+    try:
+        return grid_layout(output.shape, reshape, image_size)
+    except ValueError as exc:
+        raise ValueError(
+            f"the output of CAM layer {layer_name!r}, shape {tuple(output.shape)}, cannot be mapped to "
+            f"(N, K, h, w) feature maps: {exc}. Set 'reshape' (one of {list(GRID_LAYOUTS)} or a number of "
+            "leading tokens) or name another 'layer'"
+        ) from None
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.lower().endswith("norm")
+
+
+def resolve_layer(model: nn.Module, layer: str | None, example: Tensor | None = None) -> nn.Module:
+    """The module CAM methods hook: ``layer`` by dotted name, or else found by one forward pass of
+    ``example`` (one image) among the modules whose output maps to a grid (``grid_layout`` with
+    "auto": spatial maps (N, C, h, w) with h*w > 1, channels-last grids, token sequences):
+
+    - when the last of them is a spatial map (N, C, h, w) (a CNN), that module: forward hooks fire
+      inner-first, so "last to fire" picks the outermost stage that ends the convolutional trunk
+      (``layer4`` of a ResNet, ``features`` of a VGG), the layer Grad-CAM's reference
+      implementations use;
+    - when it is a token sequence or a channels-last grid (a transformer), the first
+      normalisation layer of the last block: the last normalisation module that runs first in its
+      parent module (torchvision ViT ``encoder.layers[-1].ln_1``, timm ViT/DeiT
+      ``blocks[-1].norm1``, timm Swin ``layers[-1].blocks[-1].norm1``), pytorch-grad-cam's
+      documented choice. Not the last block's output: the classifier reads only the class (and
+      distillation) token of it, so its patch tokens get zero gradient and the map is zero
+      everywhere; the last block's first norm feeds the attention in which the class token reads
+      the patch tokens, the deepest point where they still reach the output. Never the patch
+      embedding. A transformer without such a block is an error asking for ``layer``."""
     if layer:
         try:
             return model.get_submodule(layer)
@@ -140,22 +280,60 @@ def resolve_layer(model: nn.Module, layer: str | None, example: Tensor | None = 
             ) from None
     if example is None:
         raise ValueError("resolving the CAM layer automatically needs an example input")
-    last: list[nn.Module] = []
+    size = tuple(example.shape[-2:])
+    #: (name, module, layout, runs first in its parent), in the order the modules finished
+    found: list[tuple[str, nn.Module, GridLayout, bool]] = []
+    last_started = [""]  # the root module (not hooked) starts first
+    pending: dict[int, list[bool]] = {}
 
-    def hook(module, _inputs, output):
-        if isinstance(output, Tensor) and output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1:
-            last.append(module)
+    def before(name: str):
+        def hook(module, _inputs):
+            pending.setdefault(id(module), []).append(last_started[0] == name.rpartition(".")[0])
+            last_started[0] = name
 
-    handles = [m.register_forward_hook(hook) for n, m in model.named_modules() if n]
+        return hook
+
+    def after(name: str):
+        def hook(module, _inputs, output):
+            first = pending[id(module)].pop() if pending.get(id(module)) else False
+            if not isinstance(output, Tensor) or output.dim() not in (3, 4):
+                return
+            try:
+                lay = grid_layout(output.shape, "auto", size)
+            except ValueError:
+                return
+            if lay.kind == "nchw" and output.shape[-1] * output.shape[-2] <= 1:
+                return
+            found.append((name, module, lay, first))
+
+        return hook
+
+    handles = []
+    for n, m in model.named_modules():
+        if n:
+            handles += [m.register_forward_pre_hook(before(n)), m.register_forward_hook(after(n))]
     try:
         with torch.no_grad():
             model(example[:1])
     finally:
         for h in handles:
             h.remove()
-    if not last:
-        raise ValueError("no module outputs a spatial feature map; name the CAM layer with 'layer'")
-    return last[-1]
+    if not found:
+        raise ValueError(
+            "no module outputs a spatial feature map, a channels-last grid or a token sequence; "
+            "name the CAM layer with 'layer'"
+        )
+    name, module, lay, _ = found[-1]
+    if lay.kind == "nchw":
+        return module
+    pre_norms = [m for _n, m, _lay, first in found if first and _is_norm(m)]
+    if not pre_norms:
+        raise ValueError(
+            f"the model ends in a {'token sequence' if lay.kind == 'tokens' else 'channels-last grid'} "
+            f"(layer {name!r}) but no block starting with a normalisation layer was found; name the "
+            "CAM layer with 'layer' (e.g. the first LayerNorm of the last block)"
+        )
+    return pre_norms[-1]
 
 
 def build_method(name: str, params: dict[str, Any] | None = None) -> Method:

@@ -7,12 +7,20 @@ group "gradient": whichever of them are requested, the batch goes through the mo
 CAM layer's output is caught by a forward hook, and one ``torch.autograd.grad`` call returns the
 gradients w.r.t. the input and the activation together.
 
+The CAM layer may be a convolutional stage (N, K, h, w), a channels-last grid (N, h, w, C) (timm's
+Swin) or a token sequence (N, T, C) (ViT, DeiT): the ``reshape`` parameter says how its output
+becomes (N, K, h, w) maps (``base.grid_layout``; by default recognised from the shape, the class,
+distillation and register tokens dropped); the activation and its gradient are mapped alike.
+
 ``guided_backprop`` (Springenberg et al. 2015) changes the backward pass of every ReLU, so it
-cannot share that pass and runs on its own.
+cannot share that pass and runs on its own. A model whose forward runs no ReLU it can guide but
+other rectifiers (GELU, SiLU, ...) is refused: the result would be the plain gradient.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar, Iterator, Literal, Sequence
 
@@ -22,9 +30,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .base import (
+    GRID_LAYOUTS,
     Context,
     Method,
     autocast_ctx,
+    layer_grid,
     register,
     resolve_layer,
     run_in_chunks,
@@ -44,8 +54,9 @@ class GradientPass:
 
     x: Tensor  #: (k, C, H, W) the inputs, in the working dtype
     input_grad: Tensor | None  #: (k, C, H, W) d logit_target / d x, when asked for
-    activation: Tensor | None  #: (k, K, h, w) the CAM layer's output, when a layer is hooked
-    activation_grad: Tensor | None  #: (k, K, h, w) d logit_target / d activation
+    activation: Tensor | None  #: the CAM layer's output as it is ((k, K, h, w), (k, T, C), ...)
+    activation_grad: Tensor | None  #: d logit_target / d activation, shaped like it
+    layer_name: str = ""  #: the CAM layer's dotted name (for messages)
 
 
 def gradient_pass(
@@ -88,8 +99,6 @@ def gradient_pass(
         if not caught:
             raise ValueError(f"the CAM layer {type(layer).__name__} was not called by the model's forward")
         act = caught[-1]  # a module called twice: the last call is the one nearest the output
-        if act.dim() != 4:
-            raise ValueError(f"the CAM layer must output (N, K, h, w) feature maps, got shape {tuple(act.shape)}")
         wrt.append(act)
     grads = torch.autograd.grad(score, wrt) if wrt else ()
     grads = [g.to(dtype) for g in grads]
@@ -98,7 +107,12 @@ def gradient_pass(
         input_grad=grads[0] if input_grad else None,
         activation=act.detach().to(dtype) if act is not None else None,
         activation_grad=grads[-1] if act is not None else None,
+        layer_name=_module_name(model, layer) if layer is not None else "",
     )
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), type(module).__name__)
 
 
 class GradientGroupMethod(Method):
@@ -165,6 +179,7 @@ class Saliency(GradientGroupMethod):
     """Gradient magnitude: max over channels of |d f_target / d x| (Simonyan et al. 2014)."""
 
     name = "saliency"
+    compile_safe = True
     signed = False
     channel_rule = "max over channels of the absolute gradient"
 
@@ -202,6 +217,7 @@ class GradCAM(GradientGroupMethod):
     """Grad-CAM: ReLU of the activation weighted by its spatially averaged gradient."""
 
     name = "gradcam"
+    compile_safe = False  # hooks the CAM layer
     signed = False
     needs_layer = True
     uses_input_grad = False
@@ -210,13 +226,36 @@ class GradCAM(GradientGroupMethod):
 
     @dataclass
     class Params:
-        #: dotted name of the module to hook; None: ctx.layer (by default the last spatial stage)
+        #: dotted name of the module to hook; None: ctx.layer (by default the last spatial stage,
+        #: or the first norm of a transformer's last block; see ``resolve_layer``)
         layer: str | None = None
+        #: how the layer's output becomes (N, K, h, w) maps: "auto" (recognised from the shape),
+        #: "nchw", "nhwc" (channels last, timm Swin), "tokens" ((N, T, C); leading class,
+        #: distillation and register tokens inferred and dropped) or an integer: (N, T, C) with
+        #: that many leading tokens dropped (see ``base.grid_layout``)
+        reshape: Literal["auto", "nchw", "nhwc", "tokens"] | int = "auto"
+
+        def validate(self) -> None:
+            if isinstance(self.reshape, str) and self.reshape not in GRID_LAYOUTS:
+                raise ValueError(f"reshape must be one of {list(GRID_LAYOUTS)} or a number of leading tokens")
+            if isinstance(self.reshape, int) and self.reshape < 0:
+                raise ValueError(f"reshape: a number of leading tokens must be >= 0, got {self.reshape}")
 
     def from_pass(self, p: GradientPass) -> Tensor:
-        weights = self.channel_weights(p.activation, p.activation_grad)  # type: ignore[arg-type]
-        cam = torch.relu((weights[:, :, None, None] * p.activation).sum(dim=1))  # type: ignore[operator]
+        act, grad = self.feature_maps(p)
+        weights = self.channel_weights(act, grad)
+        cam = torch.relu((weights[:, :, None, None] * act).sum(dim=1))
         return upsample_to(cam, tuple(p.x.shape[-2:]))
+
+    def feature_maps(self, p: GradientPass) -> tuple[Tensor, Tensor]:
+        """The layer's activation and its gradient as (N, K, h, w) maps, mapped alike."""
+        try:
+            layout = layer_grid(
+                p.activation, self.params.reshape, p.x.shape[-2:], p.layer_name  # type: ignore[arg-type]
+            )
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: {exc}") from None
+        return layout.apply(p.activation), layout.apply(p.activation_grad)  # type: ignore[arg-type]
 
     @staticmethod
     def channel_weights(act: Tensor, grad: Tensor) -> Tensor:
@@ -268,41 +307,78 @@ _RELU_FUNCTIONS = frozenset(
     {F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, torch.Tensor.relu}
 )
 
+#: other rectifier-like activations (by the name their torch function has; ReLU6 runs as
+#: hardtanh): a model using these instead of ReLUs would get no guidance at all
+_OTHER_RECTIFIERS = frozenset(
+    {"gelu", "silu", "mish", "elu", "celu", "selu", "leaky_relu", "prelu", "rrelu", "relu6", "hardtanh",
+     "hardswish", "softplus"}
+)
+
 
 class _GuidedReLUMode(TorchFunctionMode):
-    """Routes every ReLU call made while active (``nn.ReLU`` modules call ``F.relu`` too) through
-    ``_GuidedReLU``. In-place calls become out-of-place: the returned tensor is right, but a caller
-    relying on the side effect alone (ignoring the return value) would see the input unchanged."""
+    """Watches the activations called while active and, with ``guide=True``, routes every ReLU call
+    (``nn.ReLU`` modules call ``F.relu`` too) through ``_GuidedReLU``. In-place calls become
+    out-of-place: the returned tensor is right, but a caller relying on the side effect alone
+    (ignoring the return value) would see the input unchanged.
+
+    Counts ``relus`` (ReLU calls) and ``others`` (calls of other rectifiers, by name)."""
+
+    def __init__(self, guide: bool = True):
+        super().__init__()
+        self.guide = guide
+        self.relus = 0
+        self.others: Counter[str] = Counter()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in _RELU_FUNCTIONS:
-            return _GuidedReLU.apply(args[0])
+            self.relus += 1
+            if self.guide:
+                return _GuidedReLU.apply(args[0])
+        else:
+            name = getattr(func, "__name__", "").rstrip("_")
+            if name in _OTHER_RECTIFIERS:
+                self.others[name] += 1
         return func(*args, **(kwargs or {}))
 
 
+@dataclass
+class GuidedCount:
+    """What one guided forward pass met: ReLUs guided, ReLUs left plain, other rectifiers."""
+
+    guided: int = 0
+    plain_relus: int = 0
+    others: Counter[str] = dataclasses.field(default_factory=Counter)
+
+
 @contextlib.contextmanager
-def guided_relus(model: nn.Module, which: str) -> Iterator[None]:
-    """Make the model's ReLUs guided while the context is open.
+def guided_relus(model: nn.Module, which: str) -> Iterator[GuidedCount]:
+    """Make the model's ReLUs guided while the context is open; yields a ``GuidedCount`` filled
+    in as the forward runs.
 
     ``which="modules"``: only ``nn.ReLU`` modules (a forward hook swaps their output for a guided
     ReLU of their input), which is what Captum's GuidedBackprop covers. ``which="all"``: also
     ``F.relu``/``torch.relu``/``Tensor.relu`` called inside ``forward`` (a TorchFunctionMode)."""
-    if which == "all":
-        with _GuidedReLUMode():
-            yield
-        return
+    count = GuidedCount()
+    mode = _GuidedReLUMode(guide=which == "all")
+    modules = [0]
 
     def swap(_module, inputs, _output):
         # In-place ReLU: inputs[0] already holds relu(x); relu of it is the same values and the
         # same (x > 0) mask, so recomputing from it is exact in both cases.
+        modules[0] += 1
         return _GuidedReLU.apply(inputs[0])
 
-    handles = [m.register_forward_hook(swap) for m in model.modules() if isinstance(m, nn.ReLU)]
+    relus = [] if which == "all" else [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    handles = [m.register_forward_hook(swap) for m in relus]
     try:
-        yield
+        with mode:
+            yield count
     finally:
         for h in handles:
             h.remove()
+        count.guided = mode.relus if which == "all" else modules[0]
+        count.plain_relus = 0 if which == "all" else mode.relus - modules[0]
+        count.others = mode.others
 
 
 @register
@@ -323,15 +399,34 @@ class GuidedBackprop(Method):
     def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
         return self.attribute_full(model, x, target, ctx).sum(dim=1)
 
+    def check_guided(self, count: GuidedCount) -> None:
+        """Refuse a forward that guided no ReLU but ran ReLUs this setting leaves plain or other
+        rectifiers (a GELU ViT): the map would silently be the plain gradient. A model with no
+        rectifier at all (linear, tanh) is left alone: there, the definition gives the gradient."""
+        if count.guided or not (count.plain_relus or count.others):
+            return
+        found = [f"{name} x {k}" for name, k in sorted(count.others.items())]
+        if count.plain_relus:
+            found.insert(0, f"functional relu x {count.plain_relus} (guided by relu='all' only)")
+        covers = ("nn.ReLU modules and F.relu/torch.relu/Tensor.relu calls" if self.params.relu == "all"
+                  else "nn.ReLU modules only")
+        raise ValueError(
+            f"{self.name}: the model's forward ran no ReLU it can guide (relu={self.params.relu!r}: {covers}); "
+            f"it ran {', '.join(found)}. Guided backpropagation changes the backward pass of ReLUs only, "
+            "so on this model it would return the plain input gradient"
+        )
+
     def attribute_full(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
         """The guided gradient (N, C, H, W) before the channel reduction."""
 
         def one(sl: slice) -> Tensor:
             dtype = working_dtype(x)
             xi = x[sl].detach().to(dtype).requires_grad_(True)
-            with torch.enable_grad(), autocast_ctx(ctx, xi.device), guided_relus(model, self.params.relu):
-                out = model(xi)
+            with torch.enable_grad(), autocast_ctx(ctx, xi.device):
+                with guided_relus(model, self.params.relu) as count:
+                    out = model(xi)
                 score = select_scores(out, target[sl].to(out.device)).to(dtype).sum()
+            self.check_guided(count)
             (grad,) = torch.autograd.grad(score, xi)
             return grad.to(dtype)
 
