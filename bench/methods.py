@@ -180,6 +180,25 @@ def main() -> None:
     add(f"rise ({rise_masks} masks)", rise_masks, ours("rise", masks=rise_masks))
     sob = build_method("sobol", {"design": sobol_design})
     add(f"sobol (grid 8, design {sobol_design})", sob.cost(), ours("sobol", design=sobol_design))
+    # LRP: ours against zennit alone (its Gradient attributor, same composite and canonizers);
+    # x is in [0, 1] for both models, so the z-box bounds are 0 and 1
+    from zennit.attribution import Gradient as ZennitGradient
+
+    from distributed_attr.methods import lrp
+
+    onehot = torch.eye(int(model(x[:1]).shape[1]))[target]
+    lrp_rows = []
+    for composite in lrp.COMPOSITES:
+        params = {"composite": composite, **({"low": 0.0, "high": 1.0} if composite == "epsilon_gamma_box" else {})}
+        m = build_method("lrp", params)
+
+        def zennit_ref(m=m):
+            with ZennitGradient(model, m.build_composite(model, x)) as attributor:
+                return attributor(x, lambda out: onehot * out)[1].sum(1)
+
+        add(f"lrp ({composite})", m.cost(), ours("lrp", **params), zennit_ref,
+            f"zennit Gradient, canonizer {lrp.resolve_canonizer(model)}")
+        lrp_rows.append((composite, m.cost(), n / rows[-1][2] / t_bare))
 
     # Shared-pass groups against their members one by one.
     grad_names = ["saliency", "gradient_x_input", "gradcam", "gradcam_pp"]
@@ -219,10 +238,13 @@ def main() -> None:
     for name, cost, r_ours, r_ref, desc in rows:
         ratio = f"{r_ours / r_ref:.2f}x" if r_ref else "-"
         fam_gradient = not name.startswith(("occlusion", "rise", "sobol"))
-        limit_rate = (bare_rate if cost == 1 else chunked_rate) if fam_gradient else fwd_rate
+        one_batch = cost == 1 or name.startswith("lrp")  # LRP's passes run on the images' batch
+        limit_rate = (bare_rate if one_batch else chunked_rate) if fam_gradient else fwd_rate
         limit = f"{r_ours * cost / limit_rate:.2f}"
         ref = f"{r_ref:.1f}" if r_ref else "(none)"
         print(f"| {name} | {cost:g} | {r_ours:.1f} | {ref} | {ratio} | {limit} | {desc or '-'} |")
+    print("\nLRP's time per image in forward+backward passes (ours / the bare forward+backward of the images' "
+          "batch): " + ", ".join(f"{c} {meas:.2f} (declared cost {decl:g})" for c, decl, meas in lrp_rows))
     print("\nShared-pass groups (same total work, one call):\n")
     print("| group | together img/s | one by one img/s | speed-up | Captum one by one img/s |")
     print("|---|---:|---:|---:|---:|")

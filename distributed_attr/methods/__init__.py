@@ -13,8 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from . import (  # noqa: F401  (registration)
+    captum_families,
     gradient,
     integrated_gradients,
+    lrp,
     occlusion,
     rise,
     smoothgrad,
