@@ -190,6 +190,10 @@ class RunConfig:
     #: (others on the CPU). Both change maps within float tolerance only (docs/benchmarks-gpu.md).
     channels_last: bool = False
     decode_on_gpu: bool = False
+    #: torch.compile the model for the methods that only call it (Saliency, IG, SmoothGrad,
+    #: Occlusion, RISE, ...; CAM methods, Guided Backprop and LRP hook its layers and run it
+    #: eagerly); a model that does not compile runs eagerly, with the reason logged
+    compile: bool = False
     #: number of reference images for methods that need them (Soundness Saliency)
     references: int = 16
     #: seconds the job waits while no actor is alive (all dead, restarting or unschedulable)

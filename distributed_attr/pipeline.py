@@ -7,6 +7,7 @@ mode (``run.num_workers: 0``) and the tests all run exactly the same code.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections import deque
@@ -24,6 +25,8 @@ from .io.models import load_model
 from .io.sources import decode_image, open_source
 from .io.store import Keys, UnitWriter
 from .methods import Context, build_method, compute_maps, resolve_layer
+
+log = logging.getLogger(__name__)
 
 AUTOCAST = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -162,6 +165,26 @@ class UnitStages:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
+def compile_model(model: nn.Module, example: torch.Tensor, autocast: torch.dtype | None
+                  ) -> tuple[nn.Module | None, str | None]:
+    """``(torch.compile(model), None)``, or ``(None, reason)`` when compiling fails.
+
+    torch.compile compiles lazily, at the first forward and the first backward, so one of each on
+    ``example`` (under the job's autocast) runs here: a model that cannot be compiled falls back to
+    eager execution at start-up, with the reason logged, instead of failing a unit later."""
+    try:
+        compiled = torch.compile(model)
+        x = example.detach().clone().requires_grad_(True)
+        with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = compiled(x)
+        torch.autograd.grad(out.float().sum(), x)
+    except Exception as exc:  # any compiler failure: the eager model computes the same maps
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
+        log.warning("run.compile: torch.compile failed, the model runs eagerly (%s)", reason)
+        return None, reason
+    return compiled, None
+
+
 def resolve_decode_workers(setting: int | str, cpus_per_worker: float) -> int:
     """``run.decode_workers``: "auto" = one decode thread per CPU the actor asked for."""
     return max(1, round(cpus_per_worker)) if setting == "auto" else int(setting)
@@ -208,6 +231,12 @@ class UnitProcessor:
         decode_device = self.device if cfg.run.decode_on_gpu and self.device.type == "cuda" else None
         #: the overlapped stages; None = read, decode, compute and write one after another
         self.stages = UnitStages(workers, cfg.run.prefetch_units, decode_device) if workers > 0 else None
+        #: the model compiled by torch.compile for the methods that only call it (run.compile);
+        #: None when off, or when compiling failed (``compile_error`` says why)
+        self.compiled: nn.Module | None = None
+        self.compile_error: str | None = None
+        if cfg.run.compile and any(m.compile_safe for m in self.methods):
+            self.compiled, self.compile_error = compile_model(self.model, self._blank(2), AUTOCAST[cfg.run.autocast])
         self._layer_resolved = not any(m.needs_layer for m in self.methods)
         self._references: torch.Tensor | None = None
         self._writer: UnitWriter | None = None
@@ -263,7 +292,12 @@ class UnitProcessor:
         target, prediction, probability = self.targets(x, labels)
         # a context of this batch's own: nothing of one batch leaks into the next ...
         ctx = dataclasses.replace(self.ctx, indices=indices, references=self.references())
-        maps = compute_maps(self.model, x, target, self.methods, ctx)
+        if self.compiled is None:
+            maps = compute_maps(self.model, x, target, self.methods, ctx)
+        else:  # methods that hook or rewrite the model's layers run it eagerly
+            maps = compute_maps(self.compiled, x, target, [m for m in self.methods if m.compile_safe], ctx)
+            maps.update(compute_maps(self.model, x, target, [m for m in self.methods if not m.compile_safe], ctx))
+            maps = {m.name: maps[m.name] for m in self.methods}
         # ... except the sample budget an out-of-memory error taught run_in_chunks
         self.ctx.max_batch = ctx.max_batch
         out: dict[str, np.ndarray] = {
@@ -411,9 +445,12 @@ class UnitProcessor:
     def num_classes(self) -> int:
         """Classes the model predicts (width of its output), from one forward pass of a blank image."""
         if self._num_classes is None:
-            self._num_classes = int(self.probe_output(torch.zeros(1, self.cfg.data.channels, self.cfg.data.image_size,
-                                                                  self.cfg.data.image_size)).shape[1])
+            self._num_classes = int(self.probe_output(self._blank(1)).shape[1])
         return self._num_classes
+
+    def _blank(self, n: int) -> torch.Tensor:
+        size = self.cfg.data.image_size
+        return torch.zeros(n, self.cfg.data.channels, size, size, device=self.device)
 
     def probe_output(self, x: torch.Tensor) -> torch.Tensor:
         """The model's output for ``x``; raises ``ValueError`` when it is not (N, classes)."""

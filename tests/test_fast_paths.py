@@ -35,14 +35,20 @@ def digits(tmp_path_factory):
     return path, torch.from_numpy(imgs).float().div(255).unsqueeze(1), torch.as_tensor(labels)
 
 
-def arrays(name: str, digits, **run) -> dict[str, np.ndarray]:
-    path, x, labels = digits
+def processor(name: str, digits, **run) -> UnitProcessor:
+    path, _, _ = digits
     cfg = Config.from_dict({
         "data": {"format": "numpy", "path": str(path), "image_size": 32, "channels": 1, "mean": [0.0], "std": [1.0]},
         "store": str(path.parent / "unused.zarr"), "model": {"kind": "zoo", "name": name},
         "methods": METHODS, "spectra": {"enabled": False}, "run": {"num_workers": 0, **run}})
     model, _ = zoo.pretrained(name)
-    return UnitProcessor(cfg, device="cpu", model=model).compute_batch(x, labels, torch.arange(len(x)))
+    return UnitProcessor(cfg, device="cpu", model=model)
+
+
+def arrays(name: str, digits, proc: UnitProcessor | None = None, **run) -> dict[str, np.ndarray]:
+    _, x, labels = digits
+    proc = proc or processor(name, digits, **run)
+    return proc.compute_batch(x, labels, torch.arange(len(x)))
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -70,3 +76,38 @@ def test_bfloat16_autocast_keeps_maps_within_the_documented_tolerance(name, digi
         assert c.min() >= least, (method, c.min())
         # and bfloat16 really ran: a tolerance test that compares float32 with itself passes vacuously
         assert c.min() < 1 - 1e-7, method
+
+
+def test_compile_gives_the_eager_maps(digits, monkeypatch):
+    """torch.compile as the job uses it: dynamo captures the model, AOTAutograd its backward. The
+    backend is ``aot_eager`` here because inductor's code generation takes minutes per input shape
+    on this 2-core CPU; measured once with inductor on 2026-11-30: the same gradients to 2e-7."""
+    real = torch.compile
+    backends = []
+
+    def compile_(model, **kwargs):
+        backends.append("aot_eager")
+        return real(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    proc = processor("digits_cnn", digits, compile=True)
+    assert backends and proc.compiled is not None and proc.compile_error is None
+    ref, got = arrays("digits_cnn", digits), arrays("digits_cnn", digits, proc)
+    np.testing.assert_array_equal(ref["target"], got["target"])
+    for method in METHODS:
+        np.testing.assert_allclose(got[f"maps/{method}"], ref[f"maps/{method}"], rtol=1e-4,
+                                   atol=1e-5 * np.abs(ref[f"maps/{method}"]).max(), err_msg=method)
+
+
+def test_a_model_that_does_not_compile_runs_eagerly_and_says_why(digits, monkeypatch, caplog):
+    def broken(model, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level("WARNING"):
+        proc = processor("digits_cnn", digits, compile=True)
+    assert proc.compiled is None and "no C++ compiler found" in proc.compile_error
+    assert "runs eagerly" in caplog.text and "no C++ compiler found" in caplog.text
+    ref, got = arrays("digits_cnn", digits), arrays("digits_cnn", digits, proc)
+    for method in METHODS:
+        np.testing.assert_array_equal(got[f"maps/{method}"], ref[f"maps/{method}"], err_msg=method)
