@@ -75,3 +75,17 @@ def test_safetensors_and_training_checkpoints_load_like_state_dicts(tmp_path, zo
         assert fingerprint(loaded) == fingerprint(model), name
     with pytest.raises(ModelError, match=r"^model.weights: file .* does not exist$"):  # not wrapped twice
         load_model(ModelConfig(kind="torchscript", weights=str(tmp_path / "missing.ts")))
+
+
+def test_an_architecture_without_weights_is_the_same_in_every_process(tmp_path):
+    """Unseeded, torchvision's random initialisation differed between the driver (whose
+    fingerprint the store records) and every actor (which computed the maps)."""
+    import subprocess
+    import sys
+
+    code = ("from distributed_attr.config import ModelConfig; from distributed_attr.io.models import load_model, "
+            "fingerprint; import torch; torch.manual_seed(int(__import__('sys').argv[1])); "
+            "print(fingerprint(load_model(ModelConfig(kind='torchvision', name='resnet18', num_classes=3))))")
+    prints = {subprocess.run([sys.executable, "-c", code, str(seed)], capture_output=True, text=True,
+                             check=True).stdout.strip() for seed in (1, 2)}
+    assert len(prints) == 1 and len(prints.pop()) == 64

@@ -383,6 +383,26 @@ def load_model(cfg: ModelConfig, where: str = "model", storage_options: dict | N
         cfg.validate()
     except ValueError as exc:
         raise ModelError(f"{where}: {exc}") from None
+    # An architecture built without weights starts from random values. Seeded, they are the same in
+    # the driver and in every actor, so the stored fingerprint describes the model that made the maps.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _build(cfg, where, storage_options)
+    if not cfg.weights and cfg.kind in ("torchvision", "timm"):
+        log.warning("%s: %s %r has no weights: random initialisation (seeded, the same in every process)",
+                    where, cfg.kind, cfg.name)
+    try:
+        model.eval()
+    except NotImplementedError:
+        pass  # torch.export modules keep the mode they were exported in and refuse eval()
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients are taken w.r.t. the input only
+    if data is not None:
+        check_preprocessing(model, data, where)
+    return model
+
+
+def _build(cfg: ModelConfig, where: str, storage_options: dict | None) -> nn.Module:
     if cfg.kind == "zoo":
         from .. import zoo
 
@@ -438,14 +458,6 @@ def load_model(cfg: ModelConfig, where: str = "model", storage_options: dict | N
         model = _load_huggingface(cfg, where, storage_options)
     else:  # the config's Literal type makes this unreachable
         raise ModelError(f"{where}.kind: unknown kind {cfg.kind!r}")
-    try:
-        model.eval()
-    except NotImplementedError:
-        pass  # torch.export modules keep the mode they were exported in and refuse eval()
-    for p in model.parameters():
-        p.requires_grad_(False)  # gradients are taken w.r.t. the input only
-    if data is not None:
-        check_preprocessing(model, data, where)
     return model
 
 

@@ -522,9 +522,11 @@ def _to_float_chw(payload: Any, channels: int, max_pixels: int | None = None) ->
         with opened as im:
             _check_pixels(im.size[0], im.size[1], max_pixels)
             im = im.convert("L" if channels == 1 else "RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-        t = torch.from_numpy(arr.copy()).float().div_(255.0)
-        t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+            arr = np.array(im, dtype=np.uint8)  # one writable copy
+        # channels first before the float conversion: one pass writes a contiguous float tensor
+        hwc = torch.from_numpy(arr)
+        chw = hwc.unsqueeze(0) if hwc.ndim == 2 else hwc.permute(2, 0, 1)
+        return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)  # 8 bits: finite
     else:
         arr = np.asarray(payload)
         if arr.ndim == 2:
@@ -564,8 +566,8 @@ def decode_image(payload: Any, cfg: DataConfig, device: torch.device | str | Non
     centre-crop, subtract ``mean`` and divide by ``std``. Raises on a corrupt image.
 
     ``device`` (a CUDA device): a JPEG payload is decoded there by nvJPEG and resized there; the
-    result lies on that device. nvJPEG's inverse DCT differs from libjpeg's by about one grey level,
-    so such maps equal the CPU path's only within tolerance. Other payloads decode on the CPU."""
+    result lies on that device. nvJPEG is not guaranteed to decode bit for bit as libjpeg does, so
+    such maps equal the CPU path's only within tolerance. Other payloads decode on the CPU."""
     if device is not None and torch.device(device).type == "cuda" and isinstance(payload, (bytes, bytearray)) \
             and bytes(payload[:3]) == JPEG_MAGIC:
         t = _jpeg_on_device(bytes(payload), cfg, torch.device(device))
