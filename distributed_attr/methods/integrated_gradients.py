@@ -45,6 +45,7 @@ class IntegratedGradients(Method):
     """Path integral of gradients from a baseline to the image, times (image - baseline)."""
 
     name = "integrated_gradients"
+    compile_safe = True
     family = "gradient"
     signed = True
     channel_rule = "sum over channels (keeps completeness: the map sums to f(x) - f(baseline))"

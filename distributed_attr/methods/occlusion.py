@@ -36,6 +36,7 @@ class Occlusion(Method):
     """Mean drop of the target score over the sliding windows that cover each pixel."""
 
     name = "occlusion"
+    compile_safe = True
     family = "prediction"
     signed = True
     cost_unit = "forward"

@@ -50,6 +50,7 @@ class RISE(Method):
     """RISE: score-weighted average of random smooth masks."""
 
     name = "rise"
+    compile_safe = True
     family = "prediction"
     signed = False
     cost_unit = "forward"

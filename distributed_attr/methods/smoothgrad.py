@@ -95,6 +95,7 @@ class SmoothGrad(Method):
     """SmoothGrad: the gradient averaged over noisy copies of the image, summed over channels."""
 
     name = "smoothgrad"
+    compile_safe = True
     family = "gradient"
     signed = True
     share_group = GROUP

@@ -69,6 +69,7 @@ class SobolAttribution(Method):
     """Total-order Sobol indices of grid-cell masks (Fel et al. 2021), Jansen estimator."""
 
     name = "sobol"
+    compile_safe = True
     family = "prediction"
     signed = False
     cost_unit = "forward"
