@@ -4,11 +4,15 @@ Python API
 ----------
 - ``run(config)``: the attribution job (YAML path, dict or ``Config``) -> ``RunSummary``.
 - ``attribute(model, images, method, target=None, **params)``: maps (N, H, W) for one batch.
-- ``methods()``: the registered methods with their parameters and defaults.
+- ``list_methods()`` / ``list_metrics()``: the registered methods / metrics with their parameters
+  and defaults.
 - ``radial_spectrum(maps)``, ``low_pass(maps, cutoff, kind="forgrad")``: spectra and filters.
-- ``evaluate(model, images, maps, metric, target=None, **params)``: per-image metric scores.
+- ``evaluate(model, images, maps, metric, target=None, **params)``: per-image scores.
+
+The subpackages keep their names: ``distributed_attr.methods`` is the methods package (its
+registry, ``compute_maps``, one module per family), ``distributed_attr.metrics`` the metrics'.
+Importing this package imports no torch; the functions import what they need.
 """
-from .methods import attribute, methods
 
 __version__ = "0.1.0"
 
@@ -18,6 +22,27 @@ def run(config, **kwargs):
     from .runner import run as _run
 
     return _run(config, **kwargs)
+
+
+def attribute(model, images, method, target=None, **kwargs):
+    """Maps (N, H, W) of one method for a batch; see ``distributed_attr.methods.attribute``."""
+    from .methods import attribute as _attribute
+
+    return _attribute(model, images, method, target, **kwargs)
+
+
+def list_methods():
+    """Every registered attribution method with its family, parameters and defaults."""
+    from .methods import list_methods as _list
+
+    return _list()
+
+
+def list_metrics():
+    """Every registered metric with its direction, outputs, parameters and defaults."""
+    from .metrics import list_metrics as _list
+
+    return _list()
 
 
 def radial_spectrum(maps):
@@ -41,4 +66,5 @@ def evaluate(model, images, maps, metric, target=None, **params):
     return _ev(model, images, maps, metric, target=target, **params)
 
 
-__all__ = ["attribute", "evaluate", "low_pass", "methods", "radial_spectrum", "run", "__version__"]
+__all__ = ["__version__", "attribute", "evaluate", "list_methods", "list_metrics", "low_pass", "radial_spectrum",
+           "run"]

@@ -74,9 +74,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import methods
+    from .methods import list_methods
 
-    for name, info in methods().items():
+    for name, info in list_methods().items():
         params = ", ".join(f"{k}={v!r}" for k, v in info["params"].items()) or "-"
         print(f"{name:22s} {info['family']:12s} {params}")
     return 0

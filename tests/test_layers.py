@@ -144,3 +144,18 @@ def test_commons_sits_below_methods_and_metrics():
     ours = [(line, name) for line, name, _ in imported_names(tree, module, is_init)
             if name.startswith(PACKAGE + ".") or name == PACKAGE]
     assert not ours, f"commons imports {ours}"
+
+
+def test_the_subpackages_keep_their_names_and_the_package_imports_no_torch():
+    """``distributed_attr.methods`` was both the subpackage and a function (``import
+    distributed_attr.methods as m`` gave the function); importing the package or its config
+    imported torch (seconds) before any YAML was parsed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, types, distributed_attr, distributed_attr.config; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "import distributed_attr.methods as m, distributed_attr.metrics as k; "
+            "assert isinstance(m, types.ModuleType) and isinstance(k, types.ModuleType); "
+            "assert 'lrp' in distributed_attr.list_methods() and 'deletion' in distributed_attr.list_metrics()")
+    subprocess.run([sys.executable, "-c", code], check=True)

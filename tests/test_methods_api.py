@@ -82,7 +82,7 @@ def setup(n: int = 4):
 
 
 def test_every_method_is_registered_and_described():
-    listed = distributed_attr.methods()
+    listed = distributed_attr.list_methods()
     assert set(BUILTIN) <= set(listed) and list(listed) == NAMES
     for name in NAMES:
         info = listed[name]

@@ -19,7 +19,7 @@ from captum._utils.models.linear_model import SkLearnLasso, SkLearnRidge
 from torch import nn
 
 from distributed_attr.cli import main
-from distributed_attr.methods import Context, build_method, methods
+from distributed_attr.methods import Context, build_method, list_methods
 from distributed_attr.methods.base import image_seed
 from distributed_attr.methods.captum_families import (
     each_image,
@@ -296,7 +296,7 @@ def test_shapley_value_sampling_is_efficient():
 
 
 def test_registered_described_and_listed_by_the_cli(capsys):
-    listed = methods()
+    listed = list_methods()
     assert set(BRIDGED) <= set(listed)
     assert [n for n in BRIDGED if listed[n]["needs_references"]] == ["deeplift_shap", "gradient_shap"]
     assert {n: listed[n]["family"] for n in BRIDGED} == {

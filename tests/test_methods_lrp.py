@@ -146,7 +146,7 @@ def test_auto_canonizer_by_model_type():
     assert lrp.resolve_canonizer(zoo.build("digits_resnet")) == "digits_resnet"
     assert lrp.resolve_canonizer(bn_cnn()) == "sequential_merge_batchnorm"
     assert lrp.resolve_canonizer(bn_cnn(), "none") == "none"
-    info = distributed_attr.methods()["lrp"]
+    info = distributed_attr.list_methods()["lrp"]
     assert info["params"]["composite"] == "epsilon_plus_flat" and info["params"]["canonizer"] == "auto"
     assert info["signed"] and info["channel_rule"] == "sum over channels"
     assert [build_method("lrp", {"composite": c, **our_params(c)}).cost() for c in lrp.COMPOSITES] == [3, 6, 5]

@@ -10,7 +10,7 @@ from torch import nn
 
 from distributed_attr import zoo
 from distributed_attr.methods import attribute
-from distributed_attr.metrics import build_metric, evaluate, metrics
+from distributed_attr.metrics import build_metric, evaluate, list_metrics
 from distributed_attr.metrics.base import MetricContext
 from distributed_attr.registry import RegistryError
 
@@ -193,7 +193,7 @@ def test_bad_parameters_name_the_problem_and_the_valid_values():
         build_metric("deletion", {"activation": "sigmoid"})
     with pytest.raises(RegistryError, match="valid metrics"):
         build_metric("deletions")
-    assert metrics()["deletion"]["higher_is_better"] is False
+    assert list_metrics()["deletion"]["higher_is_better"] is False
 
 
 @pytest.mark.parametrize("name", ["deletion", "insertion", "forgrad_protocol", "mufidelity",

@@ -32,7 +32,7 @@ from .base import (
     resolve_layer,
 )
 
-__all__ = ["METHODS", "Context", "Method", "attribute", "build_method", "compute_maps", "methods"]
+__all__ = ["METHODS", "Context", "Method", "attribute", "build_method", "compute_maps", "list_methods"]
 
 
 def compute_maps(
@@ -69,7 +69,7 @@ def attribute(
     """Attribution maps (N, H, W) for a batch of preprocessed images (N, C, H, W).
 
     ``target`` is a class index per image (or one for all); the model's prediction when omitted.
-    ``params`` are the method's parameters (see ``methods()``); unknown ones raise with the list
+    ``params`` are the method's parameters (see ``list_methods()``); unknown ones raise with the list
     of valid ones. The result lives on the images' device.
     """
     m = build_method(method, params)
@@ -107,6 +107,6 @@ def resolve_target(
     return t
 
 
-def methods() -> dict[str, dict[str, Any]]:
+def list_methods() -> dict[str, dict[str, Any]]:
     """Every registered method with its family, parameters and defaults."""
     return {name: METHODS.get(name).describe() for name in METHODS}

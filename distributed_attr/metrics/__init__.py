@@ -21,7 +21,7 @@ __all__ = [
     "MetricContext",
     "build_metric",
     "evaluate",
-    "metrics",
+    "list_metrics",
     "randomisation_check",
     "register",
 ]
@@ -44,7 +44,7 @@ def evaluate(
 ) -> dict[str, Tensor]:
     """Evaluate attribution ``maps`` (N, H, W) of ``images`` (N, C, H, W) with ``metric``.
 
-    Returns ``{output: (N, *trailing)}`` on the images' device (see ``metrics()`` for every
+    Returns ``{output: (N, *trailing)}`` on the images' device (see ``list_metrics()`` for every
     metric's outputs and parameters). ``target`` is the explained class per image (or one for
     all); the model's prediction when omitted. ``params`` are the metric's parameters; unknown
     ones raise with the list of valid ones. ``evaluators`` are other models trained on the same
@@ -76,6 +76,6 @@ def evaluate(
     return {k: v.to(images.device) for k, v in out.items()}
 
 
-def metrics() -> dict[str, dict[str, Any]]:
+def list_metrics() -> dict[str, dict[str, Any]]:
     """Every registered metric with its direction, score output, parameters and defaults."""
     return {name: METRICS.get(name).describe() for name in METRICS}
