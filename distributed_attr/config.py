@@ -43,6 +43,10 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     image_column: str = "image"
     label_column: str = "label"
+    #: Parquet: a column holding each image's ground-truth mask (an image, as the image column:
+    #: PNG bytes or {bytes, path}; nonzero = inside), resized and cropped as the image and stored
+    #: as ``ground_truth/mask``; localisation metrics need it
+    mask_column: str | None = None
     #: numpy format: optional labels file (.npy)
     labels_path: str | None = None
     #: process only the first ``limit`` images
@@ -65,6 +69,8 @@ class DataConfig:
             raise ValueError("limit must be >= 1")
         if self.max_pixels < 1:
             raise ValueError("max_pixels must be >= 1")
+        if self.mask_column is not None and self.format != "parquet":
+            raise ValueError(f"mask_column is read from Parquet data only; format is {self.format!r}")
 
 
 @dataclass

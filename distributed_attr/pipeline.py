@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import Config
 from .io.models import load_model
-from .io.sources import decode_image, open_source
+from .io.sources import decode_image, decode_sample, open_source
 from .io.store import Keys, UnitWriter
 from .methods import Context, build_method, compute_maps, resolve_layer
 
@@ -43,8 +43,9 @@ class UnitResult:
 @dataclass
 class _LoadedUnit:
     """A unit whose records are read: per image its label and key, and per image that can be
-    attributed ``(index, label, name, image)`` where ``image`` is a decode future (overlapped)
-    or the undecoded payload (sequential)."""
+    attributed ``(index, label, name, sample)`` where ``sample`` is a future of the decoded
+    ``(image, mask or None)`` (overlapped) or the undecoded ``(payload, mask payload)``
+    (sequential)."""
 
     unit: int
     start: int
@@ -71,8 +72,8 @@ class UnitStages:
         self.max_held = 0
         self._lock = threading.Lock()
 
-    def decode(self, payload: Any, data: Any) -> Future:
-        return self.decoders.submit(decode_image, payload, data, self.decode_device)
+    def decode(self, payload: Any, mask: Any, data: Any) -> Future:
+        return self.decoders.submit(decode_sample, payload, mask, data, self.decode_device)
 
     def _hold(self, change: int) -> None:
         with self._lock:
@@ -190,6 +191,11 @@ def resolve_decode_workers(setting: int | str, cpus_per_worker: float) -> int:
     return max(1, round(cpus_per_worker)) if setting == "auto" else int(setting)
 
 
+#: fill value and dtype of a unit's array before its batches are written in, by the batch's dtype
+#: kind (images that fail keep it): -1 for integers, False for flags, NaN (float32) otherwise
+_FILL = {"i": (-1, np.int64), "u": (-1, np.int64), "b": (False, bool)}
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -275,8 +281,10 @@ class UnitProcessor:
             target = torch.full_like(prediction, int(t))
         return target, prediction, probs.gather(1, target.view(-1, 1)).squeeze(1)
 
-    def compute_batch(self, x: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> dict[str, np.ndarray]:
-        """Every per-image array the store holds, for one batch of decoded images."""
+    def compute_batch(self, x: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                      masks: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """Every per-image array the store holds, for one batch of decoded images (and their
+        ground-truth masks (N, H, W) bool, when the data have them)."""
         cfg = self.cfg
         if self.device.type == "cuda" and x.device.type == "cpu":
             # from page-locked memory the copy runs asynchronously to the host
@@ -305,6 +313,8 @@ class UnitProcessor:
             "prediction": prediction.cpu().numpy(),
             "probability": probability.cpu().numpy(),
         }
+        if masks is not None:
+            out[Keys.GROUND_TRUTH_MASK] = masks.cpu().numpy()
         mctx = metric_context(cfg, self.evaluators, indices) if self.metrics else None
         for name, m in maps.items():
             out[Keys.maps(name)] = m.cpu().numpy()
@@ -394,8 +404,8 @@ class UnitProcessor:
                     f"target is 'label' but the image's label {rec.label} is not a class of the "
                     f"model (0..{self.num_classes - 1})" if rec.label >= 0 else "target is 'label' but the image has no label")
                 continue
-            image = rec.payload if inline else self.stages.decode(rec.payload, cfg.data)
-            loaded.items.append((rec.index, rec.label, rec.name, image))
+            sample = (rec.payload, rec.mask) if inline else self.stages.decode(rec.payload, rec.mask, cfg.data)
+            loaded.items.append((rec.index, rec.label, rec.name, sample))
         return loaded
 
     def _compute(self, loaded: _LoadedUnit) -> tuple[dict[str, np.ndarray], dict[int, str]]:
@@ -405,27 +415,27 @@ class UnitProcessor:
         failures = dict(loaded.failures)
         arrays: dict[str, np.ndarray] = {}
         done_rows: list[int] = []
-        batch: list[tuple[int, int, torch.Tensor]] = []
+        batch: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
 
         def flush() -> None:
-            rows = np.asarray([r for r, _, _ in batch], dtype=np.int64) - start
-            x = torch.stack([img for _, _, img in batch])
-            out = self.compute_batch(x, torch.as_tensor([lab for _, lab, _ in batch]), torch.as_tensor(rows + start))
+            rows = np.asarray([b[0] for b in batch], dtype=np.int64) - start
+            x = torch.stack([b[2] for b in batch])
+            masks = torch.stack([b[3] for b in batch]) if cfg.data.mask_column is not None else None
+            out = self.compute_batch(x, torch.as_tensor([b[1] for b in batch]), torch.as_tensor(rows + start), masks)
             for key, value in out.items():
                 if key not in arrays:
-                    arrays[key] = np.full((n, *value.shape[1:]), -1 if value.dtype.kind in "iu" else np.nan,
-                                          dtype=value.dtype if value.dtype.kind in "iu" else np.float32)
+                    arrays[key] = np.full((n, *value.shape[1:]), *_FILL.get(value.dtype.kind, (np.nan, np.float32)))
                 arrays[key][rows] = value
             done_rows.extend(rows.tolist())
             batch.clear()
 
-        for index, label, name, image in loaded.items:
+        for index, label, name, sample in loaded.items:
             try:
-                img = image.result() if isinstance(image, Future) else decode_image(image, cfg.data)
-            except Exception as exc:  # a corrupt image fails alone; the unit goes on
+                img, mask = sample.result() if isinstance(sample, Future) else decode_sample(*sample, cfg.data)
+            except Exception as exc:  # a corrupt image (or mask) fails alone; the unit goes on
                 failures[index] = f"{type(exc).__name__}: {exc}"[:300] + (f" ({name})" if name else "")
                 continue
-            batch.append((index, label, img))
+            batch.append((index, label, img, mask))
             if len(batch) == cfg.run.batch_size:
                 flush()
         if batch:

@@ -101,6 +101,7 @@ def make_plan(cfg: Config, n_images: int, attrs: dict[str, Any]) -> StorePlan:
         stored_cutoffs=[s * scale for s in cfg.filters.store_maps],
         metric_outputs=metric_outputs,
         attrs=attrs,
+        ground_truth_mask=cfg.data.mask_column is not None,
     )
 
 

@@ -91,8 +91,8 @@ def test_a_slow_stage_never_lets_the_units_held_grow_past_the_bound(
         write = UnitProcessor._write
         monkeypatch.setattr(UnitProcessor, "_write", lambda self, u, a: (time.sleep(0.3), write(self, u, a))[1])
     else:
-        decode = pipeline.decode_image
-        monkeypatch.setattr(pipeline, "decode_image", lambda *a: (time.sleep(0.01), decode(*a))[1])
+        decode = pipeline.decode_sample
+        monkeypatch.setattr(pipeline, "decode_sample", lambda *a: (time.sleep(0.01), decode(*a))[1])
     results = list(proc.process_units(range(6)))
     assert [r.unit for r in results] == list(range(6))
     bound = prefetch + 2

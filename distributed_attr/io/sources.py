@@ -44,6 +44,8 @@ class Record:
     #: where the image came from, stable across machines: "<file>:<row>" (Parquet), the path
     #: relative to data.path (folder), "<tar>:<key>" (WebDataset), "<row>" (NumPy)
     key: str = ""
+    #: the ground-truth mask's payload (``data.mask_column``), or None
+    mask: Any = None
 
 
 class Files:
@@ -268,6 +270,11 @@ class ParquetSource(_OffsetSource):
                 )
             self.counts.append(meta.metadata.num_rows)
         self.has_label = cfg.label_column in self._open(self.files[0]).schema_arrow.names
+        if cfg.mask_column is not None:
+            names = self._open(self.files[0]).schema_arrow.names
+            if cfg.mask_column not in names:
+                raise SourceError(f"data.mask_column {cfg.mask_column!r} is not a column of {self.files[0]!r}; "
+                                  f"columns: {names}")
         self._setup_offsets()
 
     def _open(self, f: str):
@@ -278,6 +285,8 @@ class ParquetSource(_OffsetSource):
 
     def read(self, start: int, stop: int) -> Iterator[Record]:
         columns = [self.cfg.image_column] + ([self.cfg.label_column] if self.has_label else [])
+        if self.cfg.mask_column is not None:
+            columns.append(self.cfg.mask_column)
         for f, lo, hi in self._files_for(start, stop):
             pf = self._open(self.files[f])
             # Read only the row groups that overlap [lo, hi).
@@ -291,14 +300,18 @@ class ParquetSource(_OffsetSource):
             table = pf.read_row_groups(groups, columns=columns).slice(lo - first_row, hi - lo)
             images = table.column(self.cfg.image_column).to_pylist()
             labels = table.column(self.cfg.label_column).to_pylist() if self.has_label else [-1] * len(images)
+            masks = (table.column(self.cfg.mask_column).to_pylist() if self.cfg.mask_column is not None
+                     else [None] * len(images))
             base = self.offsets[f] + lo
             rel = self.relname(f)
-            for i, (img, label) in enumerate(zip(images, labels)):
+            for i, (img, label, mask) in enumerate(zip(images, labels, masks)):
                 name = ""
                 if isinstance(img, dict):
                     name = img.get("path") or ""
                     img = img.get("bytes")
-                yield Record(base + i, img, -1 if label is None else int(label), name, f"{rel}:{lo + i}")
+                if isinstance(mask, dict):
+                    mask = mask.get("bytes")
+                yield Record(base + i, img, -1 if label is None else int(label), name, f"{rel}:{lo + i}", mask)
 
     def labels_all(self) -> np.ndarray | None:
         """Every label (one column read per file), for checks before the job starts."""
@@ -576,6 +589,30 @@ def decode_image(payload: Any, cfg: DataConfig, device: torch.device | str | Non
     return _resize_normalise(t, cfg)
 
 
+def decode_mask(payload: Any, cfg: DataConfig) -> torch.Tensor:
+    """A ground-truth mask payload (an image: nonzero = inside) -> bool (S, S), resized and cropped
+    exactly as ``decode_image`` resizes and crops the image (bilinear, antialiased, then >= 0.5), so
+    that it stays aligned with the image's pixels. Raises when missing or corrupt."""
+    if payload is None:
+        raise ValueError(f"the image has no mask (data.mask_column {cfg.mask_column!r} is empty)")
+    t = _to_float_chw(payload, 1, cfg.max_pixels)
+    t = (t > 0).float()
+    return _resize_normalise(t, cfg, normalise=False)[0] >= 0.5
+
+
+def decode_sample(payload: Any, mask: Any, cfg: DataConfig, device: torch.device | str | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(decode_image(payload), decode_mask(mask) or None)``: what a worker decodes per record."""
+    image = decode_image(payload, cfg, device)
+    if cfg.mask_column is None:
+        return image, None
+    try:
+        return image, decode_mask(mask, cfg)
+    except Exception as exc:  # say that it is the mask, not the image, that failed
+        raise ValueError(f"ground-truth mask (data.mask_column {cfg.mask_column!r}): "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
 def _jpeg_on_device(payload: bytes, cfg: DataConfig, device: torch.device) -> torch.Tensor:
     from PIL import Image
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -587,7 +624,7 @@ def _jpeg_on_device(payload: bytes, cfg: DataConfig, device: torch.device) -> to
     return decode_jpeg(data, mode=mode, device=device).float().div_(255.0)
 
 
-def _resize_normalise(t: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+def _resize_normalise(t: torch.Tensor, cfg: DataConfig, normalise: bool = True) -> torch.Tensor:
     size = cfg.image_size
     _, h, w = t.shape
     if (h, w) != (size, size):
@@ -598,6 +635,8 @@ def _resize_normalise(t: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
                               antialias=True).squeeze(0)
         top, left = (nh - size) // 2, (nw - size) // 2
         t = t[:, top:top + size, left:left + size]
+    if not normalise:
+        return t.contiguous()
     mean = torch.tensor(cfg.mean, dtype=torch.float32, device=t.device).view(-1, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32, device=t.device).view(-1, 1, 1)
     return ((t - mean) / std).contiguous()

@@ -41,7 +41,7 @@ from .storage import StorageError, describe_error, is_remote, local_path, object
 #: 1.1 adds ``source_key``, the ``producer`` attribute, and writes every shard of a done unit even
 #: when it holds only fill values (so a missing shard always means a lost one). Readers of 1.x
 #: read 1.0 stores too.
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 #: the root attribute that marks a Zarr group as one of our stores (written first at creation)
 PRODUCER = "distributed_attr"
 #: the runtime configuration every writer uses: write a shard even when it holds only fill values
@@ -60,6 +60,8 @@ class Keys:
     SPECTRA_CUTOFF = "spectra/cutoff"
     METRICS_CUTOFF = "metrics/cutoff"
     STORED_CUTOFF = "filtered_maps/stored_cutoff"
+    #: (1.2) each image's ground-truth mask, when the data has one (``data.mask_column``)
+    GROUND_TRUTH_MASK = "ground_truth/mask"
 
     @staticmethod
     def maps(method: str) -> str:
@@ -116,6 +118,8 @@ class StorePlan:
         default_factory=dict
     )
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: whether the data carry ground-truth masks (stored at input resolution, ``Keys.GROUND_TRUTH_MASK``)
+    ground_truth_mask: bool = False
 
     @property
     def n_units(self) -> int:
@@ -132,6 +136,8 @@ class StorePlan:
             ArraySpec("ok", ("image",), (n,), "bool"),
             ArraySpec("source_key", ("image",), (n,), "str"),
         ]
+        if self.ground_truth_mask:
+            specs.append(ArraySpec(Keys.GROUND_TRUTH_MASK, ("image", "y", "x"), (n, h, w), "bool"))
         k = len(self.cutoffs)
         for m in self.methods:
             specs.append(ArraySpec(Keys.maps(m), ("image", "y", "x"), (n, h, w), self.map_dtype))
