@@ -218,7 +218,8 @@ def metric_context(cfg: Config, evaluators: dict[str, nn.Module], indices: torch
 class UnitProcessor:
     """A model replica plus the configured methods, filters and metrics."""
 
-    def __init__(self, cfg: Config, device: torch.device | str | None = None, model: nn.Module | None = None):
+    def __init__(self, cfg: Config, device: torch.device | str | None = None, model: nn.Module | None = None,
+                 plan: dict[str, Any] | None = None):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else default_device()
         self.model = (model if model is not None else load_model(cfg.model, "model", cfg.storage_options, data=cfg.data)).to(self.device).eval()
@@ -226,7 +227,8 @@ class UnitProcessor:
         self.metrics = build_metrics(cfg)
         self.evaluators = {name: load_model(m, f"evaluators.{name}", cfg.storage_options).to(self.device)
                            for name, m in cfg.evaluators.items()}
-        self.source = open_source(cfg.data, cfg.storage_options)
+        #: ``plan``: the driver's listing of the dataset (``Source.plan``), so a worker lists nothing
+        self.source = open_source(cfg.data, cfg.storage_options, plan)
         self.cutoffs = cfg.cutoffs()
         # positions in ``self.cutoffs`` (entry 0 is the unfiltered map)
         self.stored_positions = [1 + cfg.filters.sweep.index(s) for s in cfg.filters.store_maps]

@@ -290,7 +290,8 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
     images_pending = sum(store.unit_range(u)[1] - store.unit_range(u)[0] for u in pending)
     bar = _progress_bar(progress, store.n_images, store.n_images - images_pending)
     state: dict[str, Any] = {"images": 0, "failures": 0, "retries": 0, "units": 0, "driver_seconds": 0.0,
-                             "dataset_fingerprint": store.attrs.get("dataset_fingerprint"), "unit_workers": {}}
+                             "dataset_fingerprint": store.attrs.get("dataset_fingerprint"), "unit_workers": {},
+                             "source_plan": probe.source.plan()}
 
     def commit(res: UnitResult) -> None:
         t = time.perf_counter()
@@ -395,7 +396,9 @@ def _run_on_ray(cfg: Config, pending: list[int], commit: Callable[[UnitResult], 
     cfg_dict = cfg.to_dict()
     threads = max(1, int(cfg.run.cpus_per_worker))
     dataset = state.get("dataset_fingerprint")
-    actors = [worker_cls.remote(cfg_dict, threads, dataset) for _ in range(cfg.run.num_workers)]
+    # one copy of the listing in the object store, however many actors read it
+    plan = ray.put(state["source_plan"]) if state.get("source_plan") is not None else None
+    actors = [worker_cls.remote(cfg_dict, threads, dataset, plan) for _ in range(cfg.run.num_workers)]
     _wait_for_actors(actors, {"CPU": cfg.run.cpus_per_worker, "GPU": gpus}, cfg.run.placement_timeout)
     state["startup_seconds"] = time.perf_counter() - state["t_start"]
     state["t_start"] = time.perf_counter()
@@ -667,9 +670,14 @@ class AttributionWorker:
     It uses a GPU only when Ray gave it one: Ray 2.60 no longer hides the GPUs from actors that
     asked for none, so ``torch.cuda.is_available()`` alone would put CPU actors on a GPU too.
     ``dataset``: the driver's fingerprint of the dataset; a node that sees other files (another
-    mount, a stale copy) fails the job, naming itself, before it writes anything."""
+    mount, a stale copy) fails the job, naming itself, before it writes anything. ``plan``: the
+    driver's listing of the dataset (``Source.plan``): the actor opens the source from it instead
+    of listing the files and reading every Parquet footer or tar header again; it still compares
+    each local file's size and modification time with the driver's (object stores are one view for
+    every node, so remote files are not looked at again)."""
 
-    def __init__(self, cfg_dict: dict[str, Any], threads: int = 1, dataset: dict[str, Any] | None = None):
+    def __init__(self, cfg_dict: dict[str, Any], threads: int = 1, dataset: dict[str, Any] | None = None,
+                 plan: dict[str, Any] | None = None):
         import ray
         import torch
 
@@ -678,12 +686,12 @@ class AttributionWorker:
         in_ray = ray.is_initialized()
         gpu_ids = ray.get_gpu_ids() if in_ray else []
         self.device = worker_device(gpu_ids, torch.cuda.is_available())
-        self.processor = UnitProcessor(cfg, device=self.device)
+        self.processor = UnitProcessor(cfg, device=self.device, plan=plan)
         node = ray.get_runtime_context().get_node_id() if in_ray else "local"
         #: who wrote a unit: host, Ray node, process, device
         self.name = f"{os.uname().nodename}:{node[:12]}:{os.getpid()}:{self.device}"
-        if dataset:
-            seen = self.processor.source.fingerprint()
+        if dataset and not is_remote(cfg.data.path):
+            seen = self.processor.source.fingerprint()  # with a plan: one stat per file
             diffs = fingerprint_differences(dataset, seen)
             if diffs:
                 raise JobError(f"node {os.uname().nodename} ({node[:12]}) sees another dataset at "

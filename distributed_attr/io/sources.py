@@ -174,6 +174,26 @@ class Source:
         None otherwise (labels are then checked per image as units run)."""
         return None
 
+    def plan(self) -> dict[str, Any] | None:
+        """What a worker needs to open this dataset without listing it again (file names, image
+        counts, labels, tar keys): the driver lists once and hands the plan to every actor
+        (``open_source(..., plan=)``), which then reads no Parquet footer and no tar header before
+        its first unit. None: opening is cheap anyway (a memory-mapped array)."""
+        return None
+
+    @classmethod
+    def from_plan(cls, cfg: DataConfig, storage_options: dict[str, Any] | None, plan: dict[str, Any]) -> "Source":
+        source = cls.__new__(cls)
+        source.cfg = cfg
+        source.io = Files(cfg.path, storage_options)
+        for name, value in plan.items():
+            setattr(source, name, value)
+        source._setup()
+        return source
+
+    def _setup(self) -> None:
+        """What ``__init__`` derives from the listed facts (offsets), shared with ``from_plan``."""
+
     def fingerprint(self) -> dict[str, Any]:
         """What a resume compares to make sure it reads the same dataset: the image count, a
         hash of the listing and, for up to ``MAX_LISTED`` files, the listing itself (so that the
@@ -222,6 +242,16 @@ class _OffsetSource(Source):
     def _setup_offsets(self) -> None:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64).tolist()
 
+    def _setup(self) -> None:
+        self._setup_offsets()
+
+    #: attributes besides ``files``, ``counts`` and ``root`` that a plan carries
+    _PLANNED: tuple[str, ...] = ()
+
+    def plan(self) -> dict[str, Any]:
+        return {"files": list(self.files), "counts": [int(c) for c in self.counts], "root": self.root,
+                **{name: getattr(self, name) for name in self._PLANNED}}
+
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
@@ -252,6 +282,8 @@ class ParquetSource(_OffsetSource):
     """Parquet shards in the Hugging Face ``datasets`` layout: an image column holding a struct
     ``{bytes, path}`` (or raw bytes) and an integer label column (optional)."""
 
+    _PLANNED = ("has_label",)
+
     def __init__(self, cfg: DataConfig, storage_options: dict[str, Any] | None = None):
         self.cfg = cfg
         self.io = Files(cfg.path, storage_options)
@@ -277,11 +309,23 @@ class ParquetSource(_OffsetSource):
                                   f"columns: {names}")
         self._setup_offsets()
 
+    #: Parquet files kept open (footer parsed) per source: a unit usually reads one or two files,
+    #: and consecutive units the same ones
+    OPEN_FILES = 4
+
     def _open(self, f: str):
         import pyarrow.parquet as pq
 
+        cache = self.__dict__.setdefault("_open_files", {})
+        if f in cache:
+            cache[f] = cache.pop(f)  # most recently used last
+            return cache[f]
         # Remotely, a file object: pyarrow reads the footer and the row groups it needs by range.
-        return pq.ParquetFile(self.io.open(f) if self.io.remote else f)
+        pf = pq.ParquetFile(self.io.open(f) if self.io.remote else f)
+        cache[f] = pf
+        while len(cache) > self.OPEN_FILES:
+            cache.pop(next(iter(cache))).close()
+        return pf
 
     def read(self, start: int, stop: int) -> Iterator[Record]:
         columns = [self.cfg.image_column] + ([self.cfg.label_column] if self.has_label else [])
@@ -346,6 +390,8 @@ class FolderSource(_OffsetSource):
         self.root = root
         self._setup_offsets()
 
+    _PLANNED = ("paths", "labels", "classes")
+
     def labels_all(self) -> np.ndarray | None:
         return np.asarray(self.labels, dtype=np.int64) if self.classes else None
 
@@ -386,6 +432,8 @@ class WebDatasetSource(_OffsetSource):
             self.keys.append(keys)
         self.counts = [len(k) for k in self.keys]
         self._setup_offsets()
+
+    _PLANNED = ("keys",)
 
     def read(self, start: int, stop: int) -> Iterator[Record]:
         for f, lo, hi in self._files_for(start, stop):
@@ -499,8 +547,12 @@ class NumpySource(Source):
 SOURCES = {"parquet": ParquetSource, "folder": FolderSource, "webdataset": WebDatasetSource, "numpy": NumpySource}
 
 
-def open_source(cfg: DataConfig, storage_options: dict[str, Any] | None = None) -> Source:
-    """The configured source; ``data.path`` may be a local path or an object-store URL."""
+def open_source(cfg: DataConfig, storage_options: dict[str, Any] | None = None,
+                plan: dict[str, Any] | None = None) -> Source:
+    """The configured source; ``data.path`` may be a local path or an object-store URL. ``plan``
+    (``Source.plan()`` of the driver's source): open from it, without listing the dataset again."""
+    if plan is not None:
+        return SOURCES[cfg.format].from_plan(cfg, storage_options, plan)
     return SOURCES[cfg.format](cfg, storage_options)
 
 
