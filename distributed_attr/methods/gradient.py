@@ -122,7 +122,6 @@ class GradientGroupMethod(Method):
     family = "gradient"
     share_group = "gradient"
     uses_input_grad: ClassVar[bool] = True
-    uses_layer: ClassVar[bool] = False
 
     @dataclass
     class Params:
@@ -142,14 +141,14 @@ class GradientGroupMethod(Method):
         # One pass per distinct CAM layer (normally one: ctx.layer); the input-gradient members
         # ride along with the first.
         by_layer: list[tuple[nn.Module | None, list[GradientGroupMethod]]] = []
-        for m in (m for m in members if m.uses_layer):
+        for m in (m for m in members if m.needs_layer):
             layer = m.layer_module(model, ctx)
             same = [grp for lay, grp in by_layer if lay is layer]
             if same:
                 same[0].append(m)
             else:
                 by_layer.append((layer, [m]))
-        plain = [m for m in members if not m.uses_layer]
+        plain = [m for m in members if not m.needs_layer]
         passes = by_layer or [(None, [])]
         passes[0] = (passes[0][0], plain + passes[0][1])
         out: dict[str, Tensor] = {}
@@ -221,7 +220,6 @@ class GradCAM(GradientGroupMethod):
     signed = False
     needs_layer = True
     uses_input_grad = False
-    uses_layer = True
     channel_rule = "weighted sum over the CAM layer's channels (input channels never enter)"
 
     @dataclass
