@@ -208,11 +208,12 @@ def build_metrics(cfg: Config) -> list[Any]:
     return [METRICS.get(name)(**params) for name, params in cfg.metrics.items()]
 
 
-def metric_context(cfg: Config, evaluators: dict[str, nn.Module], indices: torch.Tensor | None = None):
+def metric_context(cfg: Config, evaluators: dict[str, nn.Module], indices: torch.Tensor | None = None,
+                   masks: torch.Tensor | None = None):
     from .metrics.base import MetricContext
 
     return MetricContext(seed=cfg.run.seed, indices=indices, max_batch=cfg.run.max_batch,
-                         autocast=AUTOCAST[cfg.run.autocast], evaluators=evaluators)
+                         autocast=AUTOCAST[cfg.run.autocast], evaluators=evaluators, masks=masks)
 
 
 class UnitProcessor:
@@ -317,7 +318,8 @@ class UnitProcessor:
         }
         if masks is not None:
             out[Keys.GROUND_TRUTH_MASK] = masks.cpu().numpy()
-        mctx = metric_context(cfg, self.evaluators, indices) if self.metrics else None
+        masks_dev = masks.to(self.device) if masks is not None else None
+        mctx = metric_context(cfg, self.evaluators, indices, masks_dev) if self.metrics else None
         for name, m in maps.items():
             out[Keys.maps(name)] = m.cpu().numpy()
             if cfg.spectra.enabled:
@@ -332,11 +334,33 @@ class UnitProcessor:
             if self.stored_positions:
                 out[Keys.filtered_maps(name)] = torch.stack([variants[i] for i in self.stored_positions], 1).cpu().numpy()
             for metric in self.metrics:
-                per_cutoff = [metric.evaluate(self.model, x, v, target, mctx) for v in variants]
+                per_cutoff = [metric.evaluate(self.model, x, v, target,
+                                              self._with_explain(mctx, metric, name, c, ctx))
+                              for v, c in zip(variants, self.cutoffs)]
                 for output in per_cutoff[0]:
                     out[Keys.metric(metric.name, output, name)] = torch.stack(
                         [r[output].float() for r in per_cutoff], 1).cpu().numpy()
         return out
+
+    def _with_explain(self, mctx: Any, metric: Any, method: str, cutoff: float, ctx: Context) -> Any:
+        """The metric context, with ``explain`` for a metric that recomputes maps (robustness):
+        the method's maps of other inputs, low-passed at ``cutoff`` as the scored map was."""
+        if not metric.needs_explain:
+            return mctx
+        cfg = self.cfg
+        chosen = next(m for m in self.methods if m.name == method)
+        model = self.compiled if self.compiled is not None and chosen.compile_safe else self.model
+
+        def explain(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            sub = dataclasses.replace(ctx, indices=None)
+            maps = compute_maps(model, x, target, [chosen], sub)[method]
+            if cutoff == float("inf"):
+                return maps
+            from .spectral import low_pass
+
+            return low_pass(maps, cutoff, kind=cfg.filters.kind, order=cfg.filters.order)
+
+        return dataclasses.replace(mctx, explain=explain)
 
     def spectra(self, maps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Radial spectra (N, cutoffs, F) and high-frequency fractions (N, cutoffs): the raw map at

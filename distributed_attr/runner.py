@@ -213,7 +213,12 @@ def _refuse_store_holding_inputs(store: Path, cfg: Config, inputs: list[str]) ->
 def validate_inputs(cfg: Config, probe: UnitProcessor) -> None:
     """Checks that would otherwise fail only at the first unit, after the store exists: the data's
     channels and size against the model (one forward pass on a real image), the target class
-    against the model's classes, and the labels when ``target: label``."""
+    against the model's classes, the labels when ``target: label``, and ground-truth masks for
+    the metrics that compare maps with them."""
+    need_masks = [m.name for m in probe.metrics if m.needs_masks]
+    if need_masks and cfg.data.mask_column is None:
+        raise JobError(f"metrics {need_masks} compare maps with ground-truth masks, but the data have none: set "
+                       "data.mask_column to the Parquet column that holds each image's mask")
     first = None
     for rec in probe.source.read(0, min(probe.n_images(), 16)):
         try:

@@ -84,3 +84,52 @@ def test_a_missing_mask_column_and_a_format_without_masks_are_named(tmp_path, sh
     cfg = job(make_config, shapes, tmp_path / "t.zarr", mask_column="mask", format="folder")
     with pytest.raises(ConfigError, match="mask_column is read from Parquet data only"):
         load_config(cfg)
+
+
+def test_localisation_and_robustness_metrics_run_in_the_job_on_the_stored_masks(tmp_path, shapes, make_config):
+    """The job's metric arrays equal the metrics evaluated (from Python) on what the store holds:
+    its float32 maps and its masks; the maths itself is checked against Quantus elsewhere."""
+    import torch
+
+    from distributed_attr import zoo
+    from distributed_attr.config import DataConfig
+    from distributed_attr.io.sources import decode_image
+    from distributed_attr.metrics import evaluate
+
+    cfg = job(make_config, shapes, tmp_path / "s.zarr", mask_column="mask")
+    cfg["run"]["map_dtype"] = "float32"
+    cfg["filters"] = {"sweep": [100], "store_maps": [100]}
+    cfg["metrics"] = {"relevance_rank_accuracy": {}, "pointing_game": {}, "max_sensitivity": {"nr_samples": 3}}
+    run(cfg, progress=False)
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    ok = g["ok"][:]
+    masks = torch.from_numpy(g[Keys.GROUND_TRUTH_MASK][:][ok])
+    maps = torch.from_numpy(g["maps/saliency"][:][ok])
+    for metric, output in (("relevance_rank_accuracy", "accuracy"), ("pointing_game", "hit")):
+        stored = g[Keys.metric(metric, output, "saliency")][:]
+        assert np.isnan(stored[~ok]).all()
+        expected = evaluate(None, torch.zeros(len(maps), 1, 32, 32), maps, metric, masks=masks)[output]
+        np.testing.assert_allclose(stored[ok, 0], expected.numpy(), rtol=1e-6, err_msg=metric)
+    sens = g[Keys.metric("max_sensitivity", "sensitivity", "saliency")][:]
+    assert np.isfinite(sens[ok]).all() and (sens[ok] >= 0).all() and sens.shape == (12, 2)
+    # the raw map's sensitivity, recomputed from Python with the stored images and targets
+    data = DataConfig(path=str(shapes), image_size=32, channels=1, mean=[0.0], std=[1.0])
+    table = pq.read_table(shapes)
+    x = torch.stack([decode_image(table.column("image")[i].as_py()["bytes"], data) for i in np.flatnonzero(ok)])
+    model, _ = zoo.pretrained("digits_cnn")
+    from distributed_attr import attribute
+
+    expected = evaluate(model, x, maps, "max_sensitivity", torch.from_numpy(g["target"][:][ok]),
+                        indices=torch.from_numpy(np.flatnonzero(ok)), nr_samples=3,
+                        explain=lambda xs, t: attribute(model, xs, "saliency", t))["sensitivity"]
+    np.testing.assert_allclose(sens[ok, 0], expected.numpy(), rtol=1e-4)
+
+
+def test_a_localisation_metric_without_masks_is_refused_before_the_store_exists(tmp_path, shapes, make_config):
+    from distributed_attr.runner import JobError
+
+    cfg = job(make_config, shapes, tmp_path / "s.zarr")
+    cfg["metrics"] = {"pointing_game": {}}
+    with pytest.raises(JobError, match=r"metrics \['pointing_game'\] compare maps with ground-truth masks.*data.mask_column"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "s.zarr").exists()

@@ -6,12 +6,12 @@ the raw maps and once per filter cutoff; ``evaluate`` below is the one-call form
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import complexity, feature_detection, mufidelity, perturbation  # noqa: F401  (registration)
+from . import complexity, feature_detection, localisation, mufidelity, perturbation, robustness  # noqa: F401  (registration)
 from .base import METRICS, Metric, MetricContext, build_metric, register
 from .randomisation import randomisation_check
 
@@ -40,6 +40,8 @@ def evaluate(
     max_batch: int = 256,
     autocast: torch.dtype | None = None,
     dataset_mean: Tensor | None = None,
+    masks: Tensor | None = None,
+    explain: Callable[[Tensor, Tensor], Tensor] | None = None,
     **params: Any,
 ) -> dict[str, Tensor]:
     """Evaluate attribution ``maps`` (N, H, W) of ``images`` (N, C, H, W) with ``metric``.
@@ -48,7 +50,9 @@ def evaluate(
     metric's outputs and parameters). ``target`` is the explained class per image (or one for
     all); the model's prediction when omitted. ``params`` are the metric's parameters; unknown
     ones raise with the list of valid ones. ``evaluators`` are other models trained on the same
-    data (feature detection); ``dataset_mean`` (C,) serves the "mean" baseline.
+    data (feature detection); ``dataset_mean`` (C,) serves the "mean" baseline. ``masks``
+    (N, H, W) bool: the ground truth localisation metrics compare with; ``explain``:
+    ``(x, target) -> maps`` recomputing the evaluated method's maps, for robustness metrics.
     """
     from ..methods import resolve_target
 
@@ -66,6 +70,8 @@ def evaluate(
         autocast=autocast,
         evaluators=dict(evaluators or {}),
         dataset_mean=dataset_mean,
+        masks=None if masks is None else masks.to(images.device).bool(),
+        explain=explain,
     )
     if m.needs_model:
         target_t = resolve_target(model, images, target, max_batch)

@@ -42,6 +42,10 @@ class MetricContext(BatchContext):
     evaluators: dict[str, nn.Module] = field(default_factory=dict)
     #: per-channel mean of the dataset (C,), in the model's input space, for the "mean" baseline
     dataset_mean: Tensor | None = None
+    #: the batch's ground-truth masks (N, H, W), bool, when the data has them
+    masks: Tensor | None = None
+    #: (x, target) -> maps (N, H, W) of the method being evaluated; set by the pipeline per method
+    explain: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 OutputSpec = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
@@ -56,12 +60,18 @@ class Metric:
     higher_is_better: direction of ``score_output``.
     score_output: the scalar output (no trailing dims) rankings use.
     needs_model: False for metrics that look at the map only (sparseness, complexity).
+    needs_masks: True for metrics that compare the map with ``ctx.masks`` (localisation); they
+        raise, naming the metric, when the data has no mask column.
+    needs_explain: True for metrics that recompute the map on other inputs with ``ctx.explain``
+        (robustness); they raise, naming the metric, when it is not set.
     """
 
     name: ClassVar[str]
     higher_is_better: ClassVar[bool]
     score_output: ClassVar[str]
     needs_model: ClassVar[bool] = True
+    needs_masks: ClassVar[bool] = False
+    needs_explain: ClassVar[bool] = False
 
     @dataclass
     class Params:
@@ -94,6 +104,8 @@ class Metric:
             "higher_is_better": cls.higher_is_better,
             "score_output": cls.score_output,
             "needs_model": cls.needs_model,
+            "needs_masks": cls.needs_masks,
+            "needs_explain": cls.needs_explain,
             "params": describe_params(cls.Params),
             "doc": (cls.__doc__ or "").strip().split("\n")[0],
         }
