@@ -215,6 +215,10 @@ def validate_inputs(cfg: Config, probe: UnitProcessor) -> None:
     channels and size against the model (one forward pass on a real image), the target class
     against the model's classes, the labels when ``target: label``, and ground-truth masks for
     the metrics that compare maps with them."""
+    for method in probe.methods:
+        reason = type(method).unsupported_reason(probe.model)
+        if reason is not None:
+            raise JobError(f"methods.{method.name} cannot explain this model: {reason}")
     need_masks = [m.name for m in probe.metrics if m.needs_masks]
     if need_masks and cfg.data.mask_column is None:
         raise JobError(f"metrics {need_masks} compare maps with ground-truth masks, but the data have none: set "

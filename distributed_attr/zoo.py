@@ -20,7 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("digits_cnn", "digits_vgg", "digits_resnet")
+#: a vision transformer on the same digits, for the attention methods and the spectra of a model
+#: that downsamples once, by its patch embedding (kept apart from the CNNs' cross-architecture matrix)
+TRANSFORMERS = ("digits_vit",)
 NUM_CLASSES = 10
+#: training settings that differ from ``train``'s defaults (a transformer needs more epochs)
+_TRAINING = {"digits_vit": {"epochs": 30, "lr": 3e-3}}
 
 
 def digits_dataset(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +119,25 @@ class DigitsResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-_CLASSES = {"digits_cnn": DigitsCNN, "digits_vgg": DigitsVGG, "digits_resnet": DigitsResNet}
+class DigitsViT(nn.Module):
+    """torchvision's ``VisionTransformer`` at digit size: 4 x 4 patches (an 8 x 8 token grid plus
+    the class token), 3 encoder blocks of width 64 with 4 heads; its patch embedding takes
+    ``in_channels`` channels. Torchvision's own module, so that every library that knows
+    torchvision ViTs (our CAM token mapping, attention methods) reads it as such."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        from torchvision.models import VisionTransformer
+
+        self.vit = VisionTransformer(image_size=32, patch_size=4, num_layers=3, num_heads=4, hidden_dim=64,
+                                     mlp_dim=128, num_classes=num_classes)
+        self.vit.conv_proj = nn.Conv2d(in_channels, 64, kernel_size=4, stride=4)
+
+    def forward(self, x):
+        return self.vit(x)
+
+
+_CLASSES = {"digits_cnn": DigitsCNN, "digits_vgg": DigitsVGG, "digits_resnet": DigitsResNet, "digits_vit": DigitsViT}
 
 
 def build(name: str, in_channels: int = 1, num_classes: int = NUM_CLASSES) -> nn.Module:
@@ -176,11 +199,16 @@ def cache_dir() -> Path:
     return path
 
 
-def pretrained(name: str, size: int = 32, epochs: int = 8, seed: int = 0) -> tuple[nn.Module, Path]:
+def pretrained(name: str, size: int = 32, epochs: int | None = None, seed: int = 0) -> tuple[nn.Module, Path]:
     """A zoo model trained on the digits' training split, cached on disk as a ``state_dict``.
 
     Returns the model (eval mode, CPU) and the weights file, which later loads with
-    ``torch.load(path, weights_only=True)``. Training takes seconds on a laptop CPU."""
+    ``torch.load(path, weights_only=True)``. Training takes seconds on a laptop CPU (the
+    transformer about two minutes). ``epochs``: the architecture's own default when None."""
+    settings = {"epochs": 8, "lr": 3e-3, **_TRAINING.get(name, {})}
+    if epochs is not None:
+        settings["epochs"] = epochs
+    epochs = settings["epochs"]
     key = hashlib.sha1(f"{name}/{size}/{epochs}/{seed}/v4".encode()).hexdigest()[:10]
     path = cache_dir() / f"{name}-{size}px-{key}.pt"
     # Seed the initialisation too (build draws from the global RNG), without touching the caller's RNG.
@@ -192,7 +220,7 @@ def pretrained(name: str, size: int = 32, epochs: int = 8, seed: int = 0) -> tup
         return model.eval(), path
     x, y = digits_dataset(size)
     train_idx, _ = split_indices(len(x))
-    train(model, x[train_idx], y[train_idx], epochs=epochs, seed=seed)
+    train(model, x[train_idx], y[train_idx], epochs=epochs, seed=seed, lr=settings["lr"])
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
     os.replace(tmp, path)  # atomic: concurrent trainers never see a half-written file

@@ -6,11 +6,25 @@ import zarr
 from distributed_attr.methods import METHODS
 from distributed_attr.runner import run
 
-CHEAP = {
-    "integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 3}, "vargrad": {"samples": 3},
-    "squaregrad": {"samples": 3}, "occlusion": {"patch": 8, "stride": 8}, "rise": {"masks": 16, "grid": 4},
-    "sobol": {"grid": 4, "design": 4}, "soundness_saliency": {"steps": 3, "references": 2},
-}
+#: small values for the parameters that set a method's work, by parameter name (as in
+#: tests/test_methods_api.py): every registered method runs here, a new one without an edit
+CHEAP_VALUES = {"steps": 4, "samples": 3, "masks": 16, "n_masks": 16, "design": 4, "grid": 4, "references": 2,
+                "patch": 8, "stride": 8, "iterations": 3, "n_iter": 3}
+
+
+def cheap(name: str) -> dict:
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(METHODS.get(name).Params)}
+    return {k: v for k, v in CHEAP_VALUES.items() if k in fields}
+
+
+def runs_on(model) -> list[str]:
+    """The registered methods that apply to ``model`` (attention methods need a transformer)."""
+    return [m for m in METHODS.names() if METHODS.get(m).unsupported_reason(model) is None]
+
+
+CNN_METHODS = runs_on(__import__("distributed_attr.zoo", fromlist=["build"]).build("digits_cnn"))
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +36,7 @@ def full_store(tmp_path_factory, parquet_dir):
     _, vgg = zoo.pretrained("digits_vgg")
     cfg = base_config(parquet_dir, tmp / "full.zarr", unit_size=8)
     cfg["data"]["limit"] = 16
-    cfg["methods"] = {m: CHEAP.get(m, {}) for m in METHODS.names()}
+    cfg["methods"] = {m: cheap(m) for m in CNN_METHODS}
     cfg["spectra"] = {"enabled": True}
     cfg["filters"] = {"sweep": [100, 30], "store_maps": [30]}
     cfg["metrics"] = {"forgrad_protocol": {"steps": 4, "blur_size": 5, "blur_sigma": 2.0},
@@ -36,10 +50,10 @@ def full_store(tmp_path_factory, parquet_dir):
 
 def test_every_registered_method_lands_in_the_store(full_store):
     g = zarr.open_group(full_store, mode="r")
-    assert set(g.attrs["methods"]) == set(METHODS.names())
+    assert set(g.attrs["methods"]) == set(CNN_METHODS)
     freq = g["spectra/frequency"][:]
     assert freq[0] == 0 and freq[-1] <= 0.5 + 1e-9
-    for m in METHODS.names():
+    for m in CNN_METHODS:
         maps = g[f"maps/{m}"][:].astype(np.float32)
         assert maps.shape == (16, 32, 32) and np.isfinite(maps).all(), m
         assert np.abs(maps).max() > 0, f"{m} produced all-zero maps"
@@ -93,3 +107,33 @@ def test_stored_spectra_obey_parseval_and_match_the_filter(full_store):
         for k in (1, 2):
             expected = radial_spectrum(low_pass(maps, float(cutoffs[k]), kind="forgrad"))[1].numpy()
             np.testing.assert_allclose(spectra[:, k], expected, rtol=2e-2, atol=1e-6 * expected.max())
+
+
+def test_the_methods_a_cnn_cannot_take_run_on_a_transformer_and_are_refused_on_the_cnn(
+        tmp_path, parquet_dir, monkeypatch):
+    from tests.conftest import base_config
+
+    from distributed_attr import zoo
+    from distributed_attr.runner import JobError
+
+    support = str(__import__("pathlib").Path(__file__).resolve().parent / "support")
+    monkeypatch.syspath_prepend(support)
+    others = [m for m in METHODS.names() if m not in CNN_METHODS]
+    assert {"attention_rollout", "attention_relevance"} <= set(others)
+    cfg = base_config(parquet_dir, tmp_path / "vit.zarr", unit_size=8)
+    cfg["data"]["limit"] = 8
+    cfg["model"] = {"kind": "callable", "name": "fault_models:random_digits_vit"}
+    assert runs_on(zoo.build("digits_vit")) == runs_on(zoo.DigitsViT()) and set(others) <= set(runs_on(zoo.DigitsViT()))
+    cfg["methods"] = {m: cheap(m) for m in [*others, "saliency"]}
+    cfg["spectra"] = {"enabled": True}
+    summary = run(cfg, progress=False)
+    assert summary.units_done == 1 and not summary.failures
+    g = zarr.open_group(str(tmp_path / "vit.zarr"), mode="r")
+    for m in others:
+        maps = g[f"maps/{m}"][:].astype(np.float32)
+        assert np.isfinite(maps).all() and (maps >= 0).all() and maps.max() > 0, m
+    cfg["model"] = {"kind": "zoo", "name": "digits_cnn"}
+    cfg["store"] = str(tmp_path / "cnn.zarr")
+    with pytest.raises(JobError, match=r"methods.attention_(rollout|relevance) cannot explain this model"):
+        run(cfg, progress=False)
+    assert not (tmp_path / "cnn.zarr").exists()

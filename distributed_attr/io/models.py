@@ -406,8 +406,9 @@ def _build(cfg: ModelConfig, where: str, storage_options: dict | None) -> nn.Mod
     if cfg.kind == "zoo":
         from .. import zoo
 
-        if cfg.name not in zoo.ARCHITECTURES:
-            raise ModelError(f"{where}.name: {cfg.name!r} is not a zoo model; valid: {list(zoo.ARCHITECTURES)}")
+        known = (*zoo.ARCHITECTURES, *zoo.TRANSFORMERS)
+        if cfg.name not in known:
+            raise ModelError(f"{where}.name: {cfg.name!r} is not a zoo model; valid: {list(known)}")
         if cfg.weights:
             model = zoo.build(cfg.name, num_classes=cfg.num_classes or zoo.NUM_CLASSES)
             _load_state_dict(model, cfg.weights, where, storage_options)

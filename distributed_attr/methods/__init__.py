@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from . import (  # noqa: F401  (registration)
+    attention,
     captum_families,
     gradient,
     integrated_gradients,

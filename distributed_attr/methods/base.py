@@ -95,6 +95,12 @@ class Method:
         """Forward+backward passes per image (1 for the plain gradient)."""
         return 1.0
 
+    @classmethod
+    def unsupported_reason(cls, model: nn.Module) -> str | None:
+        """Why the method cannot run on ``model`` (read from its modules, no forward), or None:
+        every model, unless the method applies to some architectures only (attention methods)."""
+        return None
+
     def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
         raise NotImplementedError
 

@@ -38,3 +38,18 @@ def marked_digits(marker_dir: str = "", delay: float = 0.0) -> nn.Module:
 
     model, _ = zoo.pretrained("digits_cnn")
     return _Marked(model, marker_dir, delay)
+
+
+def random_digits_vit():
+    """The zoo's digit-size ViT with random weights (seeded) and a random head: torchvision
+    starts the head at zero, which would make every gradient (and gradient relevance) zero."""
+    import torch
+    from torch import nn
+
+    from distributed_attr import zoo
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = zoo.DigitsViT()
+        nn.init.normal_(model.vit.heads.head.weight, std=0.5)
+    return model
