@@ -31,6 +31,19 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "rise": {"masks": 200, "grid": 4},
     "sobol": {"grid": 4, "design": 8},
     "soundness_saliency": {"steps": 30, "references": 4},
+    "lrp": {},
+}
+#: the transformer stage: the gradient family, Grad-CAM on the last block's tokens, and the two
+#: attention methods, on the zoo's digit-size ViT (spectra only)
+VIT_METHODS: dict[str, dict[str, Any]] = {
+    "saliency": {},
+    "gradient_x_input": {},
+    "integrated_gradients": {"steps": 16},
+    "smoothgrad": {"samples": 16},
+    "gradcam": {},
+    "occlusion": {"patch": 4, "stride": 4},
+    "attention_rollout": {},
+    "attention_relevance": {},
 }
 QUICK_METHODS = ("saliency", "gradient_x_input", "integrated_gradients", "gradcam", "occlusion")
 DEMO_METRICS: dict[str, dict[str, Any]] = {
@@ -81,7 +94,7 @@ def run_demo(out_dir: str = "demo-output", images: int = 192, workers: int = 2, 
     print(f"[1/5] models: training or loading the digits zoo (cache: {zoo.cache_dir()})")
     x, y = zoo.digits_dataset(32)
     _, test_idx = zoo.split_indices(len(x))
-    for name in zoo.ARCHITECTURES:
+    for name in (*zoo.ARCHITECTURES, *(() if quick else zoo.TRANSFORMERS)):
         model, _ = zoo.pretrained(name)
         print(f"      {name:14s} held-out accuracy {zoo.accuracy(model, x[test_idx], y[test_idx]):.3f}")
 
@@ -112,6 +125,7 @@ def run_demo(out_dir: str = "demo-output", images: int = 192, workers: int = 2, 
         if not quick:
             result["cross_architecture"] = cross_architecture_demo(cfg, out)
             result["downsampling"] = downsampling_demo(cfg["store"])
+            result["transformer"] = transformer_demo(cfg, out)
     grid = write_example_grid(cfg["store"], out / "examples.png")
     print(f"      example maps: {grid}")
 
@@ -237,6 +251,29 @@ def _print_rankings(store: str) -> None:
     print("        method                 unfiltered  filtered")
     for method, row in mean.sort_values("filtered").iterrows():
         print(f"        {method:22s} {row['unfiltered']:10.1f}  {row['filtered']:8.1f}")
+
+
+def transformer_demo(cfg: dict[str, Any], out: Path) -> str:
+    """The same digits explained by a vision transformer (the zoo's ``digits_vit``, trained and
+    cached like the CNNs): a model that downsamples once, by its 4 x 4 patch embedding. Spectra
+    only; the store sits beside the CNN's."""
+    from . import zoo
+    from .runner import run
+
+    model, weights = zoo.pretrained("digits_vit")
+    x, y = zoo.digits_dataset(32)
+    _, test_idx = zoo.split_indices(len(x))
+    c = dict(cfg)
+    c["store"] = str(out / "digits-vit.zarr")
+    c["model"] = {"kind": "zoo", "name": "digits_vit", "weights": str(weights)}
+    c["methods"] = dict(VIT_METHODS)
+    c["metrics"], c["evaluators"] = {}, {}
+    c["filters"] = {**cfg["filters"], "store_maps": []}
+    print(f"      transformer: digits_vit (held-out accuracy {zoo.accuracy(model, x[test_idx], y[test_idx]):.3f}), "
+          f"{len(c['methods'])} methods, spectra")
+    run(c, overwrite=True, progress=False)
+    _print_spectra(c["store"])
+    return c["store"]
 
 
 def _print_spectra(store: str) -> None:
