@@ -303,7 +303,7 @@ def test_labels_outside_the_models_classes_are_refused_with_target_label(tmp_pat
 def test_an_error_in_a_unit_without_ray_is_one_error_line(tmp_path, parquet_dir, make_config, capsys, monkeypatch):
     from distributed_attr.pipeline import UnitProcessor
 
-    def broken(self, x, labels, indices):
+    def broken(self, x, labels, indices, masks=None):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(UnitProcessor, "compute_batch", broken)
