@@ -200,6 +200,40 @@ def main() -> None:
             f"zennit Gradient, canonizer {lrp.resolve_canonizer(model)}")
         lrp_rows.append((composite, m.cost(), n / rows[-1][2] / t_bare))
 
+    # Captum's families through Captum: the bridge's cost over Captum called directly.
+    from captum.attr import DeepLift, FeatureAblation
+
+    from distributed_attr.methods.captum_families import patch_mask
+
+    add("deeplift", 2, ours("deeplift"),
+        lambda: DeepLift(model).attribute(x, target=target, baselines=0.0).sum(1), "Captum DeepLift")
+    fa = build_method("feature_ablation", {"patch": 8})
+    fa_mask = patch_mask(size[0], size[1], 8).expand(x.shape[0], x.shape[1], *size)
+    add("feature_ablation (8 px cells)", fa.cost(*size),
+        ours("feature_ablation", patch=8),
+        lambda: FeatureAblation(model).attribute(x, target=target, baselines=0.0, feature_mask=fa_mask,
+                                                 perturbations_per_eval=per_eval)[:, 0],
+        f"Captum FeatureAblation, perturbations_per_eval={per_eval}")
+
+    # Attention methods on the zoo's digit-size ViT, against its own forward and forward+backward.
+    vit, _ = zoo.pretrained("digits_vit")
+    xv = torch.from_numpy(zoo.digits_dataset(32)[0][:n])
+    with torch.no_grad():
+        tv = vit(xv).argmax(1)
+
+    def vit_fwd() -> None:
+        with torch.no_grad():
+            vit(xv)
+
+    def vit_fwd_bwd() -> None:
+        xi = xv.detach().requires_grad_(True)
+        torch.autograd.grad(vit(xi).gather(1, tv[:, None]).sum(), xi)
+
+    rollout, relevance = build_method("attention_rollout", {}), build_method("attention_relevance", {})
+    vit_times = best_times([vit_fwd, vit_fwd_bwd,
+                            lambda: compute_maps(vit, xv, tv, [rollout], Context(max_batch=mb)),
+                            lambda: compute_maps(vit, xv, tv, [relevance], Context(max_batch=mb))], repeats)
+
     # Shared-pass groups against their members one by one.
     grad_names = ["saliency", "gradient_x_input", "gradcam", "gradcam_pp"]
     grad_times = best_times([group(grad_names)] + [ours(nm) for nm in grad_names], repeats)
@@ -237,7 +271,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---|")
     for name, cost, r_ours, r_ref, desc in rows:
         ratio = f"{r_ours / r_ref:.2f}x" if r_ref else "-"
-        fam_gradient = not name.startswith(("occlusion", "rise", "sobol"))
+        fam_gradient = not name.startswith(("occlusion", "rise", "sobol", "feature_ablation"))
         one_batch = cost == 1 or name.startswith("lrp")  # LRP's passes run on the images' batch
         limit_rate = (bare_rate if one_batch else chunked_rate) if fam_gradient else fwd_rate
         limit = f"{r_ours * cost / limit_rate:.2f}"
@@ -245,6 +279,10 @@ def main() -> None:
         print(f"| {name} | {cost:g} | {r_ours:.1f} | {ref} | {ratio} | {limit} | {desc or '-'} |")
     print("\nLRP's time per image in forward+backward passes (ours / the bare forward+backward of the images' "
           "batch): " + ", ".join(f"{c} {meas:.2f} (declared cost {decl:g})" for c, decl, meas in lrp_rows))
+    t_vf, t_vfb, t_roll, t_rel = vit_times
+    print(f"\nAttention methods on digits_vit ({n} images): attention_rollout {n / t_roll:.1f} img/s = "
+          f"{t_roll / t_vf:.2f} x the ViT's forward; attention_relevance {n / t_rel:.1f} img/s = "
+          f"{t_rel / t_vfb:.2f} x its forward+backward")
     print("\nShared-pass groups (same total work, one call):\n")
     print("| group | together img/s | one by one img/s | speed-up | Captum one by one img/s |")
     print("|---|---:|---:|---:|---:|")
