@@ -73,6 +73,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark.build import build
+
+    try:
+        build(args.out, size=args.size, seed=args.seed, images=args.images)
+    except ValueError as exc:  # size or image count out of range
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import list_methods
 
@@ -141,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=2)
     d.add_argument("--quick", action="store_true", help="fewer methods and steps (for a smoke test)")
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("benchmark", help="a generated dataset where the right attribution is known (docs/benchmark.md)")
+    bsub = b.add_subparsers(dest="benchmark_command", required=True)
+    bb = bsub.add_parser("build", help="write the dataset (Parquet, with ground-truth masks) and train or reuse its two models")
+    bb.add_argument("--out", default="benchmark-data", help="folder for the dataset, the models and an example job")
+    bb.add_argument("--size", type=int, default=128, help="image side in pixels, 64-224 (default 128)")
+    bb.add_argument("--seed", type=int, default=0)
+    bb.add_argument("--images", type=int, default=6000, help="images in all: 70%% train, 10%% validation, 20%% test")
+    bb.set_defaults(func=_cmd_benchmark)
 
     m = sub.add_parser("methods", help="list the registered attribution methods and their parameters")
     m.set_defaults(func=_cmd_methods)
