@@ -507,8 +507,32 @@ class FeatureAblation(_SuperpixelMethod):
         return run_in_chunks(one, x.shape[0], ctx)
 
 
+@dataclass
+class _SampledParams:
+    """The parameters the sampled superpixel bridges share."""
+
+    #: Captum's n_samples per image: coalitions (Kernel SHAP; the first two are all and none),
+    #: random superpixel subsets (LIME), feature permutations (Shapley value sampling)
+    samples: int = 1000
+    #: side of the square superpixels, px (the last row/column cropped at the border)
+    patch: int = 8
+    #: value an absent superpixel takes, in the model's (normalised) input space
+    baseline: float = 0.0
+    output: Output = "logit"
+
+    def validate(self) -> None:
+        _check_patch(self)
+        if self.samples < 1:
+            raise ValueError("samples must be >= 1")
+
+
 class _SampledSuperpixelMethod(_SuperpixelMethod):
     """Per-image Captum calls under the image's seeded global generators."""
+
+    Params = _SampledParams
+
+    def cost(self) -> float:
+        return float(self.params.samples)
 
     def explainer(self, forward: Callable[[Tensor], Tensor]) -> Any:
         raise NotImplementedError
@@ -542,24 +566,6 @@ class KernelShap(_SampledSuperpixelMethod):
 
     name = "kernel_shap"
 
-    @dataclass
-    class Params:
-        #: coalitions evaluated per image (Captum's n_samples; the first two are all and none)
-        samples: int = 1000
-        #: side of the square superpixels, px (the last row/column cropped at the border)
-        patch: int = 8
-        #: value an absent superpixel takes, in the model's (normalised) input space
-        baseline: float = 0.0
-        output: Output = "logit"
-
-        def validate(self) -> None:
-            _check_patch(self)
-            if self.samples < 1:
-                raise ValueError("samples must be >= 1")
-
-    def cost(self) -> float:
-        return float(self.params.samples)
-
     def explainer(self, forward):
         from captum.attr import KernelShap as CaptumKernelShap
 
@@ -578,14 +584,7 @@ class Lime(_SampledSuperpixelMethod):
     name = "lime"
 
     @dataclass
-    class Params:
-        #: random superpixel subsets evaluated per image (Captum's n_samples)
-        samples: int = 1000
-        #: side of the square superpixels, px (the last row/column cropped at the border)
-        patch: int = 8
-        #: value an absent superpixel takes, in the model's (normalised) input space
-        baseline: float = 0.0
-        output: Output = "logit"
+    class Params(_SampledParams):
         #: the interpretable model: "ridge" (the lime package's default) or "lasso" (Captum's
         #: default, with alpha = 0.01), through Captum's SkLearnRidge / SkLearnLasso
         surrogate: Literal["ridge", "lasso"] = "ridge"
@@ -595,14 +594,9 @@ class Lime(_SampledSuperpixelMethod):
         kernel_width: float = 1.0
 
         def validate(self) -> None:
-            _check_patch(self)
-            if self.samples < 1:
-                raise ValueError("samples must be >= 1")
+            super().validate()
             if self.alpha <= 0 or self.kernel_width <= 0:
                 raise ValueError("alpha and kernel_width must be > 0")
-
-    def cost(self) -> float:
-        return float(self.params.samples)
 
     def explainer(self, forward):
         from captum._utils.models.linear_model import SkLearnLasso, SkLearnRidge
@@ -623,19 +617,8 @@ class ShapleyValueSampling(_SampledSuperpixelMethod):
     name = "shapley_value_sampling"
 
     @dataclass
-    class Params:
-        #: random feature permutations per image (Captum's n_samples)
-        samples: int = 25
-        #: side of the square superpixels, px (the last row/column cropped at the border)
-        patch: int = 8
-        #: value an absent superpixel takes, in the model's (normalised) input space
-        baseline: float = 0.0
-        output: Output = "logit"
-
-        def validate(self) -> None:
-            _check_patch(self)
-            if self.samples < 1:
-                raise ValueError("samples must be >= 1")
+    class Params(_SampledParams):
+        samples: int = 25  # permutations: each costs one forward per superpixel
 
     def cost(self, height: int = 224, width: int = 224) -> float:
         return float(self.params.samples * self.features(height, width) + 1)
