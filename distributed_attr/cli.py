@@ -61,7 +61,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    path = write_report(args.store, out_dir=args.out)
+    path = write_report(args.store, out_dir=args.out, companions=args.companions)
     print(f"report: {path}")
     return 0
 
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write the HTML and Markdown report of a store")
     rp.add_argument("store")
     rp.add_argument("--out", default=None)
+    rp.add_argument("--with", dest="companions", action="append", default=[], metavar="STORE",
+                    help="another store of the same data (e.g. another model) shown as its own section; repeatable")
     rp.set_defaults(func=_cmd_report)
 
     d = sub.add_parser("demo", help="the whole pipeline on bundled digits, offline, on the CPU")

@@ -126,13 +126,14 @@ def run_demo(out_dir: str = "demo-output", images: int = 192, workers: int = 2, 
             result["cross_architecture"] = cross_architecture_demo(cfg, out)
             result["downsampling"] = downsampling_demo(cfg["store"])
             result["transformer"] = transformer_demo(cfg, out)
-    grid = write_example_grid(cfg["store"], out / "examples.png")
+    grid = write_example_grid(cfg["store"])
     print(f"      example maps: {grid}")
 
     print("[5/5] report")
     from .report import write_report
 
-    report = write_report(cfg["store"])
+    # the transformer's store is a section of the same report: one page compares the two models
+    report = write_report(cfg["store"], companions=[result["transformer"]] if "transformer" in result else ())
     result["report"] = report
     print(f"      report: {report}")
     print(f"done in {time.perf_counter() - t0:.0f} s. Inspect the store with: distributed-attr inspect {cfg['store']}")
@@ -256,7 +257,8 @@ def _print_rankings(store: str) -> None:
 def transformer_demo(cfg: dict[str, Any], out: Path) -> str:
     """The same digits explained by a vision transformer (the zoo's ``digits_vit``, trained and
     cached like the CNNs): a model that downsamples once, by its 4 x 4 patch embedding. Spectra
-    only; the store sits beside the CNN's."""
+    only; the store sits beside the CNN's and is aggregated so that the report shows its spectra
+    and example maps in a section of its own."""
     from . import zoo
     from .runner import run
 
@@ -273,6 +275,10 @@ def transformer_demo(cfg: dict[str, Any], out: Path) -> str:
           f"{len(c['methods'])} methods, spectra")
     run(c, overwrite=True, progress=False)
     _print_spectra(c["store"])
+    from .aggregate import run_aggregation
+
+    run_aggregation(c["store"], num_workers=int(cfg["run"]["num_workers"]))
+    write_example_grid(c["store"])
     return c["store"]
 
 
@@ -297,18 +303,35 @@ def _print_spectra(store: str) -> None:
         print(f"        {m:22s} hf={hf:6.3f}  slope={slope:6.2f}")
 
 
-def write_example_grid(store: str, path: Path, n: int = 6) -> Path:
-    """A PNG grid: example images (rows) beside each method's raw map (columns)."""
+def map_colour_scale(a: np.ndarray) -> tuple[str, float, float]:
+    """``(colour map, vmin, vmax)`` for showing one map: symmetric around zero on a diverging
+    scale when the map has negative values, else from its own minimum to its maximum."""
+    lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+    if lo < 0:
+        lim = max(-lo, abs(hi))
+        return "RdBu_r", -lim, lim
+    return "viridis", lo, hi if hi > lo else lo + 1.0
+
+
+def write_example_grid(store: str, path: Path | None = None, n: int = 6) -> Path:
+    """A PNG grid: example images (rows) beside each method's raw map (columns), written by default
+    to the store's outputs folder as ``examples.png`` (where the report finds it).
+
+    Each map is scaled on its own: signed maps symmetric around zero (so white means 0), maps that
+    are never negative from their minimum to their maximum. Scaling an unsigned map from zero
+    would show RISE's maps, which sit on a large offset, as one flat colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import zarr
 
-    from .io.store import Keys
-
     from .config import Config
     from .io.sources import decode_image, open_source
+    from .io.store import Keys, outputs_dir
+
+    path = path or outputs_dir(store) / "examples.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
 
     g = zarr.open_group(store, mode="r")
     cfg = Config.from_dict(g.attrs["config"])
@@ -324,8 +347,8 @@ def write_example_grid(store: str, path: Path, n: int = 6) -> Path:
         axes[r, 0].set_title(f"#{i} y={g['label'][i]} t={g['target'][i]}", fontsize=6)
         for c, m in enumerate(methods, start=1):
             a = g[Keys.maps(m)][int(i)].astype(np.float32)
-            lim = float(np.nanmax(np.abs(a))) or 1.0
-            axes[r, c].imshow(a, cmap="RdBu_r", vmin=-lim, vmax=lim)  # a view: symmetric colour scale
+            cmap, vmin, vmax = map_colour_scale(a)
+            axes[r, c].imshow(a, cmap=cmap, vmin=vmin, vmax=vmax)
             if r == 0:
                 axes[r, c].set_title(m.replace("_", "\n"), fontsize=6)
     for ax in axes.ravel():

@@ -1,23 +1,47 @@
-"""``distributed-attr report``: one self-contained HTML page (and a Markdown twin) for a store.
+"""``distributed-attr report``: one self-contained HTML page (and a Markdown twin) for a store,
+optionally with further stores of the same data beside it (another model, another architecture).
 
-It gathers the job's facts from the store and every table (Parquet) and figure (PNG) that the
-aggregation and evaluation jobs wrote into the store's outputs folder, so new analyses appear in
+It gathers the job's facts from each store and every table (Parquet) and figure (PNG) that the
+aggregation and evaluation jobs wrote into that store's outputs folder, so new analyses appear in
 the report without changes here. Images are embedded as data URIs: the HTML file stands alone.
+The page fits a 1,400-px window: figures shrink to the text width and wide tables scroll inside
+their own box instead of widening the page.
 """
 from __future__ import annotations
 
 import base64
 import html
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 from .inspect import describe_store
 from .io.store import outputs_dir
-
 
 #: the order a reader wants: what the maps look like, their spectra, the filter's effect, the
 #: rankings, then the details; anything else follows alphabetically
 READING_ORDER = ("examples", "spectra", "filter_effect", "stage", "antialias", "rankings", "best_cutoffs",
                  "summary", "cutoff_curves", "cross_architecture")
+
+#: what a reader needs to know to read a figure correctly, by file-name prefix
+CAPTIONS = {
+    "examples": "Each row is one image; each column one method's raw map, scaled per map. A map with "
+                "negative values uses a blue-white-red scale symmetric around zero (white = 0). A map with "
+                "no negative values (RISE, Sobol, Soundness, SquareGrad, VarGrad, the attention methods) "
+                "runs from its own minimum (dark) to its maximum (yellow), so a map that sits on a large "
+                "offset still shows its shape.",
+    "spectra": "Mean radial power spectrum of the maps per method (log-log; frequencies in cycles/pixel).",
+    "filter_effect": "How each method's faithfulness changes with the low-pass cutoff.",
+    "cutoff_curves": "Score against the FORGrad cutoff sigma (at the reference size) per method.",
+}
+
+STYLE = ("body{font-family:sans-serif;max-width:min(1200px,100% - 2em);margin:2em auto;color:#222;"
+         "overflow-wrap:anywhere}"
+         "table{border-collapse:collapse;font-size:12px;margin:0}td,th{border:1px solid #ccc;padding:3px 6px}"
+         "th{background:#f0f0f0}.scroll{overflow-x:auto;max-width:100%;margin:1em 0}"
+         "img{max-width:100%;height:auto;border:1px solid #ddd;margin:0.5em 0}"
+         "figcaption{font-size:12px;color:#555;max-width:60em}figure{margin:1em 0}"
+         "h2{border-bottom:1px solid #ccc}nav li{margin:0.2em 0}")
 
 
 def _reading_order(path: Path) -> tuple[int, str]:
@@ -27,7 +51,14 @@ def _reading_order(path: Path) -> tuple[int, str]:
     return len(READING_ORDER), path.stem
 
 
-def _tables(out: Path):
+def _caption(path: Path) -> str:
+    for prefix, text in CAPTIONS.items():
+        if path.stem.startswith(prefix):
+            return text
+    return ""
+
+
+def _tables(out: Path) -> Iterator[tuple[Path, Any, str]]:
     import pandas as pd
 
     for path in sorted(out.glob("*.parquet"), key=_reading_order):
@@ -39,64 +70,115 @@ def _tables(out: Path):
         yield path, df, ""
 
 
-def write_report(store: str, out_dir: str | None = None, max_rows: int = 60) -> Path:
-    """Write ``report.html`` and ``report.md`` into the outputs folder and return the HTML path."""
-    info = describe_store(store)
-    out = Path(out_dir) if out_dir else outputs_dir(store)
-    out.mkdir(parents=True, exist_ok=True)
-    examples = out.parent / "examples.png"  # the demo's picture of the images, beside the outputs
-    figures = sorted(out.glob("*.png"), key=_reading_order)
-    if examples.exists():
-        figures.insert(0, examples)
-    lr = info.get("last_run") or {}
-    facts = [
-        ("store", info["store"]),
-        ("dataset", f"{(info.get('data') or {}).get('format')} at {(info.get('data') or {}).get('path')}"),
-        ("model", f"{(info.get('model') or {}).get('kind')}:{(info.get('model') or {}).get('name')}"
-                  f" (fingerprint {str(info['model_fingerprint'])[:12]})"),
-        ("methods", ", ".join(info["methods"])),
-        ("metrics", ", ".join(info["metrics"]) or "-"),
-        ("evaluators", ", ".join(info["evaluators"]) or "-"),
-        ("images", f"{info['images_ok']} ok of {info['images']} ({len(info['failures'])} failed)"),
-        ("progress", f"{info['units_done']}/{info['units']} units"),
-        ("throughput", f"{lr.get('images_per_second')} images/s with {lr.get('workers')} worker(s)" if lr else "-"),
-    ]
-    h = ["<!doctype html><html><head><meta charset='utf-8'><title>distributed_attr report</title>",
-         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
-         "table{border-collapse:collapse;font-size:12px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px}"
-         "th{background:#f0f0f0}img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}"
-         "h2{border-bottom:1px solid #ccc}</style></head><body>",
-         "<h1>Attribution report</h1>", "<h2>Job</h2><table>"]
-    md = ["# Attribution report", "", "## Job", "", "| | |", "|---|---|"]
-    for k, v in facts:
+@dataclass(frozen=True)
+class _Section:
+    """One store's part of the report: its facts, figures and tables."""
+
+    store: str
+    outputs: Path
+    info: dict[str, Any]
+
+    @classmethod
+    def of(cls, store: str, out_dir: str | Path | None = None) -> "_Section":
+        return cls(store, Path(out_dir) if out_dir else outputs_dir(store), describe_store(store))
+
+    @property
+    def model(self) -> str:
+        m = self.info.get("model") or {}
+        return f"{m.get('kind')}:{m.get('name')}"
+
+    @property
+    def anchor(self) -> str:
+        return "store-" + "".join(c if c.isalnum() else "-" for c in Path(self.store).stem)
+
+    def facts(self) -> list[tuple[str, str]]:
+        info = self.info
+        data = info.get("data") or {}
+        lr = info.get("last_run") or {}
+        return [
+            ("store", info["store"]),
+            ("dataset", f"{data.get('format')} at {data.get('path')}"),
+            ("model", f"{self.model} (fingerprint {str(info['model_fingerprint'])[:12]})"),
+            ("methods", ", ".join(info["methods"])),
+            ("metrics", ", ".join(info["metrics"]) or "-"),
+            ("evaluators", ", ".join(info["evaluators"]) or "-"),
+            ("images", f"{info['images_ok']} ok of {info['images']} ({len(info['failures'])} failed)"),
+            ("progress", f"{info['units_done']}/{info['units']} units"),
+            ("throughput", f"{lr.get('images_per_second')} images/s with {lr.get('workers')} worker(s)" if lr else "-"),
+        ]
+
+    def figures(self) -> list[Path]:
+        return sorted(self.outputs.glob("*.png"), key=_reading_order)
+
+
+def _render(section: _Section, h: list[str], md: list[str], level: int, max_rows: int) -> None:
+    hx, hy = f"h{level}", f"h{level + 1}"
+    mx, my = "#" * level, "#" * (level + 1)
+    h.append(f"<{hx}>Job</{hx}><table>")
+    md += [f"{mx} Job", "", "| | |", "|---|---|"]
+    for k, v in section.facts():
         h.append(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>")
         md.append(f"| {k} | {v} |")
     h.append("</table>")
-    if info["failures"]:
-        h.append("<h3>Failed images</h3><ul>")
-        md += ["", "### Failed images", ""]
-        for idx, why in sorted(info["failures"].items())[:20]:
+    failures = section.info["failures"]
+    if failures:
+        h.append(f"<{hy}>Failed images</{hy}><ul>")
+        md += ["", f"{my} Failed images", ""]
+        for idx, why in sorted(failures.items())[:20]:
             h.append(f"<li>{idx}: {html.escape(why)}</li>")
             md.append(f"- {idx}: {why}")
         h.append("</ul>")
-    h.append("<h2>Figures</h2>")
-    md += ["", "## Figures", ""]
-    for fig in figures:
+    h.append(f"<{hx}>Figures</{hx}>")
+    md += ["", f"{mx} Figures", ""]
+    for fig in section.figures():
         data = base64.b64encode(fig.read_bytes()).decode()
-        h.append(f"<h3>{html.escape(fig.stem.replace('_', ' '))}</h3><img src='data:image/png;base64,{data}'>")
-        md.append(f"### {fig.stem.replace('_', ' ')}\n\n![{fig.stem}]({fig.resolve()})\n")
-    h.append("<h2>Tables</h2>")
-    md += ["## Tables", ""]
-    for path, df, err in _tables(out):
+        title, caption = fig.stem.replace("_", " "), _caption(fig)
+        h.append(f"<figure><{hy}>{html.escape(title)}</{hy}><img src='data:image/png;base64,{data}' "
+                 f"alt='{html.escape(title)}'>" + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "")
+                 + "</figure>")
+        md.append(f"{my} {title}\n\n![{fig.stem}]({fig.resolve()})\n" + (f"\n{caption}\n" if caption else ""))
+    h.append(f"<{hx}>Tables</{hx}>")
+    md += [f"{mx} Tables", ""]
+    for path, df, err in _tables(section.outputs):
         title = path.stem.replace("_", " ")
         if df is None:
-            h.append(f"<h3>{html.escape(title)}</h3><p>unreadable: {html.escape(err)}</p>")
+            h.append(f"<{hy}>{html.escape(title)}</{hy}><p>unreadable: {html.escape(err)}</p>")
             continue
         shown = df.head(max_rows)
         note = f" (first {max_rows} of {len(df)} rows; full table: {path.name})" if len(df) > max_rows else ""
-        h.append(f"<h3>{html.escape(title)}</h3><p>{html.escape(note)}</p>")
-        h.append(shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
-        md.append(f"### {title}{note}\n\n{shown.to_markdown(index=False, floatfmt='.4g') if _has_tabulate() else shown.to_string(index=False)}\n")
+        h.append(f"<{hy}>{html.escape(title)}</{hy}><p>{html.escape(note)}</p>")
+        h.append("<div class='scroll'>" + shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0) + "</div>")
+        table = shown.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else shown.to_string(index=False)
+        md.append(f"{my} {title}{note}\n\n{table}\n")
+
+
+def write_report(store: str, out_dir: str | None = None, max_rows: int = 60,
+                 companions: Sequence[str] = ()) -> Path:
+    """Write ``report.html`` and ``report.md`` into the outputs folder and return the HTML path.
+
+    ``companions``: further stores of the same data (another model, say a transformer beside a
+    CNN), each shown as its own section after the main store, with the figures and tables of its
+    own outputs folder (run ``aggregate``/``evaluate`` on it first to have them).
+    """
+    main = _Section.of(store, out_dir)
+    others = [_Section.of(c) for c in companions]
+    out = main.outputs
+    out.mkdir(parents=True, exist_ok=True)
+    h = ["<!doctype html><html><head><meta charset='utf-8'>"
+         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+         f"<title>distributed_attr report</title><style>{STYLE}</style></head><body>",
+         "<h1>Attribution report</h1>"]
+    md = ["# Attribution report", ""]
+    if others:
+        h.append("<nav><ul>" + "".join(f"<li><a href='#{s.anchor}'>{html.escape(s.model)}</a>: {html.escape(s.store)}</li>"
+                                       for s in (main, *others)) + "</ul></nav>")
+        md += [f"- {s.model}: {s.store}" for s in (main, *others)] + [""]
+        for s in (main, *others):
+            h.append(f"<h2 id='{s.anchor}'>{html.escape(s.model)}</h2>")
+            md += [f"## {s.model}", ""]
+            _render(s, h, md, 3, max_rows)
+    else:
+        _render(main, h, md, 2, max_rows)
     h.append("</body></html>")
     html_path = out / "report.html"
     html_path.write_text("\n".join(h))

@@ -137,3 +137,53 @@ def test_the_methods_a_cnn_cannot_take_run_on_a_transformer_and_are_refused_on_t
     with pytest.raises(JobError, match=r"methods.attention_(rollout|relevance) cannot explain this model"):
         run(cfg, progress=False)
     assert not (tmp_path / "cnn.zarr").exists()
+
+
+def test_a_map_on_a_large_offset_is_shown_from_its_own_minimum():
+    """The example grid used to scale every map from zero: RISE's maps (all values near their large
+    mean) came out as one flat colour. Unsigned maps now span their own range; signed maps stay
+    symmetric around zero so that white means 0."""
+    from distributed_attr.demo import map_colour_scale
+
+    rise_like = 0.8 + 0.01 * np.random.default_rng(0).random((32, 32))
+    cmap, lo, hi = map_colour_scale(rise_like)
+    assert (lo, hi) == (rise_like.min(), rise_like.max()) and cmap != "RdBu_r"
+    signed = np.array([[-0.5, 2.0], [0.0, 1.0]])
+    assert map_colour_scale(signed) == ("RdBu_r", -2.0, 2.0)
+    flat = np.full((4, 4), 3.0)
+    _, lo, hi = map_colour_scale(flat)
+    assert hi > lo  # matplotlib needs a range
+
+
+def test_one_report_holds_a_second_model_of_the_same_data(full_store, tmp_path, parquet_dir, monkeypatch):
+    """``write_report(store, companions=[...])``: a transformer's store beside the CNN's, each in
+    its own section with its own job facts, figures (its spectra and example maps) and tables."""
+    from tests.conftest import base_config
+
+    from distributed_attr.aggregate import run_aggregation
+    from distributed_attr.demo import write_example_grid
+    from distributed_attr.io.store import outputs_dir
+    from distributed_attr.report import write_report
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parent / "support"))
+    cfg = base_config(parquet_dir, tmp_path / "vit.zarr", unit_size=8)
+    cfg["data"]["limit"] = 8
+    cfg["model"] = {"kind": "callable", "name": "fault_models:random_digits_vit"}
+    cfg["methods"] = {"saliency": {}, "attention_rollout": {}}
+    cfg["spectra"] = {"enabled": True}
+    run(cfg, progress=False)
+    run_aggregation(cfg["store"], num_workers=0)
+    examples = write_example_grid(cfg["store"])
+    assert examples == outputs_dir(cfg["store"]) / "examples.png"
+
+    out = tmp_path / "cnn-outputs"
+    html = write_report(full_store, out_dir=str(out), companions=[cfg["store"]]).read_text()
+    assert html.count("<h3>Job</h3>") == 2
+    assert "callable:fault_models:random_digits_vit" in html and "zoo:digits_cnn" in html
+    cnn_part, vit_part = html.split("callable:fault_models:random_digits_vit</h2>")
+    assert "attention_rollout" in vit_part and "attention_rollout" not in cnn_part.split("<h2 id=")[-1]
+    # the companion's own outputs: its spectra table and figures, and its example maps
+    assert "<img src='data:image/png;base64," in vit_part and "examples" in vit_part
+    assert html.count("<div class='scroll'><table") == html.count("<table") - 2  # all but the two job tables scroll
+    md = (out / "report.md").read_text()
+    assert md.count("### Job") == 2 and "## callable:fault_models:random_digits_vit" in md
