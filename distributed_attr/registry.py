@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from typing import Any, Generic, TypeVar
 
@@ -40,7 +41,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     args = typing.get_args(annotation)
     if annotation is Any or annotation is None:
         return value
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         errors = []

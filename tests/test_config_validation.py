@@ -210,3 +210,14 @@ def test_max_pixels_limits_encoded_and_raw_images_and_small_ones_decode():
     for arr in (np.zeros((40, 50), np.uint8), np.zeros((40, 50, 3), np.uint8), np.zeros((3, 40, 50), np.float32)):
         with pytest.raises(ValueError, match=r"image of 50x40 = 0 MPix exceeds data\.max_pixels"):
             decode_image(arr, cfg)
+
+
+def test_union_typed_parameters_are_checked():
+    """``baseline: str | float`` (a ``types.UnionType``) used to skip the type check altogether,
+    so a list or a mapping got through the config and failed inside a running unit."""
+    with pytest.raises(ConfigError, match=r"metrics\.deletion\.baseline"):
+        Config.from_dict(raw(metrics={"deletion": {"baseline": [1, 2]}}))
+    with pytest.raises(ConfigError, match=r"metrics\.mufidelity\.baseline"):
+        Config.from_dict(raw(metrics={"mufidelity": {"baseline": {"kind": "blur"}}}))
+    cfg = Config.from_dict(raw(metrics={"deletion": {"baseline": 0}, "insertion": {"baseline": "blur"}}))
+    assert cfg.metrics["deletion"]["baseline"] == 0.0 and cfg.metrics["insertion"]["baseline"] == "blur"
