@@ -164,7 +164,9 @@ def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
     plt.close(fig)
 
     methods = list(results)
-    panels = len(methods) + 1  # one per method, then the high-frequency fraction against sigma
+    # one panel per method, the high-frequency fraction against sigma, and one that holds the
+    # legends: inside the small panels they covered the curves
+    panels = len(methods) + 2
     cols = min(3, panels)
     rows = (panels + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
@@ -186,7 +188,7 @@ def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
         ax.set_xlabel("cycles per pixel")
         ax.set_ylabel("power")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes.ravel()[0].legend(fontsize=6)
+    cutoff_handles = axes.ravel()[0].get_legend_handles_labels()
     ax = axes.ravel()[len(methods)]
     for m in methods:
         s = results[m]["all"]
@@ -196,8 +198,14 @@ def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
     ax.set_xlabel("σ at 224 px (cycles per image)")
     ax.set_ylabel(f"energy share above {plan.hf_cutoff} c/px")
     ax.set_title("high-frequency fraction (dotted: unfiltered)", fontsize=10)
-    ax.legend(fontsize=6)
-    for ax in axes.ravel()[panels:]:
+    method_handles = ax.get_legend_handles_labels()
+    legend_ax = axes.ravel()[len(methods) + 1]
+    first = legend_ax.legend(*cutoff_handles, loc="upper left", fontsize=7, title="spectrum panels",
+                             title_fontsize=8, frameon=False)
+    legend_ax.add_artist(first)
+    legend_ax.legend(*method_handles, loc="lower left", fontsize=7, title="high-frequency panel", title_fontsize=8,
+                     frameon=False, ncol=2 if len(methods) > 8 else 1)
+    for ax in axes.ravel()[len(methods) + 1:]:
         ax.axis("off")
     fig.suptitle(f"Low-pass filter ({plan.filter_kind}) effect on the mean spectrum")
     fig.tight_layout()
