@@ -84,6 +84,16 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_benchmark_run(args: argparse.Namespace) -> int:
+    from .benchmark.run import run_benchmark
+
+    if args.images < 8:
+        print("error: --images must be >= 8 (a quarter of them choose the cutoffs, the rest test it)", file=sys.stderr)
+        return 2
+    run_benchmark(args.data, args.out, images=args.images, workers=args.workers, quick=args.quick)
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from .methods import list_methods
 
@@ -163,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--seed", type=int, default=0)
     bb.add_argument("--images", type=int, default=6000, help="images in all: 70%% train, 10%% validation, 20%% test")
     bb.set_defaults(func=_cmd_benchmark)
+    br = bsub.add_parser("run", help="both models' jobs, evaluation and the FORGrad answer with confidence intervals")
+    br.add_argument("--data", default="benchmark-data", help="the folder 'benchmark build' wrote")
+    br.add_argument("--out", default="benchmark-run", help="folder for the two stores, their outputs and answer.md")
+    br.add_argument("--images", type=int, default=600, help="test images per model (default 600; the split has 1,200)")
+    br.add_argument("--workers", type=int, default=2, help="Ray workers (0: in this process)")
+    br.add_argument("--quick", action="store_true", help="3 methods, 2 cutoffs, no robustness metric (a smoke test)")
+    br.set_defaults(func=_cmd_benchmark_run)
 
     m = sub.add_parser("methods", help="list the registered attribution methods and their parameters")
     m.set_defaults(func=_cmd_methods)

@@ -20,7 +20,7 @@ from .io.store import outputs_dir
 
 #: the order a reader wants: what the maps look like, their spectra, the filter's effect, the
 #: rankings, then the details; anything else follows alphabetically
-READING_ORDER = ("examples", "spectra", "filter_effect", "stage", "antialias", "rankings", "best_cutoffs",
+READING_ORDER = ("answer", "examples", "spectra", "filter_effect", "stage", "antialias", "rankings", "best_cutoffs",
                  "summary", "cutoff_curves", "cross_architecture")
 
 #: what a reader needs to know to read a figure correctly, by file-name prefix
@@ -152,13 +152,42 @@ def _render(section: _Section, h: list[str], md: list[str], level: int, max_rows
         md.append(f"{my} {title}{note}\n\n{table}\n")
 
 
+def markdown_to_html(text: str) -> str:
+    """The Markdown subset the product writes (``#`` headings, ``-`` lists nested by two spaces,
+    ``**bold**``, paragraphs) as HTML; headings move one level down, under the report's title."""
+    import re
+
+    out: list[str] = []
+    depth = 0
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        level = (len(line) - len(stripped)) // 2 + 1 if stripped.startswith("- ") else 0
+        while depth > level:
+            out.append("</ul>")
+            depth -= 1
+        body = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(stripped[2:] if level else stripped))
+        if level:
+            while depth < level:
+                out.append("<ul>")
+                depth += 1
+            out.append(f"<li>{body}</li>")
+        elif stripped.startswith("#"):
+            n = min(6, len(stripped) - len(stripped.lstrip("#")) + 1)
+            out.append(f"<h{n}>{re.sub(r'^#+ *', '', body)}</h{n}>")
+        elif stripped:
+            out.append(f"<p>{body}</p>")
+    out += ["</ul>"] * depth
+    return "\n".join(out)
+
+
 def write_report(store: str, out_dir: str | None = None, max_rows: int = 60,
-                 companions: Sequence[str] = ()) -> Path:
+                 companions: Sequence[str] = (), preface: str = "") -> Path:
     """Write ``report.html`` and ``report.md`` into the outputs folder and return the HTML path.
 
     ``companions``: further stores of the same data (another model, say a transformer beside a
     CNN), each shown as its own section after the main store, with the figures and tables of its
     own outputs folder (run ``aggregate``/``evaluate`` on it first to have them).
+    ``preface``: Markdown shown first (a study's conclusions, e.g. ``benchmark run``'s answer).
     """
     main = _Section.of(store, out_dir)
     others = [_Section.of(c) for c in companions]
@@ -169,6 +198,9 @@ def write_report(store: str, out_dir: str | None = None, max_rows: int = 60,
          f"<title>distributed_attr report</title><style>{STYLE}</style></head><body>",
          "<h1>Attribution report</h1>"]
     md = ["# Attribution report", ""]
+    if preface:
+        h.append(markdown_to_html(preface))
+        md += ["#" + line if line.startswith("#") else line for line in preface.splitlines()] + [""]
     if others:
         h.append("<nav><ul>" + "".join(f"<li><a href='#{s.anchor}'>{html.escape(s.model)}</a>: {html.escape(s.store)}</li>"
                                        for s in (main, *others)) + "</ul></nav>")

@@ -359,3 +359,54 @@ def test_training_from_an_empty_cache_reaches_the_recorded_accuracy(tmp_path, mo
     fresh = tr.build("benchmark_resnet")
     fresh.load_state_dict(torch.load(path, weights_only=True))
     assert tr.accuracy(fresh, x, y) == pytest.approx(record["test_accuracy"], abs=1e-9)
+
+
+def test_benchmark_run_answers_the_four_questions_from_both_stores(tmp_path, built):
+    """``benchmark run`` end to end on the small dataset (untrained, seeded weights: the answer's
+    content is not the point, its derivation is): both stores are made, evaluated, and every
+    number of the answer is the evaluation's own, with its interval."""
+    import pandas as pd
+
+    from distributed_attr.benchmark.run import GRADIENT_METHODS, QUICK_METHODS, run_benchmark
+    from distributed_attr.cli import main
+
+    out, _ = built
+    (out / "models").mkdir(exist_ok=True)
+    for name in tr.MODELS:
+        torch.manual_seed(0)
+        torch.save(tr.build(name).state_dict(), out / "models" / f"{name}.pt")
+    res = run_benchmark(out, tmp_path / "run", images=16, workers=0, quick=True, log=lambda s: None)
+    plain, aa = (res["stores"][m] for m in tr.MODELS)
+    from distributed_attr.io.store import outputs_dir
+
+    filtering = pd.read_parquet(outputs_dir(plain) / "answer_filtering.parquet")
+    assert set(filtering["model"]) == {"standard", "anti-aliased"}
+    assert set(filtering["method"]) == set(QUICK_METHODS)
+    assert {"forgrad_protocol", "pointing_game", "relevance_mass_accuracy"} <= set(filtering["metric"])
+    for model, store in (("standard", plain), ("anti-aliased", aa)):
+        best = pd.read_parquet(outputs_dir(store) / "best_cutoffs.parquet")
+        mine = filtering[filtering["model"] == model].merge(best, on=["metric", "method"], suffixes=("", "_eval"))
+        assert len(mine) == len(best)
+        np.testing.assert_allclose(mine["gain"], mine["gain_eval"])
+        np.testing.assert_allclose(mine["gain_ci_low"], mine["gain_ci_low_eval"])
+        # sigma at 224 px is the stored cutoff (cycles per image at 128 px) rescaled
+        finite = np.isfinite(mine["best_cutoff"])
+        np.testing.assert_allclose(mine.loc[finite, "best_sigma_224"], mine.loc[finite, "best_cutoff"] * 224 / 128)
+    assert ((filtering["gain_ci_low"] <= filtering["gain"] + 1e-12)
+            & (filtering["gain"] <= filtering["gain_ci_high"] + 1e-12)).all()
+    cutoffs = pd.read_parquet(outputs_dir(plain) / "answer_cutoffs.parquet")
+    assert ((cutoffs["sigma_224_low"] <= cutoffs["best_sigma_224"])
+            & (cutoffs["best_sigma_224"] <= cutoffs["sigma_224_high"])).all()
+    text = (tmp_path / "run" / "answer.md").read_text()
+    for heading in ("faithfulness?", "localisation?", "anti-aliased model?", "ranking change?"):
+        assert heading in text
+    grad = filtering[filtering["gradient"] & (filtering["family"] == "faithfulness") & (filtering["model"] == "standard")]
+    better = int((grad["gain_ci_low"] > 0).sum())
+    assert f"**standard model**: {better} better" in text
+    assert set(grad["method"]) == set(QUICK_METHODS) & set(GRADIENT_METHODS)
+    html = (outputs_dir(plain) / "report.html").read_text()
+    assert "The FORGrad question" in html and html.count("<h3>Job</h3>") == 2
+    # a second run resumes both finished stores and gives the same answer
+    again = run_benchmark(out, tmp_path / "run", images=16, workers=0, quick=True, log=lambda s: None)
+    assert again["text"] == res["text"]
+    assert main(["benchmark", "run", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2

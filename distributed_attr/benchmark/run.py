@@ -1,0 +1,266 @@
+"""``distributed-attr benchmark run``: the FORGrad question on the generated benchmark, answered
+with confidence intervals.
+
+For each of the two models (plain and anti-aliased downsampling) one attribution job over the
+test split computes every map, its spectrum, the FORGrad cutoff sweep and, at every cutoff, the
+faithfulness (FORGrad protocol), localisation (against the ground-truth masks) and robustness
+metrics; each store is aggregated and evaluated (cutoffs chosen on a validation quarter of the
+images, scores reported on the rest). ``answer`` then reads the evaluation tables and states:
+
+1. does low-pass filtering improve the gradient methods' faithfulness?
+2. does it improve their localisation?
+3. does the best cutoff differ between the standard and the anti-aliased model?
+4. how does the method ranking change?
+
+Every number comes with a bootstrap 95% interval over images. The answer is written as tables
+(``answer_*.parquet``), as text (``answer.md``) and into the report, which shows both models.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import generate as gen
+from . import train as tr
+
+#: the methods the FORGrad question is about: maps computed through the input gradient
+GRADIENT_METHODS = ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "guided_backprop")
+#: every method of the run: the gradient family, then the CAM and prediction-based references
+METHODS: dict[str, dict[str, Any]] = {
+    "saliency": {},
+    "gradient_x_input": {},
+    "integrated_gradients": {"steps": 16},
+    "smoothgrad": {"samples": 16, "noise_level": 0.15},
+    "guided_backprop": {},
+    "gradcam": {},
+    "occlusion": {"patch": 16, "stride": 8},
+    "rise": {"masks": 400, "grid": 8},
+}
+QUICK_METHODS = ("saliency", "integrated_gradients", "gradcam")
+FAITHFULNESS: dict[str, dict[str, Any]] = {"forgrad_protocol": {"steps": 16}}
+#: the gradient's sign says which way the score moves, not where the evidence is: |map| throughout
+LOCALISATION: dict[str, dict[str, Any]] = {
+    "pointing_game": {"abs": True},
+    "attribution_localisation": {"abs": True},
+    "top_k_intersection": {"abs": True},
+    "relevance_mass_accuracy": {"abs": True},
+    "relevance_rank_accuracy": {"abs": True},
+    "auc": {"abs": True},
+}
+ROBUSTNESS: dict[str, dict[str, Any]] = {"avg_sensitivity": {"nr_samples": 4}}
+#: FORGrad's sigma at 224 px (cycles per image), scaled to the benchmark's size by the job; 15 is
+#: the paper's recommendation
+SWEEP = (100, 50, 30, 15, 8)
+QUICK_SWEEP = (50, 15)
+#: names of the two models in tables and text
+MODEL_LABELS = {"benchmark_resnet": "standard", "benchmark_resnet_aa": "anti-aliased"}
+
+
+def job_config(data_dir: Path, out_dir: Path, model: str, images: int, workers: int, quick: bool) -> dict[str, Any]:
+    """The attribution job of one model over the first ``images`` test images."""
+    manifest = gen.read_manifest(data_dir)
+    size = int(manifest["size"])
+    methods = {k: v for k, v in METHODS.items() if not quick or k in QUICK_METHODS}
+    metrics = {**FAITHFULNESS, **LOCALISATION, **({} if quick else ROBUSTNESS)}
+    if quick:
+        metrics["forgrad_protocol"] = {**metrics["forgrad_protocol"], "steps": 8}
+    return {
+        "data": {"format": "parquet", "path": str(data_dir / "data" / "test-*.parquet"), "image_size": size,
+                 "channels": 3, "mask_column": "mask", "limit": images},
+        "store": str(out_dir / f"{model}.zarr"),
+        "model": {"kind": "callable", "name": "distributed_attr.benchmark.models:BenchmarkResNet",
+                  "kwargs": {"in_channels": 3, "num_classes": len(gen.CLASSES), "width": tr.WIDTH,
+                             "anti_aliased": tr.MODELS[model]},
+                  "weights": str(data_dir / "models" / f"{model}.pt")},
+        "methods": methods,
+        "spectra": {"enabled": True},
+        "filters": {"kind": "forgrad", "sweep": list(QUICK_SWEEP if quick else SWEEP), "reference_size": 224},
+        "metrics": metrics,
+        "run": {"num_workers": workers, "unit_size": 32, "batch_size": 32, "seed": 0, "target": "label"},
+    }
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The four answers as tables (pandas DataFrames) and as text."""
+
+    filtering: Any  # model, metric, family, method, best_cutoff(+_224), test_unfiltered, test_best, gain, CI, p
+    cutoffs: Any  # model, method, metric, best cutoff: validation choice and its bootstrap distribution
+    rankings: Any  # model, method, mean rank unfiltered/filtered with CIs
+    text: str
+
+
+def _sigma_224(cutoff: float, size: int) -> float:
+    return cutoff * 224 / size if math.isfinite(cutoff) else math.inf
+
+
+def _cutoff_distribution(store: str, metric: str, method: str, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """The cutoff that maximises the mean score, over bootstrap resamples of all usable images:
+    (median, 2.5 %, 97.5 % quantiles), in cycles per image at the image size. A narrow interval
+    means the choice is stable; two models whose intervals do not overlap choose differently."""
+    from ..evaluation.data import load_metric
+    from ..evaluation.stats import bootstrap_means
+
+    table = load_metric(store, metric, methods=[method])
+    v = table.values[method]
+    v = v[np.isfinite(v).all(axis=1)]
+    boot = bootstrap_means(v, n_boot, seed)  # (n_boot, K)
+    pick = np.argmax(boot if table.higher_is_better else -boot, axis=1)
+    lo, med, hi = np.quantile(np.sort(table.cutoffs[pick]), [0.025, 0.5, 0.975], method="nearest")
+    return float(med), float(lo), float(hi)
+
+
+def answer(stores: dict[str, str], size: int, n_boot: int = 1000, seed: int = 0) -> Answer:
+    """Read the evaluation tables of the stores (model name -> store; ``run_evaluation`` done)
+    and answer the four questions."""
+    import pandas as pd
+
+    from ..io.store import outputs_dir
+    from ..metrics import METRICS
+
+    rows, cut_rows, rank_rows = [], [], []
+    for model, store in stores.items():
+        out = outputs_dir(store)
+        best = pd.read_parquet(out / "best_cutoffs.parquet")
+        for r in best.itertuples():
+            family = ("faithfulness" if r.metric in FAITHFULNESS else "localisation" if r.metric in LOCALISATION
+                      else "robustness" if r.metric in ROBUSTNESS else "other")
+            rows.append(dict(model=MODEL_LABELS.get(model, model), metric=r.metric, family=family, method=r.method,
+                             gradient=r.method in GRADIENT_METHODS, best_cutoff=r.best_cutoff,
+                             best_sigma_224=_sigma_224(r.best_cutoff, size), test_unfiltered=r.test_unfiltered,
+                             test_best=r.test_best, gain=r.gain, gain_ci_low=r.gain_ci_low,
+                             gain_ci_high=r.gain_ci_high, gain_p=r.gain_p, n_test=r.n_test))
+        methods = sorted(set(best["method"]))
+        for metric in FAITHFULNESS:
+            if metric not in set(best["metric"]):
+                continue
+            for method in methods:
+                med, lo, hi = _cutoff_distribution(store, metric, method, n_boot, seed)
+                cut_rows.append(dict(model=MODEL_LABELS.get(model, model), metric=metric, method=method,
+                                     gradient=method in GRADIENT_METHODS, best_sigma_224=_sigma_224(med, size),
+                                     sigma_224_low=_sigma_224(lo, size), sigma_224_high=_sigma_224(hi, size)))
+        ranks = pd.read_parquet(out / "rankings.parquet")
+        mean = ranks[ranks["metric"] == "mean rank"]
+        for method, rr in mean.groupby("method"):
+            u, f = rr[rr["condition"] == "unfiltered"].iloc[0], rr[rr["condition"] == "filtered"].iloc[0]
+            rank_rows.append(dict(model=MODEL_LABELS.get(model, model), method=method,
+                                  gradient=method in GRADIENT_METHODS,
+                                  rank_unfiltered=u["rank"], rank_unfiltered_ci=f"[{u['rank_ci_low']:g}, {u['rank_ci_high']:g}]",
+                                  rank_filtered=f["rank"], rank_filtered_ci=f"[{f['rank_ci_low']:g}, {f['rank_ci_high']:g}]",
+                                  mean_rank_unfiltered=u["score"], mean_rank_filtered=f["score"]))
+    filtering = pd.DataFrame(rows)
+    cutoffs = pd.DataFrame(cut_rows)
+    rankings = pd.DataFrame(rank_rows).sort_values(["model", "rank_filtered"]).reset_index(drop=True)
+    ranked_on = sorted({m for m in filtering["metric"] if METRICS.get(m).needs_model}) if len(filtering) else []
+    return Answer(filtering, cutoffs, rankings, _text(filtering, cutoffs, rankings, ranked_on))
+
+
+def _verdict(rows) -> str:
+    better = int((rows["gain_ci_low"] > 0).sum())
+    worse = int((rows["gain_ci_high"] < 0).sum())
+    return f"{better} better, {worse} worse, {len(rows) - better - worse} unchanged (95% interval of the gain excludes 0 or not)"
+
+
+def _fmt_gain(r) -> str:
+    return f"{r.gain:+.3f} [{r.gain_ci_low:+.3f}, {r.gain_ci_high:+.3f}] at sigma {r.best_sigma_224:g}"
+
+
+def _text(filtering, cutoffs, rankings, ranked_on: list[str]) -> str:
+    lines = ["# The FORGrad question on the generated benchmark", ""]
+    if not len(filtering):
+        return "\n".join(lines + ["No metric was evaluated."])
+    grad = filtering[filtering["gradient"]]
+    models = list(dict.fromkeys(filtering["model"]))
+    lines += ["Gains are test-image means at the cutoff chosen on the validation images minus the unfiltered "
+              "mean, signed so that > 0 is better, with paired-bootstrap 95% intervals; sigma is the FORGrad "
+              "cutoff in cycles per image at 224 px (the paper's units).", ""]
+    lines += ["## 1. Does low-pass filtering improve the gradient methods' faithfulness?", ""]
+    for model in models:
+        rows = grad[(grad["model"] == model) & (grad["family"] == "faithfulness")]
+        if len(rows):
+            lines.append(f"- **{model} model**: {_verdict(rows)}.")
+            lines += [f"  - {r.method}: {_fmt_gain(r)}" for r in rows.itertuples()]
+    lines += ["", "## 2. Does it improve their localisation?", ""]
+    for model in models:
+        rows = grad[(grad["model"] == model) & (grad["family"] == "localisation")]
+        if len(rows):
+            lines.append(f"- **{model} model**, {rows['metric'].nunique()} localisation metrics x "
+                         f"{rows['method'].nunique()} gradient methods: {_verdict(rows)}.")
+            for metric, mr in rows.groupby("metric", sort=False):
+                lines.append(f"  - {metric}: " + "; ".join(f"{r.method} {r.gain:+.3f} [{r.gain_ci_low:+.3f}, "
+                                                            f"{r.gain_ci_high:+.3f}]" for r in mr.itertuples()))
+    lines += ["", "## 3. Does the best cutoff differ between the standard and the anti-aliased model?", ""]
+    gc = cutoffs[cutoffs["gradient"]] if len(cutoffs) else cutoffs
+    if len(gc) and len(models) == 2:
+        lines.append("Best sigma (at 224 px) for the FORGrad protocol score: median and 95% interval of the "
+                     "argmax over bootstrap resamples of the images (inf = unfiltered).")
+        differ = 0
+        for method, mr in gc.groupby("method", sort=False):
+            a, b = (mr[mr["model"] == m].iloc[0] for m in models)
+            disjoint = a.sigma_224_high < b.sigma_224_low or b.sigma_224_high < a.sigma_224_low
+            differ += bool(disjoint)
+            lines.append(f"- {method}: {models[0]} {a.best_sigma_224:g} [{a.sigma_224_low:g}, {a.sigma_224_high:g}], "
+                         f"{models[1]} {b.best_sigma_224:g} [{b.sigma_224_low:g}, {b.sigma_224_high:g}]"
+                         f"{' (intervals disjoint)' if disjoint else ''}")
+        lines.append(f"- Disjoint intervals for {differ} of {gc['method'].nunique()} gradient methods.")
+    lines += ["", f"## 4. How does the ranking change? (mean rank over {', '.join(ranked_on)}; 1 = best)", ""]
+    for model in models:
+        rr = rankings[rankings["model"] == model].sort_values("rank_unfiltered")
+        lines.append(f"- **{model} model**: " + "; ".join(
+            f"{r.method} {r.rank_unfiltered:g} -> {r.rank_filtered:g}" for r in rr.itertuples()))
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(data_dir: str | Path = "benchmark-data", out_dir: str | Path = "benchmark-run", images: int = 600,
+                  workers: int = 2, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Both models' jobs (resumed when a store exists), aggregation, evaluation, the answer and
+    one report. Returns paths, timings and the answer's text."""
+    from ..aggregate import run_aggregation
+    from ..evaluation import run_evaluation
+    from ..io.store import outputs_dir
+    from ..report import write_report
+    from ..runner import run
+
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    manifest = gen.read_manifest(data_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no benchmark at {str(data_dir)!r}: run 'distributed-attr benchmark build --out {data_dir}' first")
+    missing = [m for m in tr.MODELS if not (data_dir / "models" / f"{m}.pt").exists()]
+    if missing:
+        raise FileNotFoundError(f"{data_dir}/models lacks {missing}: run 'distributed-attr benchmark build --out {data_dir}' again")
+    images = min(int(images), int(manifest["counts"]["test"]))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stores: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for model in tr.MODELS:
+        cfg = job_config(data_dir, out_dir, model, images, workers, quick)
+        t0 = time.perf_counter()
+        resume = Path(cfg["store"]).exists()
+        log(f"{model}: {'resuming' if resume else 'attributing'} {images} test images, {len(cfg['methods'])} methods, "
+            f"{len(cfg['metrics'])} metrics, {len(cfg['filters']['sweep'])} cutoffs -> {cfg['store']}")
+        summary = run(cfg, resume=resume, progress=True)
+        log("  " + str(summary).replace("\n", "\n  "))
+        run_aggregation(cfg["store"], num_workers=workers)
+        run_evaluation(cfg["store"])
+        seconds[model] = time.perf_counter() - t0
+        stores[model] = cfg["store"]
+    result = answer(stores, int(manifest["size"]))
+    out = outputs_dir(stores[next(iter(tr.MODELS))])
+    result.filtering.to_parquet(out / "answer_filtering.parquet", index=False)
+    result.cutoffs.to_parquet(out / "answer_cutoffs.parquet", index=False)
+    result.rankings.to_parquet(out / "answer_rankings.parquet", index=False)
+    (out_dir / "answer.md").write_text(result.text)
+    report = write_report(stores[next(iter(tr.MODELS))], companions=list(stores.values())[1:], preface=result.text)
+    record = {"images": images, "quick": quick, "workers": workers, "seconds": seconds, "stores": stores,
+              "answer": str(out_dir / "answer.md"), "report": str(report)}
+    (out_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n")
+    log(result.text)
+    log(f"report: {report}")
+    return {**record, "text": result.text}
