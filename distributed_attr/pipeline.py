@@ -351,8 +351,9 @@ class UnitProcessor:
         chosen = next(m for m in self.methods if m.name == method)
         model = self.compiled if self.compiled is not None and chosen.compile_safe else self.model
 
-        def explain(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            sub = dataclasses.replace(ctx, indices=None)
+        def explain(x: torch.Tensor, target: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+            # ``indices``: each row's image, so that a sampling method draws that image's noise
+            sub = dataclasses.replace(ctx, indices=indices)
             maps = compute_maps(model, x, target, [chosen], sub)[method]
             if cutoff == float("inf"):
                 return maps

@@ -183,3 +183,29 @@ def test_missing_explain_and_bad_parameters_are_named():
         assert info[name]["params"]["nr_samples"] == 200 and info[name]["params"]["lower_bound"] == 0.2
         cls = type(build_metric(name))
         assert cls.needs_explain is True and cls.needs_masks is False and cls.needs_model is True
+
+
+def test_in_the_job_a_sampling_method_is_robustness_scored_independently_of_its_batch(tmp_path, parquet_dir):
+    """The job's ``ctx.explain`` recomputed SmoothGrad on the perturbed inputs with the noise of
+    each row's *position* in the batch (indices dropped), so an image's sensitivity changed with
+    the batch it landed in. Now each row draws the noise of its own image: two batch sizes give
+    the same scores, and so do the MPRT metric's recomputed maps."""
+    import zarr
+
+    from distributed_attr.runner import run as run_job
+    from tests.conftest import base_config
+
+    stores = []
+    for batch in (3, 8):
+        cfg = base_config(parquet_dir, tmp_path / f"b{batch}.zarr", batch_size=batch, unit_size=8)
+        cfg["data"]["limit"] = 8
+        cfg["methods"] = {"smoothgrad": {"samples": 3}}
+        cfg["metrics"] = {"avg_sensitivity": {"nr_samples": 2},
+                          "model_randomisation": {"steps": 1, "layers": ["classifier"]}}
+        run_job(cfg, progress=False)
+        stores.append(zarr.open_group(cfg["store"], mode="r"))
+    a, b = stores
+    np.testing.assert_array_equal(a["maps/smoothgrad"][:], b["maps/smoothgrad"][:])
+    for key in ("metrics/avg_sensitivity/sensitivity/smoothgrad",
+                "metrics/model_randomisation/final_similarity/smoothgrad"):
+        np.testing.assert_allclose(a[key][:], b[key][:], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -44,8 +44,30 @@ class MetricContext(BatchContext):
     dataset_mean: Tensor | None = None
     #: the batch's ground-truth masks (N, H, W), bool, when the data has them
     masks: Tensor | None = None
-    #: (x, target) -> maps (N, H, W) of the method being evaluated; set by the pipeline per method
-    explain: Callable[[Tensor, Tensor], Tensor] | None = None
+    #: (x, target[, indices]) -> maps (N, H, W) of the method being evaluated; set by the pipeline
+    #: per method. Call it through ``explain_rows``, which passes the rows' image indices to an
+    #: explain that takes them
+    explain: Callable[..., Tensor] | None = None
+
+
+def explain_rows(ctx: MetricContext, x: Tensor, target: Tensor, indices: Tensor) -> Tensor:
+    """``ctx.explain`` on the rows ``x``, whose images have the global indices ``indices`` (N,).
+
+    A sampling method (SmoothGrad, RISE, ...) draws its random numbers per image index; without
+    the indices a recomputed map would draw those of the row's position in the chunk, and a
+    robustness score would change with the batch the image landed in. The pipeline's explain
+    takes an ``indices`` keyword; a user's ``(x, target)`` callable is called as it is."""
+    import inspect
+
+    fn = ctx.explain
+    assert fn is not None
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no keyword we can know of
+        params = {}
+    if "indices" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(x, target, indices=indices)
+    return fn(x, target)
 
 
 OutputSpec = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]

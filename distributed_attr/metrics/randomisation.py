@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..commons import run_in_chunks
-from .base import Metric, MetricContext, pearson, register, spearman
+from .base import Metric, MetricContext, explain_rows, pearson, register, spearman
 
 SIMILARITIES = ("spearman", "pearson")
 ORDERS = ("top_down", "bottom_up")
@@ -269,9 +269,10 @@ class ModelRandomisation(Metric):
             ref = ref.abs()
         target = target.to(x.device)
         modules = dict(model.named_modules())
+        image_index = ctx.indices_for(n)
 
         def explain(sl: slice) -> Tensor:
-            a = ctx.explain(x[sl], target[sl])  # type: ignore[misc]
+            a = explain_rows(ctx, x[sl], target[sl], image_index[sl])
             if tuple(a.shape) != (sl.stop - sl.start, *x.shape[2:]):
                 raise ValueError(
                     f"ctx.explain returned maps of shape {tuple(a.shape)} for {sl.stop - sl.start} inputs of "

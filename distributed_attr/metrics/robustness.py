@@ -45,7 +45,7 @@ from ..commons import (
     per_sample_seeds,
     run_in_chunks,
 )
-from .base import Metric, MetricContext, register
+from .base import Metric, MetricContext, explain_rows, register
 
 NOISE_KEY = "sensitivity"
 Norm = Literal["fro", "linf"]
@@ -141,6 +141,7 @@ class _Sensitivity(Metric):
                 raise ValueError(f"metric {self.name!r}: return_nan_when_prediction_changes needs the model")
             before = run_in_chunks(lambda sl: _predictions(model, x[sl], ctx), n, ctx)
         shape = tuple(x.shape[1:])
+        image_index = ctx.indices_for(n)
 
         def one(sl: slice) -> Tensor:
             pair = torch.arange(sl.start, sl.stop)
@@ -148,7 +149,7 @@ class _Sensitivity(Metric):
             noise = torch.stack([uniform_noise(seed, shape, p.lower_bound) for seed in seeds[img, sample].tolist()])
             img = img.to(x.device)
             xp = x.detach()[img] + noise.to(device=x.device, dtype=x.dtype)
-            ap = ctx.explain(xp, target[img])  # type: ignore[misc]
+            ap = explain_rows(ctx, xp, target[img], image_index[img.cpu()])
             if tuple(ap.shape) != (len(pair), *x.shape[2:]):
                 raise ValueError(
                     f"ctx.explain returned maps of shape {tuple(ap.shape)} for {len(pair)} inputs of "
