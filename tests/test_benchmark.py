@@ -361,7 +361,7 @@ def test_training_from_an_empty_cache_reaches_the_recorded_accuracy(tmp_path, mo
     assert tr.accuracy(fresh, x, y) == pytest.approx(record["test_accuracy"], abs=1e-9)
 
 
-def test_benchmark_run_answers_the_four_questions_from_both_stores(tmp_path, built):
+def test_benchmark_run_answers_its_questions_from_the_evaluation_tables(tmp_path, built):
     """``benchmark run`` end to end on the small dataset (untrained, seeded weights: the answer's
     content is not the point, its derivation is): both stores are made, evaluated, and every
     number of the answer is the evaluation's own, with its interval."""
@@ -376,15 +376,18 @@ def test_benchmark_run_answers_the_four_questions_from_both_stores(tmp_path, bui
         torch.manual_seed(0)
         torch.save(tr.build(name).state_dict(), out / "models" / f"{name}.pt")
     res = run_benchmark(out, tmp_path / "run", images=16, workers=0, quick=True, log=lambda s: None)
-    plain, aa = (res["stores"][m] for m in tr.MODELS)
+    plain, aa = (res["stores"][m][0] for m in tr.MODELS)
+    assert all(len(res["stores"][m]) == 2 for m in tr.MODELS)  # each model's robustness job too
     from distributed_attr.io.store import outputs_dir
 
     filtering = pd.read_parquet(outputs_dir(plain) / "answer_filtering.parquet")
     assert set(filtering["model"]) == {"standard", "anti-aliased"}
     assert set(filtering["method"]) == set(QUICK_METHODS)
-    assert {"forgrad_protocol", "pointing_game", "relevance_mass_accuracy"} <= set(filtering["metric"])
-    for model, store in (("standard", plain), ("anti-aliased", aa)):
-        best = pd.read_parquet(outputs_dir(store) / "best_cutoffs.parquet")
+    assert {"forgrad_protocol", "pointing_game", "relevance_mass_accuracy", "avg_sensitivity"} <= set(filtering["metric"])
+    robust = filtering[filtering["family"] == "robustness"]
+    assert set(robust["method"]) == set(QUICK_METHODS) & set(GRADIENT_METHODS)
+    for model, m in (("standard", "benchmark_resnet"), ("anti-aliased", "benchmark_resnet_aa")):
+        best = pd.concat([pd.read_parquet(outputs_dir(s) / "best_cutoffs.parquet") for s in res["stores"][m]])
         mine = filtering[filtering["model"] == model].merge(best, on=["metric", "method"], suffixes=("", "_eval"))
         assert len(mine) == len(best)
         np.testing.assert_allclose(mine["gain"], mine["gain_eval"])
@@ -398,15 +401,16 @@ def test_benchmark_run_answers_the_four_questions_from_both_stores(tmp_path, bui
     assert ((cutoffs["sigma_224_low"] <= cutoffs["best_sigma_224"])
             & (cutoffs["best_sigma_224"] <= cutoffs["sigma_224_high"])).all()
     text = (tmp_path / "run" / "answer.md").read_text()
-    for heading in ("faithfulness?", "localisation?", "anti-aliased model?", "ranking change?"):
+    for heading in ("faithfulness?", "localisation?", "anti-aliased model?", "ranking change?", "robustness?"):
         assert heading in text
     grad = filtering[filtering["gradient"] & (filtering["family"] == "faithfulness") & (filtering["model"] == "standard")]
     better = int((grad["gain_ci_low"] > 0).sum())
-    assert f"**standard model**: {better} better" in text
+    assert f"**standard model**: {better} better and {int((grad['gain_ci_high'] < 0).sum())} worse" in text
+    rankings = pd.read_parquet(outputs_dir(plain) / "answer_rankings.parquet")
+    assert set(rankings["family"]) == {"faithfulness", "localisation"}
+    for (_, _), rr in rankings.groupby(["model", "family"]):
+        assert sorted(rr["rank_unfiltered"]) == sorted(rr["rank_filtered"]) == [1.0, 2.0, 3.0] or len(set(rr["rank_filtered"])) < 3
     assert set(grad["method"]) == set(QUICK_METHODS) & set(GRADIENT_METHODS)
     html = (outputs_dir(plain) / "report.html").read_text()
     assert "The FORGrad question" in html and html.count("<h3>Job</h3>") == 2
-    # a second run resumes both finished stores and gives the same answer
-    again = run_benchmark(out, tmp_path / "run", images=16, workers=0, quick=True, log=lambda s: None)
-    assert again["text"] == res["text"]
     assert main(["benchmark", "run", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2

@@ -3,14 +3,18 @@ with confidence intervals.
 
 For each of the two models (plain and anti-aliased downsampling) one attribution job over the
 test split computes every map, its spectrum, the FORGrad cutoff sweep and, at every cutoff, the
-faithfulness (FORGrad protocol), localisation (against the ground-truth masks) and robustness
-metrics; each store is aggregated and evaluated (cutoffs chosen on a validation quarter of the
-images, scores reported on the rest). ``answer`` then reads the evaluation tables and states:
+faithfulness (FORGrad protocol) and localisation (against the ground-truth masks) metrics. A
+second, smaller job per model computes the robustness metric for the gradient methods alone:
+it recomputes every map ``nr_samples`` times per cutoff, which for RISE and Occlusion would cost
+more than all the rest of the run. Each store is aggregated and evaluated (cutoffs chosen on a
+validation quarter of the images, scores reported on the rest). ``answer`` then reads the
+evaluation tables and states:
 
 1. does low-pass filtering improve the gradient methods' faithfulness?
 2. does it improve their localisation?
 3. does the best cutoff differ between the standard and the anti-aliased model?
-4. how does the method ranking change?
+4. how does the method ranking change (on faithfulness, and on localisation)?
+5. does filtering change the gradient methods' robustness?
 
 Every number comes with a bootstrap 95% interval over images. The answer is written as tables
 (``answer_*.parquet``), as text (``answer.md``) and into the report, which shows both models.
@@ -40,11 +44,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 16, "noise_level": 0.15},
     "guided_backprop": {},
     "gradcam": {},
-    "occlusion": {"patch": 16, "stride": 8},
-    "rise": {"masks": 400, "grid": 8},
+    "occlusion": {"patch": 16, "stride": 16},
+    "rise": {"masks": 200, "grid": 8},
 }
 QUICK_METHODS = ("saliency", "integrated_gradients", "gradcam")
-FAITHFULNESS: dict[str, dict[str, Any]] = {"forgrad_protocol": {"steps": 16}}
+FAITHFULNESS: dict[str, dict[str, Any]] = {"forgrad_protocol": {"steps": 10}}
 #: the gradient's sign says which way the score moves, not where the evidence is: |map| throughout
 LOCALISATION: dict[str, dict[str, Any]] = {
     "pointing_game": {"abs": True},
@@ -54,7 +58,9 @@ LOCALISATION: dict[str, dict[str, Any]] = {
     "relevance_rank_accuracy": {"abs": True},
     "auc": {"abs": True},
 }
-ROBUSTNESS: dict[str, dict[str, Any]] = {"avg_sensitivity": {"nr_samples": 4}}
+ROBUSTNESS: dict[str, dict[str, Any]] = {"avg_sensitivity": {"nr_samples": 2}}
+#: the robustness job's share of the images (it recomputes each gradient map 2 x 6 times)
+ROBUSTNESS_FRACTION = 0.5
 #: FORGrad's sigma at 224 px (cycles per image), scaled to the benchmark's size by the job; 15 is
 #: the paper's recommendation
 SWEEP = (100, 50, 30, 15, 8)
@@ -63,18 +69,23 @@ QUICK_SWEEP = (50, 15)
 MODEL_LABELS = {"benchmark_resnet": "standard", "benchmark_resnet_aa": "anti-aliased"}
 
 
-def job_config(data_dir: Path, out_dir: Path, model: str, images: int, workers: int, quick: bool) -> dict[str, Any]:
-    """The attribution job of one model over the first ``images`` test images."""
+def job_config(data_dir: Path, out_dir: Path, model: str, images: int, workers: int, quick: bool,
+               robustness: bool = False) -> dict[str, Any]:
+    """The attribution job of one model over the first ``images`` test images; ``robustness``:
+    the robustness job (the gradient methods, the robustness metric)."""
     manifest = gen.read_manifest(data_dir)
     size = int(manifest["size"])
     methods = {k: v for k, v in METHODS.items() if not quick or k in QUICK_METHODS}
-    metrics = {**FAITHFULNESS, **LOCALISATION, **({} if quick else ROBUSTNESS)}
+    metrics = {**FAITHFULNESS, **LOCALISATION}
     if quick:
         metrics["forgrad_protocol"] = {**metrics["forgrad_protocol"], "steps": 8}
+    if robustness:
+        methods = {k: v for k, v in methods.items() if k in GRADIENT_METHODS}
+        metrics = {k: {**v, "nr_samples": 1} if quick else v for k, v in ROBUSTNESS.items()}
     return {
         "data": {"format": "parquet", "path": str(data_dir / "data" / "test-*.parquet"), "image_size": size,
                  "channels": 3, "mask_column": "mask", "limit": images},
-        "store": str(out_dir / f"{model}.zarr"),
+        "store": str(out_dir / f"{model}{'-robustness' if robustness else ''}.zarr"),
         "model": {"kind": "callable", "name": "distributed_attr.benchmark.models:BenchmarkResNet",
                   "kwargs": {"in_channels": 3, "num_classes": len(gen.CLASSES), "width": tr.WIDTH,
                              "anti_aliased": tr.MODELS[model]},
@@ -117,16 +128,16 @@ def _cutoff_distribution(store: str, metric: str, method: str, n_boot: int, seed
     return float(med), float(lo), float(hi)
 
 
-def answer(stores: dict[str, str], size: int, n_boot: int = 1000, seed: int = 0) -> Answer:
-    """Read the evaluation tables of the stores (model name -> store; ``run_evaluation`` done)
-    and answer the four questions."""
+def answer(stores: dict[str, list[str]], size: int, n_boot: int = 1000, seed: int = 0) -> Answer:
+    """Read the evaluation tables of the stores (model name -> its stores, ``run_evaluation``
+    done on each) and answer the questions."""
     import pandas as pd
 
+    from ..evaluation.rankings import rank_methods
     from ..io.store import outputs_dir
-    from ..metrics import METRICS
 
     rows, cut_rows, rank_rows = [], [], []
-    for model, store in stores.items():
+    for model, store in ((model, s) for model, ss in stores.items() for s in ss):
         out = outputs_dir(store)
         best = pd.read_parquet(out / "best_cutoffs.parquet")
         for r in best.itertuples():
@@ -146,33 +157,44 @@ def answer(stores: dict[str, str], size: int, n_boot: int = 1000, seed: int = 0)
                 cut_rows.append(dict(model=MODEL_LABELS.get(model, model), metric=metric, method=method,
                                      gradient=method in GRADIENT_METHODS, best_sigma_224=_sigma_224(med, size),
                                      sigma_224_low=_sigma_224(lo, size), sigma_224_high=_sigma_224(hi, size)))
-        ranks = pd.read_parquet(out / "rankings.parquet")
-        mean = ranks[ranks["metric"] == "mean rank"]
-        for method, rr in mean.groupby("method"):
-            u, f = rr[rr["condition"] == "unfiltered"].iloc[0], rr[rr["condition"] == "filtered"].iloc[0]
-            rank_rows.append(dict(model=MODEL_LABELS.get(model, model), method=method,
-                                  gradient=method in GRADIENT_METHODS,
-                                  rank_unfiltered=u["rank"], rank_unfiltered_ci=f"[{u['rank_ci_low']:g}, {u['rank_ci_high']:g}]",
-                                  rank_filtered=f["rank"], rank_filtered_ci=f"[{f['rank_ci_low']:g}, {f['rank_ci_high']:g}]",
-                                  mean_rank_unfiltered=u["score"], mean_rank_filtered=f["score"]))
+        present = set(best["metric"])
+        for family, names in (("faithfulness", FAITHFULNESS), ("localisation", LOCALISATION)):
+            names = [m for m in names if m in present]
+            if not names:
+                continue
+            # each metric at its own validation-chosen cutoff; the mean rank over the family's metrics
+            ranks = rank_methods(store, names, n_boot=n_boot, seed=seed)
+            mean = ranks[ranks["metric"] == "mean rank"]
+            for method, rr in mean.groupby("method"):
+                u, f = rr[rr["condition"] == "unfiltered"].iloc[0], rr[rr["condition"] == "filtered"].iloc[0]
+                rank_rows.append(dict(model=MODEL_LABELS.get(model, model), family=family, method=method,
+                                      gradient=method in GRADIENT_METHODS,
+                                      rank_unfiltered=u["rank"], rank_unfiltered_low=u["rank_ci_low"],
+                                      rank_unfiltered_high=u["rank_ci_high"], rank_filtered=f["rank"],
+                                      rank_filtered_low=f["rank_ci_low"], rank_filtered_high=f["rank_ci_high"],
+                                      mean_rank_unfiltered=u["score"], mean_rank_filtered=f["score"]))
     filtering = pd.DataFrame(rows)
     cutoffs = pd.DataFrame(cut_rows)
-    rankings = pd.DataFrame(rank_rows).sort_values(["model", "rank_filtered"]).reset_index(drop=True)
-    ranked_on = sorted({m for m in filtering["metric"] if METRICS.get(m).needs_model}) if len(filtering) else []
-    return Answer(filtering, cutoffs, rankings, _text(filtering, cutoffs, rankings, ranked_on))
+    rankings = pd.DataFrame(rank_rows).sort_values(["model", "family", "rank_filtered"]).reset_index(drop=True)
+    return Answer(filtering, cutoffs, rankings, _text(filtering, cutoffs, rankings))
 
 
 def _verdict(rows) -> str:
     better = int((rows["gain_ci_low"] > 0).sum())
     worse = int((rows["gain_ci_high"] < 0).sum())
-    return f"{better} better, {worse} worse, {len(rows) - better - worse} unchanged (95% interval of the gain excludes 0 or not)"
+    return (f"{better} better and {worse} worse (95% interval of the gain above or below 0), "
+            f"{len(rows) - better - worse} not distinguishable from no change")
+
+
+def _g(v: float) -> str:
+    return f"{v:+.3g}" if abs(v) >= 5e-4 or v == 0 else f"{v:+.1e}"
 
 
 def _fmt_gain(r) -> str:
-    return f"{r.gain:+.3f} [{r.gain_ci_low:+.3f}, {r.gain_ci_high:+.3f}] at sigma {r.best_sigma_224:g}"
+    return f"{_g(r.gain)} [{_g(r.gain_ci_low)}, {_g(r.gain_ci_high)}] at sigma {r.best_sigma_224:.3g}"
 
 
-def _text(filtering, cutoffs, rankings, ranked_on: list[str]) -> str:
+def _text(filtering, cutoffs, rankings) -> str:
     lines = ["# The FORGrad question on the generated benchmark", ""]
     if not len(filtering):
         return "\n".join(lines + ["No metric was evaluated."])
@@ -194,8 +216,7 @@ def _text(filtering, cutoffs, rankings, ranked_on: list[str]) -> str:
             lines.append(f"- **{model} model**, {rows['metric'].nunique()} localisation metrics x "
                          f"{rows['method'].nunique()} gradient methods: {_verdict(rows)}.")
             for metric, mr in rows.groupby("metric", sort=False):
-                lines.append(f"  - {metric}: " + "; ".join(f"{r.method} {r.gain:+.3f} [{r.gain_ci_low:+.3f}, "
-                                                            f"{r.gain_ci_high:+.3f}]" for r in mr.itertuples()))
+                lines.append(f"  - {metric}: " + "; ".join(f"{r.method} {_fmt_gain(r)}" for r in mr.itertuples()))
     lines += ["", "## 3. Does the best cutoff differ between the standard and the anti-aliased model?", ""]
     gc = cutoffs[cutoffs["gradient"]] if len(cutoffs) else cutoffs
     if len(gc) and len(models) == 2:
@@ -206,15 +227,29 @@ def _text(filtering, cutoffs, rankings, ranked_on: list[str]) -> str:
             a, b = (mr[mr["model"] == m].iloc[0] for m in models)
             disjoint = a.sigma_224_high < b.sigma_224_low or b.sigma_224_high < a.sigma_224_low
             differ += bool(disjoint)
-            lines.append(f"- {method}: {models[0]} {a.best_sigma_224:g} [{a.sigma_224_low:g}, {a.sigma_224_high:g}], "
-                         f"{models[1]} {b.best_sigma_224:g} [{b.sigma_224_low:g}, {b.sigma_224_high:g}]"
+            lines.append(f"- {method}: {models[0]} {a.best_sigma_224:.3g} [{a.sigma_224_low:.3g}, {a.sigma_224_high:.3g}], "
+                         f"{models[1]} {b.best_sigma_224:.3g} [{b.sigma_224_low:.3g}, {b.sigma_224_high:.3g}]"
                          f"{' (intervals disjoint)' if disjoint else ''}")
         lines.append(f"- Disjoint intervals for {differ} of {gc['method'].nunique()} gradient methods.")
-    lines += ["", f"## 4. How does the ranking change? (mean rank over {', '.join(ranked_on)}; 1 = best)", ""]
-    for model in models:
-        rr = rankings[rankings["model"] == model].sort_values("rank_unfiltered")
-        lines.append(f"- **{model} model**: " + "; ".join(
-            f"{r.method} {r.rank_unfiltered:g} -> {r.rank_filtered:g}" for r in rr.itertuples()))
+    lines += ["", "## 4. How does the ranking change?", "",
+              "Rank 1 = best; unfiltered -> each method at its validation-chosen cutoff, with the 95% interval "
+              "of the filtered rank; for a family of several metrics, the rank of the mean rank.", ""]
+    for family in dict.fromkeys(rankings["family"]) if len(rankings) else ():
+        for model in models:
+            rr = rankings[(rankings["model"] == model) & (rankings["family"] == family)].sort_values("rank_unfiltered")
+            lines.append(f"- **{model} model, {family}**: " + "; ".join(
+                f"{r.method} {r.rank_unfiltered:g} -> {r.rank_filtered:g} [{r.rank_filtered_low:g}, "
+                f"{r.rank_filtered_high:g}]" for r in rr.itertuples()))
+    robust = grad[grad["family"] == "robustness"]
+    if len(robust):
+        lines += ["", "## 5. Does filtering change the gradient methods' robustness?", "",
+                  f"{', '.join(sorted(set(robust['metric'])))} (lower is better; the gain is signed so that > 0 "
+                  "means more robust), on the robustness job's images.", ""]
+        for model in models:
+            rows = robust[robust["model"] == model]
+            if len(rows):
+                lines.append(f"- **{model} model**: {_verdict(rows)}.")
+                lines += [f"  - {r.method}: {_fmt_gain(r)}" for r in rows.itertuples()]
     return "\n".join(lines) + "\n"
 
 
@@ -237,27 +272,30 @@ def run_benchmark(data_dir: str | Path = "benchmark-data", out_dir: str | Path =
         raise FileNotFoundError(f"{data_dir}/models lacks {missing}: run 'distributed-attr benchmark build --out {data_dir}' again")
     images = min(int(images), int(manifest["counts"]["test"]))
     out_dir.mkdir(parents=True, exist_ok=True)
-    stores: dict[str, str] = {}
+    stores: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
-    for model in tr.MODELS:
-        cfg = job_config(data_dir, out_dir, model, images, workers, quick)
+    jobs = [(model, False, images) for model in tr.MODELS]
+    jobs += [(model, True, max(8, round(images * ROBUSTNESS_FRACTION))) for model in tr.MODELS]
+    for model, robustness, n in jobs:
+        cfg = job_config(data_dir, out_dir, model, n, workers, quick, robustness=robustness)
         t0 = time.perf_counter()
         resume = Path(cfg["store"]).exists()
-        log(f"{model}: {'resuming' if resume else 'attributing'} {images} test images, {len(cfg['methods'])} methods, "
-            f"{len(cfg['metrics'])} metrics, {len(cfg['filters']['sweep'])} cutoffs -> {cfg['store']}")
+        log(f"{model}: {'resuming' if resume else 'attributing'} {n} test images, {len(cfg['methods'])} methods, "
+            f"{', '.join(cfg['metrics'])}, {len(cfg['filters']['sweep'])} cutoffs -> {cfg['store']}")
         summary = run(cfg, resume=resume, progress=True)
         log("  " + str(summary).replace("\n", "\n  "))
         run_aggregation(cfg["store"], num_workers=workers)
         run_evaluation(cfg["store"])
-        seconds[model] = time.perf_counter() - t0
-        stores[model] = cfg["store"]
+        seconds[Path(cfg["store"]).stem] = round(time.perf_counter() - t0, 1)
+        stores.setdefault(model, []).append(cfg["store"])
     result = answer(stores, int(manifest["size"]))
-    out = outputs_dir(stores[next(iter(tr.MODELS))])
+    main_stores = [ss[0] for ss in stores.values()]
+    out = outputs_dir(main_stores[0])
     result.filtering.to_parquet(out / "answer_filtering.parquet", index=False)
     result.cutoffs.to_parquet(out / "answer_cutoffs.parquet", index=False)
     result.rankings.to_parquet(out / "answer_rankings.parquet", index=False)
     (out_dir / "answer.md").write_text(result.text)
-    report = write_report(stores[next(iter(tr.MODELS))], companions=list(stores.values())[1:], preface=result.text)
+    report = write_report(main_stores[0], companions=main_stores[1:], preface=result.text)
     record = {"images": images, "quick": quick, "workers": workers, "seconds": seconds, "stores": stores,
               "answer": str(out_dir / "answer.md"), "report": str(report)}
     (out_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n")
