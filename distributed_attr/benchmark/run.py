@@ -91,7 +91,7 @@ def job_config(data_dir: Path, out_dir: Path, model: str, images: int, workers: 
                              "anti_aliased": tr.MODELS[model]},
                   "weights": str(data_dir / "models" / f"{model}.pt")},
         "methods": methods,
-        "spectra": {"enabled": True},
+        "spectra": {"enabled": not robustness},  # the main job's store has the same maps' spectra
         "filters": {"kind": "forgrad", "sweep": list(QUICK_SWEEP if quick else SWEEP), "reference_size": 224},
         "metrics": metrics,
         "run": {"num_workers": workers, "unit_size": 32, "batch_size": 32, "seed": 0, "target": "label"},
@@ -284,7 +284,8 @@ def run_benchmark(data_dir: str | Path = "benchmark-data", out_dir: str | Path =
             f"{', '.join(cfg['metrics'])}, {len(cfg['filters']['sweep'])} cutoffs -> {cfg['store']}")
         summary = run(cfg, resume=resume, progress=True)
         log("  " + str(summary).replace("\n", "\n  "))
-        run_aggregation(cfg["store"], num_workers=workers)
+        if not robustness:
+            run_aggregation(cfg["store"], num_workers=workers)
         run_evaluation(cfg["store"])
         seconds[Path(cfg["store"]).stem] = round(time.perf_counter() - t0, 1)
         stores.setdefault(model, []).append(cfg["store"])
