@@ -190,11 +190,17 @@ def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     cutoff_handles = axes.ravel()[0].get_legend_handles_labels()
     ax = axes.ravel()[len(methods)]
-    for m in methods:
+    sig = np.asarray([plan.cutoffs[k] * 224 / image_size for k in finite])
+    for i, m in enumerate(methods):
         s = results[m]["all"]
-        sig = np.asarray([plan.cutoffs[k] * 224 / image_size for k in finite])
-        ax.semilogx(sig, s["hf_fraction"][finite], marker="o", markersize=3, label=m)
-        ax.axhline(s["hf_fraction"][0], linestyle=":", linewidth=0.8, color=ax.lines[-1].get_color())
+        color = palette[(2 * i) % 20 + (i // 10) % 2]
+        ax.semilogx(sig, s["hf_fraction"][finite], marker="o", markersize=3, label=m, color=color,
+                    linestyle=styles[(i // 20) % 4])
+        ax.axhline(s["hf_fraction"][0], linestyle=":", linewidth=0.8, color=color)
+    if len(sig):
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(np.unique(sig)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{v:.3g}" for v in np.unique(sig)]))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("σ at 224 px (cycles per image)")
     ax.set_ylabel(f"energy share above {plan.hf_cutoff} c/px")
     ax.set_title("high-frequency fraction (dotted: unfiltered)", fontsize=10)
@@ -208,7 +214,7 @@ def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
     for ax in axes.ravel()[len(methods) + 1:]:
         ax.axis("off")
     fig.suptitle(f"Low-pass filter ({plan.filter_kind}) effect on the mean spectrum")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title above the panels
     paths.append(str(out / "filter_effect.png"))
     fig.savefig(paths[-1], dpi=130)
     plt.close(fig)

@@ -23,24 +23,37 @@ def plot_cutoff_curves(curves: pd.DataFrame, best: pd.DataFrame, metric: str, hi
     as a dashed line of the same colour, the validation-chosen cutoff as a star."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (method, rows) in enumerate(curves.groupby("method", sort=False)):
-        color = f"C{i % 10}"
+    # tab10 repeats after ten methods (saliency and RISE shared a colour): tab20 and line styles
+    palette = plt.get_cmap("tab20").colors
+    groups = list(curves.groupby("method", sort=False))
+    for i, (method, rows) in enumerate(groups):
+        color = palette[(2 * i) % 20 + (i // 10) % 2]
+        style = ("-", "--")[(i // 20) % 2]
         finite = rows[np.isfinite(rows["cutoff"])].sort_values("cutoff")
         unf = rows[~np.isfinite(rows["cutoff"])]
         if len(finite):
-            ax.plot(finite["cutoff"], finite["mean"], "-o", ms=3, color=color, label=method)
-            ax.fill_between(finite["cutoff"], finite["ci_low"], finite["ci_high"], color=color, alpha=0.15)
+            ax.plot(finite["cutoff"], finite["mean"], marker="o", ls=style, ms=3, color=color, label=method)
+            # a dozen overlapping bands turn into one brown blur at a higher opacity
+            ax.fill_between(finite["cutoff"], finite["ci_low"], finite["ci_high"], color=color,
+                            alpha=0.15 if len(groups) <= 4 else 0.06, linewidth=0)
         if len(unf):
-            ax.axhline(float(unf["mean"].iloc[0]), color=color, ls="--", lw=1)
+            ax.axhline(float(unf["mean"].iloc[0]), color=color, ls=":", lw=1)
         b = best[best["method"] == method]
         if len(b):
             c = float(b["best_cutoff"].iloc[0])
             if math.isfinite(c):
                 y = float(rows.loc[np.isclose(rows["cutoff"], c), "mean"].iloc[0])
                 ax.plot([c], [y], "*", ms=12, color=color, mec="k")
-    if (np.isfinite(curves["cutoff"]) & (curves["cutoff"] > 0)).any():
+    finite_cutoffs = np.unique(curves["cutoff"][np.isfinite(curves["cutoff"]) & (curves["cutoff"] > 0)])
+    if len(finite_cutoffs):
+        import matplotlib.ticker
+
         ax.set_xscale("log")
-    ax.set_xlabel("low-pass cutoff (cycles per image); dashed: unfiltered; star: chosen cutoff")
+        # ticks at the swept cutoffs themselves, not at powers of ten that may not be on the axis
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(finite_cutoffs))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{c:.3g}" for c in finite_cutoffs]))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("low-pass cutoff (cycles per image); dotted: unfiltered; star: chosen cutoff")
     ax.set_ylabel(f"mean {metric} ({'higher' if higher_is_better else 'lower'} is better)")
     ax.set_title(f"{metric}: score against filter cutoff")
     # beside the axes, never over the curves ("best" still covered the bands of 13 methods)
