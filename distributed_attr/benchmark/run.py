@@ -60,7 +60,7 @@ LOCALISATION: dict[str, dict[str, Any]] = {
 }
 ROBUSTNESS: dict[str, dict[str, Any]] = {"avg_sensitivity": {"nr_samples": 2}}
 #: the robustness job's share of the images (it recomputes each gradient map 2 x 6 times)
-ROBUSTNESS_FRACTION = 0.5
+ROBUSTNESS_FRACTION = 0.4
 #: FORGrad's sigma at 224 px (cycles per image), scaled to the benchmark's size by the job; 15 is
 #: the paper's recommendation
 SWEEP = (100, 50, 30, 15, 8)
@@ -253,7 +253,7 @@ def _text(filtering, cutoffs, rankings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_benchmark(data_dir: str | Path = "benchmark-data", out_dir: str | Path = "benchmark-run", images: int = 600,
+def run_benchmark(data_dir: str | Path = "benchmark-data", out_dir: str | Path = "benchmark-run", images: int = 300,
                   workers: int = 2, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Both models' jobs (resumed when a store exists), aggregation, evaluation, the answer and
     one report. Returns paths, timings and the answer's text."""
