@@ -501,10 +501,24 @@ def _wait_for_actors(actors: list[Any], asks: dict[str, float], timeout: float, 
                    f"{ {k: float(v) for k, v in asks.items() if v} } on one node; the cluster has "
                    f"{_resources(ray.available_resources())} available of {_resources(ray.cluster_resources())}, "
                    f"its nodes offer {nodes}")
+            if _probably_starting(asks, len(actors), ray.available_resources(), ray.cluster_resources()):
+                # a started actor holds its CPUs while its constructor runs: "{} available" is then
+                # the actors themselves, not a lack of resources
+                msg += (f"; the {len(actors)} actor(s) together hold what they ask for, so they are placed and "
+                        "still starting (importing torch, loading the model: slow on a busy machine)")
             if waited > timeout:
                 raise JobError(msg + f" (run.placement_timeout={timeout:.0f} s). Lower run.cpus_per_worker/"
                                "gpus_per_worker or num_workers, or add nodes that offer them.")
             print(f"waiting: {msg}", file=sys.stderr)
+
+
+def _probably_starting(asks: dict[str, float], n_actors: int, available: dict[str, float],
+                       total: dict[str, float]) -> bool:
+    """True when what is in use is exactly what ``n_actors`` actors asking ``asks`` hold: they
+    have been placed and their constructors are still running."""
+    asked = {k: float(v) * n_actors for k, v in asks.items() if v}
+    used = {k: float(total.get(k, 0)) - float(available.get(k, 0)) for k in asked}
+    return bool(asked) and all(abs(used[k] - asked[k]) < 1e-6 for k in asked)
 
 
 def _resources(res: dict[str, float]) -> dict[str, float]:

@@ -180,3 +180,17 @@ def test_auto_counts_gpu_node_types_the_autoscaler_can_still_add(tmp_path):
     (tmp_path / "cpu-only.yaml").write_text(yaml.safe_dump(cfg))
     assert not _autoscaler_offers_gpus(str(tmp_path / "cpu-only.yaml"))
     assert not _autoscaler_offers_gpus(str(tmp_path / "missing.yaml"))
+
+
+def test_the_waiting_message_tells_starting_actors_from_missing_resources():
+    """During the demo's transformer stage, on a busy machine, the message said the cluster had
+    "{} available" while the two actors only took long to import torch: they held the CPUs
+    themselves. The message now says so when the actors' own asks add up to what is in use."""
+    from distributed_attr.runner import _probably_starting
+
+    assert _probably_starting({"CPU": 1.0}, 2, {}, {"CPU": 2.0})
+    assert _probably_starting({"CPU": 1.0, "GPU": 0.25}, 4, {"CPU": 4.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 1.0})
+    # something else holds one CPU: the actors cannot all be placed
+    assert not _probably_starting({"CPU": 1.0}, 2, {"CPU": 1.0}, {"CPU": 2.0})
+    # nothing is in use: the asks cannot be met at all (a GPU on a CPU cluster)
+    assert not _probably_starting({"CPU": 1.0, "GPU": 1.0}, 1, {"CPU": 2.0}, {"CPU": 2.0})
