@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from .base import (
     Context,
     GridLayout,
+    GroupedMethod,
     Method,
     autocast_ctx,
     grid_layout,
@@ -409,7 +410,7 @@ def _validate_prefix(prefix: int | None) -> None:
         raise ValueError(f"prefix_tokens must be >= 1 (the class token comes first), got {prefix}")
 
 
-class AttentionMethod(Method):
+class AttentionMethod(GroupedMethod):
     """Base of the share group "attention": one forward (plus one backward when a member needs
     gradients) per chunk records every block's probabilities; each member turns them into its
     map with ``from_attention``."""
@@ -439,9 +440,6 @@ class AttentionMethod(Method):
         if sites:
             return None
         return f"the model has no attention these methods can read ({SUPPORTED}); found {_describe_model(model, notes)}"
-
-    def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
-        return self.attribute_group([self], model, x, target, ctx)[self.name]
 
     @classmethod
     def attribute_group(

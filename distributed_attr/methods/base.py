@@ -138,6 +138,36 @@ class Method:
 
 #: the ways a CAM layer's output becomes (N, K, h, w) feature maps (the CAM methods' ``reshape``
 #: parameter also takes an integer: the number of leading tokens to drop)
+class GroupedMethod(Method):
+    """A method computed together with the other members of its ``share_group`` (one backward
+    pass, one set of noisy copies, ...): subclasses implement ``attribute_group``; one method
+    alone is a group of one."""
+
+    def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
+        return self.attribute_group([self], model, x, target, ctx)[self.name]
+
+    @classmethod
+    def attribute_group(
+        cls, methods: Sequence["Method"], model: nn.Module, x: Tensor, target: Tensor, ctx: Context
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{cls.__name__} must implement attribute_group")
+
+
+@dataclass
+class NoisySampleParams:
+    """``samples`` noisy copies per image, Gaussian noise of std ``noise_level`` x the image's
+    value range (max - min): SmoothGrad's parameters, shared by the methods that add such noise."""
+
+    samples: int = 50
+    noise_level: float = 0.15
+
+    def validate(self) -> None:
+        if self.samples < 1:
+            raise ValueError("samples must be >= 1")
+        if self.noise_level < 0:
+            raise ValueError("noise_level must be >= 0")
+
+
 GRID_LAYOUTS = ("auto", "nchw", "nhwc", "tokens")
 #: most leading (class, distillation, register) tokens "auto" and "tokens" look for; a model with
 #: more names the count in ``reshape``

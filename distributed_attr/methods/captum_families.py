@@ -68,6 +68,7 @@ from .base import (
     BatchContext,
     Context,
     Method,
+    NoisySampleParams,
     autocast_ctx,
     image_seed,
     is_oom,
@@ -384,18 +385,12 @@ class GradientShap(Method):
     channel_rule = "sum over channels (in expectation the map sums to f(x) - mean over backgrounds of f(b))"
 
     @dataclass
-    class Params:
-        #: random (background, path point, noise) draws per image (Captum's n_samples)
-        samples: int = 50
-        #: std of the Gaussian noise added to the input, as a fraction of the image's value
-        #: range (max - min), as smoothgrad's; Captum's stdevs = noise_level * range
-        noise_level: float = 0.0
+    class Params(NoisySampleParams):
+        """``samples``: random (background, path point, noise) draws per image (Captum's
+        n_samples); ``noise_level``: the noise std as a fraction of the image's value range, as
+        SmoothGrad's (Captum's stdevs = noise_level x range), none by default."""
 
-        def validate(self) -> None:
-            if self.samples < 1:
-                raise ValueError("samples must be >= 1")
-            if self.noise_level < 0:
-                raise ValueError("noise_level must be >= 0")
+        noise_level: float = 0.0
 
     def cost(self) -> float:
         return float(self.params.samples)

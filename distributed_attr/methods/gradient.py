@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from .base import (
     GRID_LAYOUTS,
     Context,
+    GroupedMethod,
     Method,
     autocast_ctx,
     layer_grid,
@@ -115,7 +116,7 @@ def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if m is module), type(module).__name__)
 
 
-class GradientGroupMethod(Method):
+class GradientGroupMethod(GroupedMethod):
     """Base of the members of the "gradient" share group; each member turns a ``GradientPass``
     into its map with ``from_pass``."""
 
@@ -129,9 +130,6 @@ class GradientGroupMethod(Method):
 
     def from_pass(self, p: GradientPass) -> Tensor:
         raise NotImplementedError
-
-    def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
-        return self.attribute_group([self], model, x, target, ctx)[self.name]
 
     @classmethod
     def attribute_group(

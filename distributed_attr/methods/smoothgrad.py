@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from .base import (
     Context,
+    GroupedMethod,
+    NoisySampleParams,
     Method,
     per_image_generators,
     per_sample_seeds,
@@ -91,7 +93,7 @@ def gradient_moments(
 
 
 @register
-class SmoothGrad(Method):
+class SmoothGrad(GroupedMethod):
     """SmoothGrad: the gradient averaged over noisy copies of the image, summed over channels."""
 
     name = "smoothgrad"
@@ -102,25 +104,14 @@ class SmoothGrad(Method):
     channel_rule = "sum over channels of the per-channel mean gradient"
 
     @dataclass
-    class Params:
-        samples: int = 50
-        #: noise standard deviation as a fraction of the image's value range (max - min)
-        noise_level: float = 0.15
-
-        def validate(self) -> None:
-            if self.samples < 1:
-                raise ValueError("samples must be >= 1")
-            if self.noise_level < 0:
-                raise ValueError("noise_level must be >= 0")
+    class Params(NoisySampleParams):
+        """``samples`` = 50 noisy copies; noise std = ``noise_level`` (0.15) x the image's value range."""
 
     def cost(self) -> float:
         return float(self.params.samples)
 
     def from_moments(self, mean: Tensor, mean_sq: Tensor) -> Tensor:
         return mean.sum(dim=1)
-
-    def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
-        return self.attribute_group([self], model, x, target, ctx)[self.name]
 
     @classmethod
     def attribute_group(
