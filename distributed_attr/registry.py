@@ -131,6 +131,22 @@ def describe_params(params_cls: type) -> dict[str, Any]:
     return out
 
 
+class Configurable:
+    """A registered class configured by a ``Params`` dataclass: methods and metrics. Errors in
+    its parameters name the config key, ``<section>.<name>.<parameter>``."""
+
+    #: the config section the class is read from ("methods", "metrics")
+    section: typing.ClassVar[str]
+    name: typing.ClassVar[str]
+
+    @dataclasses.dataclass
+    class Params:
+        pass
+
+    def __init__(self, **params: Any):
+        self.params = build_params(self.Params, params, where=f"{self.section}.{self.name}")
+
+
 class Registry(Generic[T]):
     """Name -> class. ``kind`` ("method", "metric") appears in error messages."""
 

@@ -31,7 +31,7 @@ from ..commons import (  # noqa: F401  (re-exported: the helpers methods share w
     select_scores,
     working_dtype,
 )
-from ..registry import Registry, build_params, describe_params
+from ..registry import Configurable, Registry, describe_params
 
 METHODS: Registry["Method"] = Registry("method")
 
@@ -52,7 +52,7 @@ class Context(BatchContext):
     references: Tensor | None = None
 
 
-class Method:
+class Method(Configurable):
     """Base class. Subclasses set the class attributes and implement ``attribute``.
 
     Class attributes
@@ -69,6 +69,7 @@ class Method:
     channel_rule: how the map is reduced over channels (documented in docs/methods.md).
     """
 
+    section: ClassVar[str] = "methods"
     name: ClassVar[str]
     family: ClassVar[str]
     signed: ClassVar[bool] = True
@@ -83,13 +84,6 @@ class Method:
     #: so that it may be given the ``torch.compile``d model (``run.compile``); a method that hooks
     #: layers would see the hooks ignored or force recompiles, so the default is no
     compile_safe: ClassVar[bool] = False
-
-    @dataclass
-    class Params:
-        pass
-
-    def __init__(self, **params: Any):
-        self.params = build_params(self.Params, params, where=f"methods.{self.name}")
 
     def cost(self) -> float:
         """Forward+backward passes per image (1 for the plain gradient)."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..commons import BatchContext, autocast_ctx, run_in_chunks, select_scores
-from ..registry import Registry, build_params, describe_params
+from ..registry import Configurable, Registry, describe_params
 
 METRICS: Registry["Metric"] = Registry("metric")
 
@@ -73,7 +73,7 @@ def explain_rows(ctx: MetricContext, x: Tensor, target: Tensor, indices: Tensor)
 OutputSpec = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
 
 
-class Metric:
+class Metric(Configurable):
     """Base class. Subclasses set the class attributes and implement ``evaluate``.
 
     Class attributes
@@ -88,19 +88,13 @@ class Metric:
         (robustness); they raise, naming the metric, when it is not set.
     """
 
+    section: ClassVar[str] = "metrics"
     name: ClassVar[str]
     higher_is_better: ClassVar[bool]
     score_output: ClassVar[str]
     needs_model: ClassVar[bool] = True
     needs_masks: ClassVar[bool] = False
     needs_explain: ClassVar[bool] = False
-
-    @dataclass
-    class Params:
-        pass
-
-    def __init__(self, **params: Any):
-        self.params = build_params(self.Params, params, where=f"metrics.{self.name}")
 
     def outputs(self, ctx: MetricContext) -> OutputSpec:
         """Trailing dimension names and sizes of every output beyond the image axis."""
