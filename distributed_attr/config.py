@@ -401,6 +401,30 @@ class Config:
         return [math.inf] + [s * scale for s in self.filters.sweep]
 
 
+def upgrade_stored_config(stored: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config stored by an earlier version, with the method and metric parameters
+    renamed since then under their current names (``Params.RENAMED``), so that resuming an old
+    store compares like with like. Unknown methods and metrics are left as they are."""
+    from .methods import METHODS
+    from .metrics import METRICS
+    from .registry import rename_params
+
+    out = dict(stored)
+    for section, registry in (("methods", METHODS), ("metrics", METRICS)):
+        entries = stored.get(section)
+        if not isinstance(entries, dict):
+            continue
+        upgraded = {}
+        for name, params in entries.items():
+            cls = registry.get(name) if name in registry else None
+            try:
+                upgraded[name] = rename_params(cls.Params, dict(params or {}), f"{section}.{name}") if cls else params
+            except RegistryError:
+                upgraded[name] = params  # the diff shows it
+        out[section] = upgraded
+    return out
+
+
 def diff_configs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two resolved configs that matter for resuming."""
     a, b = _flatten(old), _flatten(new)

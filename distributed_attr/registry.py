@@ -95,6 +95,7 @@ def build_params(params_cls: type, values: dict[str, Any], where: str) -> Any:
     """Instantiate the ``Params`` dataclass from ``values``, validating names and types."""
     fields = {f.name: f for f in dataclasses.fields(params_cls)}
     hints = typing.get_type_hints(params_cls)
+    values = rename_params(params_cls, values, where, warn=True)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         valid = ", ".join(f"{n}={_default_repr(f)}" for n, f in fields.items()) or "(none)"
@@ -108,6 +109,34 @@ def build_params(params_cls: type, values: dict[str, Any], where: str) -> Any:
         except ValueError as exc:
             raise RegistryError(f"{where}: {exc}") from None
     return obj
+
+
+def rename_params(params_cls: type, values: dict[str, Any], where: str, warn: bool = False) -> dict[str, Any]:
+    """``values`` with parameters renamed since an earlier version given their current names
+    (``Params.RENAMED``: old name -> (new name, {old value: new value} or None)), so old configs
+    and the configs stored in old stores keep working. Giving both names is an error."""
+    renamed: dict[str, tuple[str, dict[Any, Any] | None]] = getattr(params_cls, "RENAMED", {})
+    if not renamed or not any(k in values for k in renamed):
+        return values
+    out = dict(values)
+    for old, (new, mapping) in renamed.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise RegistryError(f"{where}: {old!r} is the former name of {new!r}; give {new!r} only")
+        value = out.pop(old)
+        if mapping is not None:
+            if value not in mapping:
+                raise RegistryError(f"{where}.{old}: {value!r} is not one of {list(mapping)} "
+                                    f"(and {old!r} is now {new!r}: {list(mapping.values())})")
+            value = mapping[value]
+        out[new] = value
+        if warn:
+            import warnings
+
+            warnings.warn(f"{where}.{old}: renamed to {new!r}; read as {new}: {value!r}", FutureWarning,
+                          stacklevel=3)
+    return out
 
 
 def _default_repr(field: dataclasses.Field) -> str:

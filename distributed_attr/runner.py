@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import Config, diff_configs, load_config
+from .config import Config, diff_configs, load_config, upgrade_stored_config
 from .io.lease import LeaseError, StoreLease
 from .io.sources import decode_image, fingerprint_differences
 from .io.storage import is_remote, local_path
@@ -168,7 +168,7 @@ def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
 def _check_resumable(store: AttributionStore, cfg: Config, attrs: dict[str, Any], n_images: int,
                      resume: bool) -> None:
     old = store.attrs
-    diffs = diff_configs(old.get("config", {}), attrs["config"])
+    diffs = diff_configs(upgrade_stored_config(old.get("config", {})), attrs["config"])
     if old.get("model_fingerprint") != attrs["model_fingerprint"]:
         diffs.append("model weights differ (fingerprint)")
     if old.get("n_images") != n_images:

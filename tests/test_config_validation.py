@@ -221,3 +221,42 @@ def test_union_typed_parameters_are_checked():
         Config.from_dict(raw(metrics={"mufidelity": {"baseline": {"kind": "blur"}}}))
     cfg = Config.from_dict(raw(metrics={"deletion": {"baseline": 0}, "insertion": {"baseline": "blur"}}))
     assert cfg.metrics["deletion"]["baseline"] == 0.0 and cfg.metrics["insertion"]["baseline"] == "blur"
+
+
+def test_metrics_say_output_like_methods_and_the_old_activation_still_reads(tmp_path, parquet_dir):
+    """One word for the class score: methods and metrics both take ``output: probability|logit``.
+    A config (or a store) written with the metrics' former ``activation: softmax|logit`` reads
+    the same, with a warning; both names at once are refused; an old store resumes."""
+    import zarr
+
+    from distributed_attr.metrics import list_metrics
+    from distributed_attr.methods import list_methods
+    from distributed_attr.runner import run
+    from tests.conftest import base_config
+
+    takes_output = {n for n, d in {**list_metrics(), **list_methods()}.items() if "output" in d["params"]}
+    assert {"deletion", "insertion", "forgrad_protocol", "mufidelity", "occlusion", "rise"} <= takes_output
+    assert not [n for n, d in list_metrics().items() if "activation" in d["params"]]
+    with pytest.warns(FutureWarning, match=r"metrics\.deletion\.activation: renamed to 'output'"):
+        old = Config.from_dict(raw(metrics={"deletion": {"activation": "softmax"}, "mufidelity": {"activation": "logit"}}))
+    assert old.metrics["deletion"]["output"] == "probability" and old.metrics["mufidelity"]["output"] == "logit"
+    assert old.metrics == Config.from_dict(raw(metrics={"deletion": {}, "mufidelity": {"output": "logit"}})).metrics
+    with pytest.raises(ConfigError, match=r"metrics\.deletion: 'activation' is the former name of 'output'"):
+        Config.from_dict(raw(metrics={"deletion": {"activation": "softmax", "output": "logit"}}))
+    with pytest.raises(ConfigError, match=r"metrics\.deletion\.activation: 'sigmoid' is not one of"):
+        Config.from_dict(raw(metrics={"deletion": {"activation": "sigmoid"}}))
+
+    # a store made before the rename: its stored config says activation; resuming it works
+    cfg = base_config(parquet_dir, tmp_path / "old.zarr", unit_size=8)
+    cfg["data"]["limit"] = 16
+    cfg["methods"] = {"saliency": {}}
+    cfg["metrics"] = {"deletion": {"steps": 2}}
+    run(cfg, progress=False, _after_commit=lambda unit: (_ for _ in ()).throw(KeyboardInterrupt()))
+    g = zarr.open_group(cfg["store"], mode="r+")
+    stored = dict(g.attrs["config"])
+    params = dict(stored["metrics"]["deletion"])
+    params["activation"] = {"probability": "softmax", "logit": "logit"}[params.pop("output")]
+    stored["metrics"] = {"deletion": params}
+    g.attrs["config"] = stored
+    summary = run(cfg, resume=True, progress=False)
+    assert summary.units_done == 2

@@ -243,8 +243,8 @@ def test_feature_ablation_equals_captum(patch, output):
 SAMPLED = {
     "kernel_shap": (lambda f, p: captum_attr.KernelShap(f), {"samples": 40}),
     "lime": (lambda f, p: captum_attr.Lime(
-        f, interpretable_model=SkLearnRidge(alpha=p.get("alpha", 1.0)) if p.get("surrogate", "ridge") == "ridge"
-        else SkLearnLasso(alpha=p["alpha"])), {"samples": 40}),
+        f, interpretable_model=SkLearnRidge(alpha=p.get("regularisation", 1.0)) if p.get("surrogate", "ridge") == "ridge"
+        else SkLearnLasso(alpha=p["regularisation"])), {"samples": 40}),
     "shapley_value_sampling": (lambda f, p: captum_attr.ShapleyValueSampling(f), {"samples": 4}),
 }
 
@@ -253,7 +253,7 @@ SAMPLED = {
     ("kernel_shap", {}),
     ("kernel_shap", {"patch": 5, "output": "probability", "baseline": 0.5}),
     ("lime", {}),
-    ("lime", {"surrogate": "lasso", "alpha": 0.001, "patch": 5}),
+    ("lime", {"surrogate": "lasso", "regularisation": 0.001, "patch": 5}),
     ("shapley_value_sampling", {}),
     ("shapley_value_sampling", {"patch": 5, "output": "probability", "baseline": -1.0}),
 ])
@@ -305,7 +305,7 @@ def test_registered_described_and_listed_by_the_cli(capsys):
         "shapley_value_sampling": "prediction",
     }
     assert listed["lime"]["params"] == {"samples": 1000, "patch": 8, "baseline": 0.0, "output": "logit",
-                                        "surrogate": "ridge", "alpha": 1.0, "kernel_width": 1.0}
+                                        "surrogate": "ridge", "regularisation": 1.0, "kernel_width": 1.0}
     assert listed["deeplift"]["channel_rule"].startswith("sum over channels")
     assert listed["feature_ablation"]["channel_rule"].startswith("none needed")
     assert main(["methods"]) == 0
@@ -335,7 +335,8 @@ def test_bad_parameters_and_inputs_are_named():
         ("kernel_shap", {"samples": 0}, "samples must be >= 1"),
         ("lime", {"patch": 0}, "patch must be >= 1"),
         ("lime", {"surrogate": "elastic"}, r"surrogate.*'ridge', 'lasso'"),
-        ("lime", {"alpha": 0.0}, "alpha and kernel_width must be > 0"),
+        ("lime", {"regularisation": 0.0}, "regularisation and kernel_width must be > 0"),
+        ("lime", {"alpha": 0.0}, "regularisation and kernel_width must be > 0"),  # the former name reads
         ("deeplift_shap", {"references": 1}, "references must be >= 2"),
         ("gradient_shap", {"noise_level": -1.0}, "noise_level must be >= 0"),
         ("feature_ablation", {"stride": 2}, r"unknown parameter\(s\) \['stride'\].*patch=8"),

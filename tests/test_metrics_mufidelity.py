@@ -94,7 +94,7 @@ def test_linear_model_perfect_map_correlates_one_reversed_minus_one_random_near_
     target = torch.tensor([0, 1, 2, 3])
     w = model[1].weight.detach().view(4, 12, 12)
     perfect = w[target] * x[:, 0]
-    kw = dict(grid=6, n_subsets=64, activation="logit")
+    kw = dict(grid=6, n_subsets=64, output="logit")
     # logit drop when cells go to 0 is exactly their summed contribution: correlation 1
     for corr in ("spearman", "pearson"):
         good = evaluate(model, x, perfect, "mufidelity", target, correlation=corr, **kw)["correlation"]

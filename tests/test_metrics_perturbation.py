@@ -46,8 +46,8 @@ def test_ig_deletion_curve_is_the_exact_output_path_of_a_linear_model():
     # With a zero baseline IG of a linear model is exact: map = sum_c W[t] * x.
     ig = attribute(model, x, "integrated_gradients", target, steps=4)
     steps = 6
-    out = evaluate(model, x, ig, "deletion", target, steps=steps, baseline="zero", activation="logit", max_batch=5)
-    sm = evaluate(model, x, ig, "deletion", target, steps=steps, baseline="zero", activation="softmax")
+    out = evaluate(model, x, ig, "deletion", target, steps=steps, baseline="zero", output="logit", max_batch=5)
+    sm = evaluate(model, x, ig, "deletion", target, steps=steps, baseline="zero", output="probability")
 
     w = model[1].weight.detach().double().numpy().reshape(5, 2, 144)
     xn = x.double().numpy().reshape(3, 2, 144)
@@ -155,8 +155,8 @@ def test_perfect_attribution_beats_random_and_reversed_on_deletion_and_insertion
     target = torch.tensor([0, 1, 2, 3])
     w = model[1].weight.detach().view(5, 1, 12, 12)
     perfect = (w[target] * x).sum(1)
-    for activation in ("logit", "softmax"):
-        kw = dict(steps=12, activation=activation)
+    for output in ("logit", "probability"):
+        kw = dict(steps=12, output=output)
         scores = {}
         for name, maps in {"perfect": perfect, "reversed": -perfect}.items():
             scores[name] = (
@@ -189,8 +189,8 @@ def test_bad_parameters_name_the_problem_and_the_valid_values():
         build_metric("deletion", {"stepz": 3})
     with pytest.raises(RegistryError, match="baseline"):
         build_metric("insertion", {"baseline": "black"})
-    with pytest.raises(RegistryError, match="activation"):
-        build_metric("deletion", {"activation": "sigmoid"})
+    with pytest.raises(RegistryError, match="output"):
+        build_metric("deletion", {"output": "sigmoid"})
     with pytest.raises(RegistryError, match="valid metrics"):
         build_metric("deletions")
     assert list_metrics()["deletion"]["higher_is_better"] is False

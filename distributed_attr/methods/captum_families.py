@@ -56,7 +56,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -583,15 +583,18 @@ class Lime(_SampledSuperpixelMethod):
         #: the interpretable model: "ridge" (the lime package's default) or "lasso" (Captum's
         #: default, with alpha = 0.01), through Captum's SkLearnRidge / SkLearnLasso
         surrogate: Literal["ridge", "lasso"] = "ridge"
-        #: its regularisation weight (sklearn's alpha)
-        alpha: float = 1.0
+        #: its regularisation weight (sklearn's alpha; named ``alpha`` before 2026-11-30, which
+        #: said something else in LRP's alpha-beta rule)
+        regularisation: float = 1.0
         #: width of the exponential kernel on the cosine distance to the image (Captum's default)
         kernel_width: float = 1.0
 
+        RENAMED: ClassVar[dict] = {"alpha": ("regularisation", None)}
+
         def validate(self) -> None:
             super().validate()
-            if self.alpha <= 0 or self.kernel_width <= 0:
-                raise ValueError("alpha and kernel_width must be > 0")
+            if self.regularisation <= 0 or self.kernel_width <= 0:
+                raise ValueError("regularisation and kernel_width must be > 0")
 
     def explainer(self, forward):
         from captum._utils.models.linear_model import SkLearnLasso, SkLearnRidge
@@ -600,7 +603,7 @@ class Lime(_SampledSuperpixelMethod):
 
         surrogate = {"ridge": SkLearnRidge, "lasso": SkLearnLasso}[self.params.surrogate]
         return CaptumLime(
-            forward, interpretable_model=surrogate(alpha=self.params.alpha),
+            forward, interpretable_model=surrogate(alpha=self.params.regularisation),
             similarity_func=get_exp_kernel_similarity_function("cosine", self.params.kernel_width),
         )
 

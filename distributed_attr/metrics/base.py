@@ -25,7 +25,11 @@ METRICS: Registry["Metric"] = Registry("metric")
 
 #: the perturbation baselines every perturbation metric understands, besides a constant number
 BASELINES = ("zero", "blur", "mean")
-ACTIVATIONS = ("softmax", "logit")
+#: the class score a metric reads, in the methods' words: the softmax "probability" or the raw "logit"
+OUTPUTS = ("probability", "logit")
+#: ``Params.RENAMED`` of the metrics that called ``output`` "activation" (softmax|logit) before
+#: 2026-11-30: old configs and the configs stored in old stores still read
+OUTPUT_RENAMED = {"activation": ("output", {"softmax": "probability", "logit": "logit"})}
 
 
 def register(cls: type["Metric"]) -> type["Metric"]:
@@ -144,9 +148,9 @@ def check_baseline(baseline: str | float) -> None:
         raise ValueError(f"baseline {baseline!r} is not one of {list(BASELINES)} or a number")
 
 
-def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation {activation!r} is not one of {list(ACTIVATIONS)}")
+def check_output(output: str) -> None:
+    if output not in OUTPUTS:
+        raise ValueError(f"output {output!r} is not one of {list(OUTPUTS)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,11 +158,11 @@ def check_activation(activation: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def class_scores(model: nn.Module, x: Tensor, target: Tensor, ctx: Any, activation: str) -> Tensor:
+def class_scores(model: nn.Module, x: Tensor, target: Tensor, ctx: Any, output: str) -> Tensor:
     """``f(x)[target]`` as softmax probability or raw logit, for one chunk, without gradients."""
     with torch.no_grad(), autocast_ctx(ctx, x.device):
         out = model(x).float()
-    if activation == "softmax":
+    if output == "probability":
         out = torch.softmax(out, dim=1)
     return select_scores(out, target)
 
@@ -168,7 +172,7 @@ def generated_scores(
     total: int,
     make: Callable[[Tensor], tuple[Tensor, Tensor]],
     ctx: Any,
-    activation: str,
+    output: str,
     device: torch.device,
 ) -> Tensor:
     """Class scores of ``total`` generated samples. ``make(flat_index)`` builds the inputs and
@@ -177,7 +181,7 @@ def generated_scores(
     def one(sl: slice) -> Tensor:
         idx = torch.arange(sl.start, sl.stop, device=device)
         xb, tb = make(idx)
-        return class_scores(model, xb, tb, ctx, activation)
+        return class_scores(model, xb, tb, ctx, output)
 
     return run_in_chunks(one, total, ctx)
 

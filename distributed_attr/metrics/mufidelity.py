@@ -12,7 +12,7 @@ index), so a unit recomputed elsewhere reproduces its subsets. Higher is better;
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -24,7 +24,8 @@ from .base import (
     baseline_images,
     cell_of_pixel,
     cell_sums,
-    check_activation,
+    OUTPUT_RENAMED,
+    check_output,
     check_baseline,
     generated_scores,
     pearson,
@@ -71,7 +72,11 @@ class MuFidelity(Metric):
         blur_sigma: float = 5.0
         #: "spearman" (Xplique) or "pearson" (Quantus)
         correlation: Literal["spearman", "pearson"] = "spearman"
-        activation: Literal["softmax", "logit"] = "softmax"
+        #: the class score: softmax "probability" or raw "logit" (the methods' word; "activation:
+        #: softmax|logit" before 2026-11-30)
+        output: Literal["probability", "logit"] = "probability"
+
+        RENAMED: ClassVar[dict] = OUTPUT_RENAMED
 
         def validate(self) -> None:
             if self.grid < 1:
@@ -81,7 +86,7 @@ class MuFidelity(Metric):
             if self.n_subsets < 2:
                 raise ValueError("n_subsets must be >= 2 (a correlation needs two points)")
             check_baseline(self.baseline)
-            check_activation(self.activation)
+            check_output(self.output)
 
     def outputs(self, ctx: MetricContext):
         return {"correlation": ((), ())}
@@ -101,14 +106,14 @@ class MuFidelity(Metric):
         base = baseline_images(x, p.baseline, ctx, p.blur_size, p.blur_sigma)
         s = p.n_subsets
 
-        clean = generated_scores(model, n, lambda idx: (x[idx], target[idx]), ctx, p.activation, dev)
+        clean = generated_scores(model, n, lambda idx: (x[idx], target[idx]), ctx, p.output, dev)
 
         def make(idx: Tensor) -> tuple[Tensor, Tensor]:
             img, sub = idx // s, idx % s
             pix = removed[img, sub][:, cell].view(-1, 1, h, w)
             return torch.where(pix, base[img], x[img]), target[img]
 
-        perturbed = generated_scores(model, n * s, make, ctx, p.activation, dev).view(n, s)
+        perturbed = generated_scores(model, n * s, make, ctx, p.output, dev).view(n, s)
         drop = clean.view(n, 1).double() - perturbed.double()
         mass = cell_sums(maps.to(dev).double().reshape(n, h * w), cell, n_cells)
         attr = (removed.double() * mass.view(n, 1, n_cells)).sum(-1)

@@ -13,7 +13,7 @@ All (image, step) pairs are one flattened batch generated chunk by chunk, so the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,8 @@ from .base import (
     Metric,
     MetricContext,
     baseline_images,
-    check_activation,
+    OUTPUT_RENAMED,
+    check_output,
     check_baseline,
     generated_scores,
     pixel_ranks,
@@ -31,7 +32,7 @@ from .base import (
 )
 
 Order = Literal["signed", "absolute"]
-Activation = Literal["softmax", "logit"]
+Output = Literal["probability", "logit"]
 
 
 def perturbation_curve(
@@ -45,7 +46,7 @@ def perturbation_curve(
     steps: int,
     patch: int = 1,
     order: str = "signed",
-    activation: str = "softmax",
+    output: str = "probability",
 ) -> Tensor:
     """Class score after replacing, in ``start``, the top features of ``maps`` by ``end``:
     (N, steps + 1), point 0 being ``start`` itself and point ``steps`` all features replaced."""
@@ -63,7 +64,7 @@ def perturbation_curve(
         replaced = ranks[img] < counts[step].view(-1, 1, 1, 1)
         return torch.where(replaced, end[img], start[img]), target[img]
 
-    scores = generated_scores(model, n * s1, make, ctx, activation, start.device)
+    scores = generated_scores(model, n * s1, make, ctx, output, start.device)
     return scores.view(n, s1)
 
 
@@ -86,7 +87,7 @@ class _Perturbation(Metric):
         start, end = (x, base) if self.mode == "deletion" else (base, x)
         curve = perturbation_curve(
             model, start, end, maps, target, ctx,
-            steps=p.steps, patch=p.patch, order=p.order, activation=p.activation,
+            steps=p.steps, patch=p.patch, order=p.order, output=p.output,
         )
         return {"auc": trapezoid_auc(curve), "curve": curve}
 
@@ -104,8 +105,11 @@ class _PerturbationParams:
     patch: int = 1
     #: "signed": most positive first (Xplique, Quantus); "absolute": largest magnitude first
     order: Order = "signed"
-    #: "softmax" probability (Petsiuk et al.) or raw "logit" of the explained class
-    activation: Activation = "softmax"
+    #: the explained class's softmax "probability" (Petsiuk et al.) or raw "logit" (the methods'
+    #: word; "activation: softmax|logit" before 2026-11-30)
+    output: Output = "probability"
+
+    RENAMED: ClassVar[dict] = OUTPUT_RENAMED
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -117,7 +121,7 @@ class _PerturbationParams:
         if self.blur_sigma <= 0:
             raise ValueError("blur_sigma must be > 0")
         check_baseline(self.baseline)
-        check_activation(self.activation)
+        check_output(self.output)
 
 
 @register
@@ -165,12 +169,14 @@ class ForgradProtocol(Metric):
         blur_sigma: float = 5.0
         patch: int = 1
         order: Order = "signed"
-        activation: Activation = "softmax"
+        output: Output = "probability"
+
+        RENAMED: ClassVar[dict] = OUTPUT_RENAMED
 
         def validate(self) -> None:
             _PerturbationParams(
                 steps=self.steps, baseline=self.deletion_baseline, blur_size=self.blur_size,
-                blur_sigma=self.blur_sigma, patch=self.patch, order=self.order, activation=self.activation,
+                blur_sigma=self.blur_sigma, patch=self.patch, order=self.order, output=self.output,
             ).validate()
             check_baseline(self.insertion_baseline)
 
@@ -192,7 +198,7 @@ class ForgradProtocol(Metric):
 
     def evaluate(self, model, x, maps, target, ctx):
         p = self.params
-        common = dict(steps=p.steps, patch=p.patch, order=p.order, activation=p.activation)
+        common = dict(steps=p.steps, patch=p.patch, order=p.order, output=p.output)
         del_base = baseline_images(x, p.deletion_baseline, ctx, p.blur_size, p.blur_sigma)
         ins_base = baseline_images(x, p.insertion_baseline, ctx, p.blur_size, p.blur_sigma)
         # One flattened batch for both curves: deletion rows first, then insertion rows.
