@@ -99,7 +99,7 @@ def test_localisation_and_robustness_metrics_run_in_the_job_on_the_stored_masks(
     cfg = job(make_config, shapes, tmp_path / "s.zarr", mask_column="mask")
     cfg["run"]["map_dtype"] = "float32"
     cfg["filters"] = {"sweep": [100], "store_maps": [100]}
-    cfg["metrics"] = {"relevance_rank_accuracy": {}, "pointing_game": {}, "max_sensitivity": {"nr_samples": 3}}
+    cfg["metrics"] = {"relevance_rank_accuracy": {}, "pointing_game": {}, "max_sensitivity": {"samples": 3}}
     run(cfg, progress=False)
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
     ok = g["ok"][:]
@@ -120,7 +120,7 @@ def test_localisation_and_robustness_metrics_run_in_the_job_on_the_stored_masks(
     from distributed_attr import attribute
 
     expected = evaluate(model, x, maps, "max_sensitivity", torch.from_numpy(g["target"][:][ok]),
-                        indices=torch.from_numpy(np.flatnonzero(ok)), nr_samples=3,
+                        indices=torch.from_numpy(np.flatnonzero(ok)), samples=3,
                         explain=lambda xs, t: attribute(model, xs, "saliency", t))["sensitivity"]
     np.testing.assert_allclose(sens[ok, 0], expected.numpy(), rtol=1e-4)
 

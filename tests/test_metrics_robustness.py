@@ -70,7 +70,7 @@ def test_linear_explanation_has_the_closed_form_sensitivity():
     wt = model[1].weight.detach().view(5, 2, 12, 12)[target].double()  # (3, C, H, W)
     samples, bound = 64, 0.1
     rec = Recorder(gxi(model))
-    mx = run("max_sensitivity", model, x, maps, target, rec, nr_samples=samples, lower_bound=bound, max_batch=50)
+    mx = run("max_sensitivity", model, x, maps, target, rec, samples=samples, lower_bound=bound, max_batch=50)
     noise = (rec.by_image(x, samples) - x[:, None]).double()  # (3, S, C, H, W)
     assert noise.abs().max() <= bound + 1e-7
     assert abs(noise.mean().item()) < 0.01 * bound and noise.var().item() == pytest.approx(bound**2 / 3, rel=0.02)
@@ -78,16 +78,16 @@ def test_linear_explanation_has_the_closed_form_sensitivity():
     change = (wt[:, None] * noise).sum(2).flatten(2)  # (3, S, H*W)
     per_sample = change.norm(dim=-1) / a.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(mx.double(), per_sample.amax(1), rtol=1e-5, atol=0)
-    avg = run("avg_sensitivity", model, x, maps, target, gxi(model), nr_samples=samples, lower_bound=bound)
+    avg = run("avg_sensitivity", model, x, maps, target, gxi(model), samples=samples, lower_bound=bound)
     torch.testing.assert_close(avg.double(), per_sample.mean(1), rtol=1e-5, atol=0)
     expected = (bound**2 / 3 * (wt**2).sum((1, 2, 3))).sqrt() / a.norm(dim=-1)
     torch.testing.assert_close(avg.double(), expected, rtol=0.05, atol=0)
     assert (mx >= avg).all()  # the same draws for both
     # a map that does not depend on x is not sensitive; a scaled explanation neither scales
     fixed = lambda xb, t: maps[0].expand(len(xb), -1, -1)
-    assert run("max_sensitivity", model, x[:1], maps[:1], target[:1], fixed, nr_samples=4).item() == 0.0
+    assert run("max_sensitivity", model, x[:1], maps[:1], target[:1], fixed, samples=4).item() == 0.0
     scaled = run("avg_sensitivity", model, x, 3 * maps, target, lambda xb, t: 3 * gxi(model)(xb, t),
-                 nr_samples=samples, lower_bound=bound)
+                 samples=samples, lower_bound=bound)
     torch.testing.assert_close(scaled, avg, rtol=1e-5, atol=0)
 
 
@@ -120,7 +120,7 @@ def test_equal_to_quantus_with_the_same_draws(name):
     maps = gxi(model)(x, target)
     samples = 10
     rec = Recorder(gxi(model))
-    ours = run(name, model, x, maps, target, rec, nr_samples=samples, max_batch=7, seed=5)  # lower_bound 0.2
+    ours = run(name, model, x, maps, target, rec, samples=samples, max_batch=7, seed=5)  # lower_bound 0.2
     recorded = rec.by_image(x, samples)
     ref = quantus_replay(name, model, x, target, maps, recorded)
     np.testing.assert_allclose(ours.double().numpy(), ref, rtol=1e-5)
@@ -129,7 +129,7 @@ def test_equal_to_quantus_with_the_same_draws(name):
     # (it normalises by the maximum over the whole batch, we per image)
     params = {"norm_numerator": "linf", "normalise": True, "abs": True, "return_nan_when_prediction_changes": True}
     rec = Recorder(gxi(model))
-    ours = run(name, model, x, maps, target, rec, nr_samples=samples, lower_bound=0.6, seed=5, **params)
+    ours = run(name, model, x, maps, target, rec, samples=samples, lower_bound=0.6, seed=5, **params)
     recorded = rec.by_image(x, samples)
     import quantus
 
@@ -147,20 +147,20 @@ def test_draws_are_per_image_whatever_the_batch_and_the_chunking():
     maps = gxi(model)(x, target)
     indices = torch.tensor([10, 11, 12, 13])
     rec = Recorder(gxi(model))
-    whole = run("max_sensitivity", model, x, maps, target, rec, nr_samples=9, indices=indices, max_batch=7)
+    whole = run("max_sensitivity", model, x, maps, target, rec, samples=9, indices=indices, max_batch=7)
     all_inputs = rec.by_image(x, 9)
     for i in range(4):
         rec = Recorder(gxi(model))
-        one = run("max_sensitivity", model, x[i:i + 1], maps[i:i + 1], target[i:i + 1], rec, nr_samples=9,
+        one = run("max_sensitivity", model, x[i:i + 1], maps[i:i + 1], target[i:i + 1], rec, samples=9,
                   indices=indices[i:i + 1], max_batch=2)
         assert torch.equal(rec.by_image(x[i:i + 1], 9)[0], all_inputs[i])  # bit for bit the same inputs
         torch.testing.assert_close(one, whole[i:i + 1], rtol=1e-6, atol=0)
     # another seed, or another global index, draws other noise
     rec = Recorder(gxi(model))
-    run("max_sensitivity", model, x, maps, target, rec, nr_samples=9, indices=indices + 1)
+    run("max_sensitivity", model, x, maps, target, rec, samples=9, indices=indices + 1)
     assert not torch.equal(rec.by_image(x, 9)[0], all_inputs[0])
     rec = Recorder(gxi(model))
-    run("max_sensitivity", model, x, maps, target, rec, nr_samples=9, indices=indices, seed=1)
+    run("max_sensitivity", model, x, maps, target, rec, samples=9, indices=indices, seed=1)
     assert not torch.equal(rec.by_image(x, 9)[0], all_inputs[0])
 
 
@@ -170,17 +170,19 @@ def test_missing_explain_and_bad_parameters_are_named():
     target = torch.tensor([0, 1])
     maps = gxi(model)(x, target)
     with pytest.raises(ValueError, match=r"'avg_sensitivity' needs the explanation function.*ctx.explain is None"):
-        run("avg_sensitivity", model, x, maps, target, None, nr_samples=2)
+        run("avg_sensitivity", model, x, maps, target, None, samples=2)
     with pytest.raises(ValueError, match=r"ctx.explain returned maps of shape \(2, 6, 12\)"):
-        run("max_sensitivity", model, x, maps, target, lambda xb, t: maps[:, :6], nr_samples=1)
-    with pytest.raises(RegistryError, match="nr_samples must be >= 1"):
-        build_metric("max_sensitivity", {"nr_samples": 0})
+        run("max_sensitivity", model, x, maps, target, lambda xb, t: maps[:, :6], samples=1)
+    with pytest.raises(RegistryError, match="samples must be >= 1"):
+        build_metric("max_sensitivity", {"samples": 0})
+    with pytest.warns(FutureWarning, match="nr_samples: renamed to 'samples'"):  # Quantus's word, the former one
+        assert build_metric("avg_sensitivity", {"nr_samples": 3}).params.samples == 3
     with pytest.raises(RegistryError, match=r"norm_numerator: 'l1' is not one of \['fro', 'linf'\]"):
         build_metric("max_sensitivity", {"norm_numerator": "l1"})
     info = list_metrics()
     for name in ("max_sensitivity", "avg_sensitivity"):
         assert info[name]["higher_is_better"] is False and info[name]["score_output"] == "sensitivity"
-        assert info[name]["params"]["nr_samples"] == 200 and info[name]["params"]["lower_bound"] == 0.2
+        assert info[name]["params"]["samples"] == 200 and info[name]["params"]["lower_bound"] == 0.2
         cls = type(build_metric(name))
         assert cls.needs_explain is True and cls.needs_masks is False and cls.needs_model is True
 
@@ -200,7 +202,7 @@ def test_in_the_job_a_sampling_method_is_robustness_scored_independently_of_its_
         cfg = base_config(parquet_dir, tmp_path / f"b{batch}.zarr", batch_size=batch, unit_size=8)
         cfg["data"]["limit"] = 8
         cfg["methods"] = {"smoothgrad": {"samples": 3}}
-        cfg["metrics"] = {"avg_sensitivity": {"nr_samples": 2},
+        cfg["metrics"] = {"avg_sensitivity": {"samples": 2},
                           "model_randomisation": {"steps": 1, "layers": ["classifier"]}}
         run_job(cfg, progress=False)
         stores.append(zarr.open_group(cfg["store"], mode="r"))

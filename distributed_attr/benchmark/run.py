@@ -5,7 +5,7 @@ For each of the two models (plain and anti-aliased downsampling) one attribution
 test split computes every map, its spectrum, the FORGrad cutoff sweep and, at every cutoff, the
 faithfulness (FORGrad protocol) and localisation (against the ground-truth masks) metrics. A
 second, smaller job per model computes the robustness metric for the gradient methods alone:
-it recomputes every map ``nr_samples`` times per cutoff, which for RISE and Occlusion would cost
+it recomputes every map ``samples`` times per cutoff, which for RISE and Occlusion would cost
 more than all the rest of the run. Each store is aggregated and evaluated (cutoffs chosen on a
 validation quarter of the images, scores reported on the rest). ``answer`` then reads the
 evaluation tables and states:
@@ -58,7 +58,7 @@ LOCALISATION: dict[str, dict[str, Any]] = {
     "relevance_rank_accuracy": {"abs": True},
     "auc": {"abs": True},
 }
-ROBUSTNESS: dict[str, dict[str, Any]] = {"avg_sensitivity": {"nr_samples": 2}}
+ROBUSTNESS: dict[str, dict[str, Any]] = {"avg_sensitivity": {"samples": 2}}
 #: the robustness job's share of the images (it recomputes each gradient map 2 x 6 times)
 ROBUSTNESS_FRACTION = 0.4
 #: FORGrad's sigma at 224 px (cycles per image), scaled to the benchmark's size by the job; 15 is
@@ -81,7 +81,7 @@ def job_config(data_dir: Path, out_dir: Path, model: str, images: int, workers: 
         metrics["forgrad_protocol"] = {**metrics["forgrad_protocol"], "steps": 8}
     if robustness:
         methods = {k: v for k, v in methods.items() if k in GRADIENT_METHODS}
-        metrics = {k: {**v, "nr_samples": 1} if quick else v for k, v in ROBUSTNESS.items()}
+        metrics = {k: {**v, "samples": 1} if quick else v for k, v in ROBUSTNESS.items()}
     return {
         "data": {"format": "parquet", "path": str(data_dir / "data" / "test-*.parquet"), "image_size": size,
                  "channels": 3, "mask_column": "mask", "limit": images},

@@ -2,7 +2,7 @@
 Avg-Sensitivity (Yeh et al. 2019, "On the (in)fidelity and sensitivity of explanations"), as
 Quantus 0.6 defines them (``MaxSensitivity``, ``AvgSensitivity``), per image.
 
-For ``nr_samples`` inputs x + d, d uniform in the L-inf ball of radius ``lower_bound`` (every
+For ``samples`` inputs x + d, d uniform in the L-inf ball of radius ``lower_bound`` (every
 input element, every channel, drawn independently from [-lower_bound, lower_bound], in the
 model's input space, not clipped), the explanation is recomputed with ``ctx.explain`` and
 
@@ -26,15 +26,15 @@ functions are not offered.
 
 The noise of sample s of image i comes from a generator seeded by ``per_sample_seeds`` of the
 image's own generator (seed, "sensitivity", global index): it does not depend on the batch, the
-device or the chunking, and max- and avg-sensitivity with the same ``nr_samples`` see the same
+device or the chunking, and max- and avg-sensitivity with the same ``samples`` see the same
 perturbed inputs (so max >= avg). The (image, sample) pairs form one flattened batch handed to
 ``ctx.explain`` ``ctx.max_batch`` pairs at a time (halved on CUDA out of memory). Cost per image:
-``nr_samples`` explanations (plus ``nr_samples`` forward passes for the prediction check).
+``samples`` explanations (plus ``samples`` forward passes for the prediction check).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -88,8 +88,9 @@ class _Sensitivity(Metric):
 
     @dataclass
     class Params:
-        #: perturbed inputs per image (Quantus: 200)
-        nr_samples: int = 200
+        #: perturbed inputs per image (Quantus: nr_samples = 200; ``nr_samples`` here too before
+        #: 2026-11-30, still read: the methods call their random draws ``samples``)
+        samples: int = 200
         #: radius of the L-inf ball the noise is drawn from, model input space (Quantus: 0.2)
         lower_bound: float = 0.2
         #: norm of the map difference and of the map (Quantus: Frobenius for both)
@@ -102,9 +103,11 @@ class _Sensitivity(Metric):
         #: a sample whose predicted class changes is NaN, and so is the image's score (Quantus: False)
         return_nan_when_prediction_changes: bool = False
 
+        RENAMED: ClassVar[dict] = {"nr_samples": ("samples", None)}
+
         def validate(self) -> None:
-            if self.nr_samples < 1:
-                raise ValueError("nr_samples must be >= 1")
+            if self.samples < 1:
+                raise ValueError("samples must be >= 1")
             if self.lower_bound < 0:
                 raise ValueError("lower_bound must be >= 0")
             for key in ("norm_numerator", "norm_denominator"):
@@ -117,10 +120,10 @@ class _Sensitivity(Metric):
     def cost(self) -> float:
         """Explanations per image (each costs what the method costs), plus the prediction check."""
         p = self.params
-        return float(p.nr_samples * (2 if p.return_nan_when_prediction_changes else 1))
+        return float(p.samples * (2 if p.return_nan_when_prediction_changes else 1))
 
     def similarities(self, model, x: Tensor, maps: Tensor, target: Tensor, ctx: MetricContext) -> Tensor:
-        """(N, nr_samples) ||a(x) - a(x + d_s)|| / ||a(x)||, NaN where the prediction changed
+        """(N, samples) ||a(x) - a(x + d_s)|| / ||a(x)||, NaN where the prediction changed
         (when asked)."""
         if ctx.explain is None:
             raise ValueError(
@@ -128,7 +131,7 @@ class _Sensitivity(Metric):
                 "(ctx.explain is None): it recomputes the maps on perturbed inputs"
             )
         p = self.params
-        n, s = x.shape[0], p.nr_samples
+        n, s = x.shape[0], p.samples
         if maps.shape != (n, *x.shape[2:]):
             raise ValueError(f"maps must have shape {(n, *x.shape[2:])}, got {tuple(maps.shape)}")
         seeds = per_sample_seeds(per_image_generators(ctx.seed, NOISE_KEY, ctx.indices_for(n)), s)
