@@ -404,8 +404,27 @@ def test_benchmark_run_answers_its_questions_from_the_evaluation_tables(tmp_path
     for heading in ("faithfulness?", "localisation?", "anti-aliased model?", "ranking change?", "robustness?"):
         assert heading in text
     grad = filtering[filtering["gradient"] & (filtering["family"] == "faithfulness") & (filtering["model"] == "standard")]
-    better = int((grad["gain_ci_low"] > 0).sum())
-    assert f"**standard model**: {better} better and {int((grad['gain_ci_high'] < 0).sum())} worse" in text
+    # the verdict counts the low-pass's share of the gain, beyond FORGrad's absolute value
+    better, worse = int((grad["lowpass_gain_ci_low"] > 0).sum()), int((grad["lowpass_gain_ci_high"] < 0).sum())
+    assert f"**standard model**: {better} better and {worse} worse" in text
+    # the split, recomputed from the stored scores: |map| alone (sigma 1000) minus the raw map,
+    # and the best finite sigma below it (chosen on the validation images) minus |map| alone
+    from distributed_attr.benchmark.run import ABS_ONLY_SIGMA
+    from distributed_attr.evaluation.data import load_metric
+    from distributed_attr.evaluation.stats import validation_mask
+
+    for r in grad.itertuples():
+        t = load_metric(plain, "forgrad_protocol", methods=[r.method])
+        v = t.values[r.method]
+        val = validation_mask(t.images, 0.25, 0)
+        sigma = t.cutoffs * 224 / 128
+        k_abs = int(np.flatnonzero(np.isclose(sigma, ABS_ONLY_SIGMA))[0])
+        finite = np.flatnonzero(np.isfinite(sigma) & (sigma < ABS_ONLY_SIGMA))
+        k_lp = int(finite[np.argmax(v[val][:, finite].mean(0))])
+        assert r.lowpass_sigma_224 == pytest.approx(sigma[k_lp])
+        assert r.abs_gain == pytest.approx(v[~val, k_abs].mean() - v[~val, t.unfiltered_index].mean(), abs=1e-9)
+        assert r.lowpass_gain == pytest.approx(v[~val, k_lp].mean() - v[~val, k_abs].mean(), abs=1e-9)
+        assert r.abs_gain_ci_low <= r.abs_gain <= r.abs_gain_ci_high
     rankings = pd.read_parquet(outputs_dir(plain) / "answer_rankings.parquet")
     assert set(rankings["family"]) == {"faithfulness", "localisation"}
     for (_, _), rr in rankings.groupby(["model", "family"]):
