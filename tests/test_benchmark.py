@@ -375,7 +375,7 @@ def test_benchmark_run_answers_its_questions_from_the_evaluation_tables(tmp_path
     for name in tr.MODELS:
         torch.manual_seed(0)
         torch.save(tr.build(name).state_dict(), out / "models" / f"{name}.pt")
-    res = run_benchmark(out, tmp_path / "run", images=16, workers=0, quick=True, log=lambda s: None)
+    res = run_benchmark(out, tmp_path / "run", images=16, workers=0, quick=True, plots=False, log=lambda s: None)
     plain, aa = (res["stores"][m][0] for m in tr.MODELS)
     assert all(len(res["stores"][m]) == 2 for m in tr.MODELS)  # each model's robustness job too
     from distributed_attr.io.store import outputs_dir
@@ -430,6 +430,7 @@ def test_benchmark_run_answers_its_questions_from_the_evaluation_tables(tmp_path
     for (_, _), rr in rankings.groupby(["model", "family"]):
         assert sorted(rr["rank_unfiltered"]) == sorted(rr["rank_filtered"]) == [1.0, 2.0, 3.0] or len(set(rr["rank_filtered"])) < 3
     assert set(grad["method"]) == set(QUICK_METHODS) & set(GRADIENT_METHODS)
+    assert not list(outputs_dir(plain).glob("*.png")), "plots=False writes tables only"
     html = (outputs_dir(plain) / "report.html").read_text()
     assert "The FORGrad question" in html and html.count("<h3>Job</h3>") == 2
     assert main(["benchmark", "run", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2

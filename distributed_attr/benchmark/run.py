@@ -314,9 +314,11 @@ def _lowpass(rows) -> str:
 
 
 def run_benchmark(data_dir: str | Path = "benchmark-data", out_dir: str | Path = "benchmark-run", images: int = 240,
-                  workers: int = 2, quick: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                  workers: int = 2, quick: bool = False, plots: bool = True,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Both models' jobs (resumed when a store exists), aggregation, evaluation, the answer and
-    one report. Returns paths, timings and the answer's text."""
+    one report (with the figures unless ``plots`` is False). Returns paths, timings and the
+    answer's text."""
     from ..aggregate import run_aggregation
     from ..evaluation import run_evaluation
     from ..io.store import outputs_dir
@@ -345,8 +347,8 @@ def run_benchmark(data_dir: str | Path = "benchmark-data", out_dir: str | Path =
         summary = run(cfg, resume=resume, progress=True)
         log("  " + str(summary).replace("\n", "\n  "))
         if not robustness:
-            run_aggregation(cfg["store"], num_workers=workers)
-        run_evaluation(cfg["store"])
+            run_aggregation(cfg["store"], num_workers=workers, plots=plots)
+        run_evaluation(cfg["store"], plots=plots)
         seconds[Path(cfg["store"]).stem] = round(time.perf_counter() - t0, 1)
         stores.setdefault(model, []).append(cfg["store"])
     result = answer(stores, int(manifest["size"]))

@@ -47,9 +47,11 @@ def run_evaluation(
     seed: int = 0,
     n_boot: int = 1000,
     select_on: str | None = None,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Cutoff statistics for every metric, method rankings, the cross-architecture matrix;
-    Parquet tables and PNG figures in ``out_dir``. Returns a summary (also ``evaluation.json``)."""
+    Parquet tables and (unless ``plots`` is False) PNG figures in ``out_dir``. Returns a summary
+    (also ``evaluation.json``)."""
     import pandas as pd
 
     group = open_store(store)
@@ -70,8 +72,9 @@ def run_evaluation(
             continue
         stats.append(s)
         scalar.append(metric)
-        files.append(str(plot_cutoff_curves(s.curves, s.best, metric, s.higher_is_better,
-                                            out / f"cutoff_curves_{metric}.png")))
+        if plots:
+            files.append(str(plot_cutoff_curves(s.curves, s.best, metric, s.higher_is_better,
+                                                out / f"cutoff_curves_{metric}.png")))
     curves = pd.concat([s.curves.assign(metric=s.metric, output=s.output) for s in stats], ignore_index=True)
     curves = curves[["metric", "output"] + [c for c in curves.columns if c not in ("metric", "output")]]
     best = pd.concat([s.best.assign(metric=s.metric) for s in stats], ignore_index=True)
@@ -87,7 +90,9 @@ def run_evaluation(
     faithful = [m for m in scalar if m not in METRICS or METRICS.get(m).needs_model] or scalar
     ranks = rank_methods(group, faithful, validation_fraction, seed, n_boot, select_on=select_on)
     ranks.to_parquet(out / "rankings.parquet", index=False)
-    files += [str(out / "rankings.parquet"), str(plot_rank_table(ranks, out / "rankings.png"))]
+    files.append(str(out / "rankings.parquet"))
+    if plots:
+        files.append(str(plot_rank_table(ranks, out / "rankings.png")))
 
     summary: dict[str, Any] = {
         "out_dir": str(out),
@@ -108,8 +113,9 @@ def run_evaluation(
     if "feature_detection" in names:
         matrix = cross_architecture_matrix(group)
         matrix.to_parquet(out / "cross_architecture.parquet", index=False)
-        files += [str(out / "cross_architecture.parquet"),
-                  str(plot_cross_architecture(matrix, out / "cross_architecture.png"))]
+        files.append(str(out / "cross_architecture.parquet"))
+        if plots:
+            files.append(str(plot_cross_architecture(matrix, out / "cross_architecture.png")))
     summary["files"] = files
     (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=float))
     summary["files"].append(str(out / "evaluation.json"))
