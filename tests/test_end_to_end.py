@@ -187,3 +187,24 @@ def test_one_report_holds_a_second_model_of_the_same_data(full_store, tmp_path, 
     assert html.count("<div class='scroll'><table") == html.count("<table") - 2  # all but the two job tables scroll
     md = (out / "report.md").read_text()
     assert md.count("### Job") == 2 and "## callable:fault_models:random_digits_vit" in md
+    assert_fits_the_window(html, tmp_path)
+
+
+def assert_fits_the_window(html: str, tmp_path, width: int = 1400) -> None:
+    """The page fits a ``width``-px browser window, measured in headless Chromium where it is
+    installed (``apt-get install chromium``; skipped otherwise): the report used to be wider than
+    a 1,400-px window."""
+    import re
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine")
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("</body>", "<script>document.title = 'scrollWidth=' + "
+                                              "document.documentElement.scrollWidth</script></body>"))
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--window-size={width},900",
+                          "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    measured = int(re.search(r"<title>scrollWidth=(\d+)</title>", out).group(1))
+    assert measured <= width, f"the report is {measured} px wide in a {width}-px window"
