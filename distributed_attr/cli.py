@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--out", default="benchmark-run", help="folder for the two stores, their outputs and answer.md")
     br.add_argument("--images", type=int, default=240, help="test images per model (default 240, 40%% of them also in the robustness job; the split has 1,200)")
     br.add_argument("--workers", type=int, default=2, help="Ray workers (0: in this process)")
-    br.add_argument("--quick", action="store_true", help="3 methods, 2 cutoffs, fewer steps and samples (a smoke test)")
+    br.add_argument("--quick", action="store_true", help="3 methods, 2 cutoffs (the control and 15), fewer steps and samples (a smoke test)")
     br.set_defaults(func=_cmd_benchmark_run)
 
     m = sub.add_parser("methods", help="list the registered attribution methods and their parameters")
