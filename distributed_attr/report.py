@@ -31,7 +31,8 @@ CAPTIONS = {
                 "runs from its own minimum (dark) to its maximum (yellow), so a map that sits on a large "
                 "offset still shows its shape.",
     "spectra": "Mean radial power spectrum of the maps per method (log-log; frequencies in cycles/pixel).",
-    "filter_effect": "How each method's faithfulness changes with the low-pass cutoff.",
+    "filter_effect": "Each method's mean spectrum after the low-pass at every cutoff of the sweep (black: "
+                     "unfiltered), and the share of the maps' energy above the high-frequency cutoff against sigma.",
     "cutoff_curves": "Score against the FORGrad cutoff sigma (at the reference size) per method.",
 }
 
@@ -86,6 +87,11 @@ class _Section:
     def model(self) -> str:
         m = self.info.get("model") or {}
         return f"{m.get('kind')}:{m.get('name')}"
+
+    @property
+    def title(self) -> str:
+        """The store's name and its model: two stores of one architecture stay apart."""
+        return f"{Path(self.store.rstrip('/')).stem} ({self.model})"
 
     @property
     def anchor(self) -> str:
@@ -202,12 +208,12 @@ def write_report(store: str, out_dir: str | None = None, max_rows: int = 60,
         h.append(markdown_to_html(preface))
         md += ["#" + line if line.startswith("#") else line for line in preface.splitlines()] + [""]
     if others:
-        h.append("<nav><ul>" + "".join(f"<li><a href='#{s.anchor}'>{html.escape(s.model)}</a>: {html.escape(s.store)}</li>"
+        h.append("<nav><ul>" + "".join(f"<li><a href='#{s.anchor}'>{html.escape(s.title)}</a>: {html.escape(s.store)}</li>"
                                        for s in (main, *others)) + "</ul></nav>")
-        md += [f"- {s.model}: {s.store}" for s in (main, *others)] + [""]
+        md += [f"- {s.title}: {s.store}" for s in (main, *others)] + [""]
         for s in (main, *others):
-            h.append(f"<h2 id='{s.anchor}'>{html.escape(s.model)}</h2>")
-            md += [f"## {s.model}", ""]
+            h.append(f"<h2 id='{s.anchor}'>{html.escape(s.title)}</h2>")
+            md += [f"## {s.title}", ""]
             _render(s, h, md, 3, max_rows)
     else:
         _render(main, h, md, 2, max_rows)

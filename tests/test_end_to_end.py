@@ -179,14 +179,14 @@ def test_one_report_holds_a_second_model_of_the_same_data(full_store, tmp_path, 
     out = tmp_path / "cnn-outputs"
     html = write_report(full_store, out_dir=str(out), companions=[cfg["store"]]).read_text()
     assert html.count("<h3>Job</h3>") == 2
-    assert "callable:fault_models:random_digits_vit" in html and "zoo:digits_cnn" in html
-    cnn_part, vit_part = html.split("callable:fault_models:random_digits_vit</h2>")
+    assert "vit (callable:fault_models:random_digits_vit)" in html and "full (zoo:digits_cnn)" in html
+    cnn_part, vit_part = html.split("vit (callable:fault_models:random_digits_vit)</h2>")
     assert "attention_rollout" in vit_part and "attention_rollout" not in cnn_part.split("<h2 id=")[-1]
     # the companion's own outputs: its spectra table and figures, and its example maps
     assert "<img src='data:image/png;base64," in vit_part and "examples" in vit_part
     assert html.count("<div class='scroll'><table") == html.count("<table") - 2  # all but the two job tables scroll
     md = (out / "report.md").read_text()
-    assert md.count("### Job") == 2 and "## callable:fault_models:random_digits_vit" in md
+    assert md.count("### Job") == 2 and "## vit (callable:fault_models:random_digits_vit)" in md
     assert_fits_the_window(html, tmp_path)
 
 

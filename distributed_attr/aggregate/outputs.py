@@ -199,18 +199,19 @@ def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
         ax.axhline(s["hf_fraction"][0], linestyle=":", linewidth=0.8, color=color)
     if len(sig):
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(np.unique(sig)))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{v:.3g}" for v in np.unique(sig)]))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{v:.4g}" for v in np.unique(sig)]))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("σ at 224 px (cycles per image)")
     ax.set_ylabel(f"energy share above {plan.hf_cutoff} c/px")
     ax.set_title("high-frequency fraction (dotted: unfiltered)", fontsize=10)
     method_handles = ax.get_legend_handles_labels()
     legend_ax = axes.ravel()[len(methods) + 1]
-    first = legend_ax.legend(*cutoff_handles, loc="upper left", fontsize=7, title="spectrum panels",
-                             title_fontsize=8, frameon=False)
+    # side by side, each from the top: stacked, a long sweep's legend ran into the methods'
+    first = legend_ax.legend(*cutoff_handles, loc="upper left", bbox_to_anchor=(0.0, 1.0), fontsize=7,
+                             title="spectrum panels", title_fontsize=8, frameon=False)
     legend_ax.add_artist(first)
-    legend_ax.legend(*method_handles, loc="lower left", fontsize=7, title="high-frequency panel", title_fontsize=8,
-                     frameon=False, ncol=2 if len(methods) > 8 else 1)
+    legend_ax.legend(*method_handles, loc="upper left", bbox_to_anchor=(0.55, 1.0), fontsize=7,
+                     title="high-frequency panel", title_fontsize=8, frameon=False)
     for ax in axes.ravel()[len(methods) + 1:]:
         ax.axis("off")
     fig.suptitle(f"Low-pass filter ({plan.filter_kind}) effect on the mean spectrum")
