@@ -375,7 +375,7 @@ def test_benchmark_run_answers_its_questions_from_the_evaluation_tables(tmp_path
     for name in tr.MODELS:
         torch.manual_seed(0)
         torch.save(tr.build(name).state_dict(), out / "models" / f"{name}.pt")
-    res = run_benchmark(out, tmp_path / "run", images=16, workers=0, quick=True, plots=False, log=lambda s: None)
+    res = run_benchmark(out, tmp_path / "run", images=12, workers=0, quick=True, plots=False, log=lambda s: None)
     plain, aa = (res["stores"][m][0] for m in tr.MODELS)
     assert all(len(res["stores"][m]) == 2 for m in tr.MODELS)  # each model's robustness job too
     from distributed_attr.io.store import outputs_dir
