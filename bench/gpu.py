@@ -376,7 +376,7 @@ def bare_saliency_loop(model, pool: list[torch.Tensor], dtype):
 
 def ours(model, x, target, spec: MethodSpec, layer, mode: Mode, dtype):
     method = build_method(spec.name, spec.params)
-    ctx = Context(seed=0, max_batch=mode.max_batch, autocast=dtype, layer=layer,
+    ctx = Context(seed=0, budget=mode.max_batch, autocast=dtype, layer=layer,
                   indices=torch.arange(x.shape[0]))
     return lambda: compute_maps(model, x, target, [method], ctx)
 

@@ -95,7 +95,7 @@ def main() -> None:
         target = model(x).argmax(dim=1)
     size = tuple(x.shape[-2:])
     per_eval = max(1, mb // n)
-    ctx = lambda **kw: Context(layer=layer, max_batch=mb, **kw)  # noqa: E731
+    ctx = lambda **kw: Context(layer=layer, budget=mb, **kw)  # noqa: E731
 
     def ours(name: str, **params) -> Callable[[], object]:
         m = build_method(name, params)
@@ -231,8 +231,8 @@ def main() -> None:
 
     rollout, relevance = build_method("attention_rollout", {}), build_method("attention_relevance", {})
     vit_times = best_times([vit_fwd, vit_fwd_bwd,
-                            lambda: compute_maps(vit, xv, tv, [rollout], Context(max_batch=mb)),
-                            lambda: compute_maps(vit, xv, tv, [relevance], Context(max_batch=mb))], repeats)
+                            lambda: compute_maps(vit, xv, tv, [rollout], Context(budget=mb)),
+                            lambda: compute_maps(vit, xv, tv, [relevance], Context(budget=mb))], repeats)
 
     # Shared-pass groups against their members one by one.
     grad_names = ["saliency", "gradient_x_input", "gradcam", "gradcam_pp"]

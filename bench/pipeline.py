@@ -14,6 +14,7 @@ without spectra alternate, best of ``--repeats`` each, to measure what the spect
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -40,15 +41,15 @@ def bare_loop(x: torch.Tensor, batch_size: int, threads: int) -> float:
     for p in model.parameters():
         p.requires_grad_(False)
     methods = [build_method(n, p) for n, p in METHODS.items()]
-    ctx = Context(seed=0, max_batch=256)
+    ctx = Context(seed=0, budget=256)
     compute_maps(model, x[:batch_size], model(x[:batch_size]).argmax(1), methods, ctx)  # warm-up
     t = time.perf_counter()
     for b in range(0, len(x), batch_size):
         xb = x[b:b + batch_size]
         with torch.no_grad():
             target = model(xb).argmax(1)
-        ctx.indices = torch.arange(b, b + len(xb))
-        compute_maps(model, xb, target, methods, ctx)
+        batch_ctx = dataclasses.replace(ctx, indices=torch.arange(b, b + len(xb)))
+        compute_maps(model, xb, target, methods, batch_ctx)
     return len(x) / (time.perf_counter() - t)
 
 

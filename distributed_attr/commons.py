@@ -1,6 +1,10 @@
 """What methods and metrics share: the per-batch context they read, per-image randomness, the
 sample budget of one forward pass (with the out-of-memory fallback), autocast and model calls.
 
+A context is immutable: a caller that needs other facts for a batch makes a new one with
+``dataclasses.replace``. The one thing that must outlive a batch, the sample budget an
+out-of-memory error lowered, lives in a ``SampleBudget`` the replaced contexts share.
+
 Below both ``methods/`` and ``metrics/`` (which may import it; it imports neither), and like them
 pure tensor code: no files, no Ray.
 """
@@ -14,18 +18,65 @@ import torch
 from torch import Tensor, nn
 
 
-@dataclass
+class SampleBudget:
+    """The most samples one forward/backward pass may hold (steps x images, masks x images, ...):
+    the configured size, lowered for good when a pass of that size runs out of device memory, so
+    that later chunks, batches and units start at a size that fits instead of failing again."""
+
+    def __init__(self, size: int = 256):
+        self._size = max(1, int(size))
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def lower_after_oom(self, failed: int) -> None:
+        """A pass of ``failed`` samples ran out of memory: from now on at most half of it."""
+        self._size = min(self._size, max(1, failed // 2))
+
+    def per(self, cost: int) -> "SampleBudget":
+        """This budget counted in items that put ``cost`` samples each into a pass (an image with
+        all its references, all its masks); lowering the view lowers this budget."""
+        return _ScaledBudget(self, max(1, int(cost)))
+
+    def __repr__(self) -> str:
+        return f"SampleBudget({self.size})"
+
+
+class _ScaledBudget(SampleBudget):
+    def __init__(self, parent: SampleBudget, cost: int):
+        self._parent, self._cost = parent, cost
+
+    @property
+    def size(self) -> int:
+        return max(1, self._parent.size // self._cost)
+
+    def lower_after_oom(self, failed: int) -> None:
+        self._parent.lower_after_oom(2 * max(1, failed // 2) * self._cost)
+
+
+@dataclass(frozen=True)
 class BatchContext:
-    """The batch-level facts every method and metric may use."""
+    """The batch-level facts every method and metric may use. Immutable; see the module note."""
 
     seed: int = 0
     #: global dataset index of every image of the batch (N,), int64, so that random draws are
     #: per image and do not depend on which other images share the batch; defaults to 0..N-1
     indices: Tensor | None = None
-    #: most samples one forward/backward pass may hold (steps x images, masks x images, ...)
-    max_batch: int = 256
+    #: the sample budget of one pass (``SampleBudget``; an int makes a fresh one of that size).
+    #: Contexts made from this one by ``dataclasses.replace`` share it
+    budget: SampleBudget | int = 256
     #: ``torch.bfloat16`` / ``torch.float16`` to run the model under autocast, or None
     autocast: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budget, SampleBudget):
+            object.__setattr__(self, "budget", SampleBudget(self.budget))
+
+    @property
+    def max_batch(self) -> int:
+        """Most samples one pass may hold now (the budget's current size)."""
+        return self.budget.size  # type: ignore[union-attr]
 
     def indices_for(self, n: int) -> Tensor:
         if self.indices is None:
@@ -103,8 +154,8 @@ def is_oom(exc: BaseException) -> bool:
 
 def run_in_chunks(fn: Callable[[slice], Tensor], n: int, ctx: BatchContext) -> Tensor:
     """Run ``fn`` over ``n`` samples in slices of at most ``ctx.max_batch``, concatenating the
-    results. On a CUDA out-of-memory error the slice size halves and the work goes on; the new
-    size sticks in ``ctx.max_batch`` for the rest of the job."""
+    results. On a CUDA out-of-memory error the slice size halves and the work goes on; the lower
+    size sticks in ``ctx.budget`` for the rest of the job."""
     outs: list[Tensor] = []
     start = 0
     while start < n:
@@ -116,7 +167,7 @@ def run_in_chunks(fn: Callable[[slice], Tensor], n: int, ctx: BatchContext) -> T
             if not is_oom(exc) or size == 1:
                 raise
             torch.cuda.empty_cache()
-            ctx.max_batch = max(1, size // 2)
+            ctx.budget.lower_after_oom(size)
             continue
         start = sl.stop
     return torch.cat(outs) if outs else torch.empty(0)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .commons import SampleBudget
 from .config import Config
 from .io.models import load_model
 from .io.sources import decode_image, decode_sample, open_source
@@ -209,10 +210,12 @@ def build_metrics(cfg: Config) -> list[Any]:
 
 
 def metric_context(cfg: Config, evaluators: dict[str, nn.Module], indices: torch.Tensor | None = None,
-                   masks: torch.Tensor | None = None):
+                   masks: torch.Tensor | None = None, budget: SampleBudget | None = None):
+    """The metrics' context of one batch; ``budget``: the replica's sample budget (a fresh one of
+    ``run.max_batch`` when None)."""
     from .metrics.base import MetricContext
 
-    return MetricContext(seed=cfg.run.seed, indices=indices, max_batch=cfg.run.max_batch,
+    return MetricContext(seed=cfg.run.seed, indices=indices, budget=budget or cfg.run.max_batch,
                          autocast=AUTOCAST[cfg.run.autocast], evaluators=evaluators, masks=masks)
 
 
@@ -233,7 +236,10 @@ class UnitProcessor:
         self.cutoffs = cfg.cutoffs()
         # positions in ``self.cutoffs`` (entry 0 is the unfiltered map)
         self.stored_positions = [1 + cfg.filters.sweep.index(s) for s in cfg.filters.store_maps]
-        self.ctx = Context(seed=cfg.run.seed, max_batch=cfg.run.max_batch, autocast=AUTOCAST[cfg.run.autocast])
+        #: the samples one pass may hold on this replica's device, for methods and metrics alike;
+        #: an out-of-memory error lowers it for every later batch (the one state batches share)
+        self.budget = SampleBudget(cfg.run.max_batch)
+        self.ctx = Context(seed=cfg.run.seed, budget=self.budget, autocast=AUTOCAST[cfg.run.autocast])
         if cfg.run.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         workers = resolve_decode_workers(cfg.run.decode_workers, cfg.run.cpus_per_worker)
@@ -301,7 +307,7 @@ class UnitProcessor:
             self.ctx = dataclasses.replace(self.ctx, layer=resolve_layer(self.model, name, x[:1]))
             self._layer_resolved = True
         target, prediction, probability = self.targets(x, labels)
-        # a context of this batch's own: nothing of one batch leaks into the next ...
+        # a context of this batch's own (contexts are immutable; they share only the budget)
         ctx = dataclasses.replace(self.ctx, indices=indices, references=self.references())
         if self.compiled is None:
             maps = compute_maps(self.model, x, target, self.methods, ctx)
@@ -309,8 +315,6 @@ class UnitProcessor:
             maps = compute_maps(self.compiled, x, target, [m for m in self.methods if m.compile_safe], ctx)
             maps.update(compute_maps(self.model, x, target, [m for m in self.methods if not m.compile_safe], ctx))
             maps = {m.name: maps[m.name] for m in self.methods}
-        # ... except the sample budget an out-of-memory error taught run_in_chunks
-        self.ctx.max_batch = ctx.max_batch
         out: dict[str, np.ndarray] = {
             "target": target.cpu().numpy(),
             "prediction": prediction.cpu().numpy(),
@@ -319,7 +323,7 @@ class UnitProcessor:
         if masks is not None:
             out[Keys.GROUND_TRUTH_MASK] = masks.cpu().numpy()
         masks_dev = masks.to(self.device) if masks is not None else None
-        mctx = metric_context(cfg, self.evaluators, indices, masks_dev) if self.metrics else None
+        mctx = metric_context(cfg, self.evaluators, indices, masks_dev, self.budget) if self.metrics else None
         for name, m in maps.items():
             out[Keys.maps(name)] = m.cpu().numpy()
             if cfg.spectra.enabled:

@@ -140,7 +140,7 @@ def test_every_method_has_fast_parameters_known_to_this_suite(name):
 
 def test_every_method_runs_through_compute_maps_together():
     cnn, x, t, refs = setup()
-    ctx = Context(layer=cnn.features, references=refs, max_batch=16)
+    ctx = Context(layer=cnn.features, references=refs, budget=16)
     maps = {}
     for kind in ("cnn", "vit"):  # every method on the model it applies to, all of them in one call
         names = [n for n in NAMES if (model_for(n, cnn) is cnn) == (kind == "cnn")]
@@ -174,8 +174,8 @@ def test_maps_reproduce_bit_for_bit_across_batch_compositions(name):
         ctx = Context(seed=seed, indices=indices, layer=cnn.features, references=refs, **kw)
         return compute_maps(model, xs, ts, [build_method(name, params)], ctx)[name]
 
-    whole = run(x, t, 7, torch.arange(4), max_batch=64)
-    part = run(x[2:], t[2:], 7, torch.tensor([2, 3]), max_batch=64)
+    whole = run(x, t, 7, torch.arange(4), budget=64)
+    part = run(x[2:], t[2:], 7, torch.tensor([2, 3]), budget=64)
     assert torch.equal(whole[2:], part)
     other_seed = run(x[2:], t[2:], 8, torch.tensor([2, 3]))
     # the draws follow the global index, not the position in the batch
@@ -213,7 +213,7 @@ def test_maps_do_not_depend_on_chunking(name):
     params = fast(name)
 
     def run(max_batch):
-        ctx = Context(seed=1, layer=getattr(model, "act", None), references=refs, max_batch=max_batch)
+        ctx = Context(seed=1, layer=getattr(model, "act", None), references=refs, budget=max_batch)
         return compute_maps(model, x, t, [build_method(name, params)], ctx)[name]
 
     if isinstance(model, ElementwiseNet):

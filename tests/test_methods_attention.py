@@ -219,7 +219,7 @@ def test_maps_equal_the_hand_computation(kind):
     logits, probs, grads = oracle(model, kind, x, target)
     torch.testing.assert_close(logits, own, rtol=1e-10, atol=1e-12)  # the oracle is the model
     size = x.shape[-2:]
-    ctx = Context(max_batch=3)  # chunks of 3 and 1
+    ctx = Context(budget=3)  # chunks of 3 and 1
     roll = AttentionRollout().attribute(model, x, target, ctx)
     rel = AttentionRelevance().attribute(model, x, target, ctx)
     assert roll.dtype == rel.dtype == torch.float64 and roll.shape == rel.shape == (4, *size)
@@ -280,9 +280,9 @@ def test_maps_do_not_depend_on_the_batch(kind):
     maps of one chunk of four (to rounding: a matrix product's last bits may follow the batch)."""
     model, x, target, _ = make(kind)
     for cls in (AttentionRollout, AttentionRelevance):
-        whole = cls().attribute(model, x, target, Context(max_batch=64))
-        part = cls().attribute(model, x[2:], target[2:], Context(max_batch=64))
-        ones = cls().attribute(model, x, target, Context(max_batch=1))
+        whole = cls().attribute(model, x, target, Context(budget=64))
+        part = cls().attribute(model, x[2:], target[2:], Context(budget=64))
+        ones = cls().attribute(model, x, target, Context(budget=1))
         torch.testing.assert_close(part, whole[2:], rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(ones, whole, rtol=1e-12, atol=1e-15)
 
@@ -338,7 +338,7 @@ def test_the_model_is_left_exactly_as_it_was(kind):
     if kind.startswith("timm"):
         assert all(flags.values())  # fused attention was on, and must be again
     before = snapshot(model)
-    compute_maps(model, x, target, [AttentionRollout(), AttentionRelevance()], Context(max_batch=3))
+    compute_maps(model, x, target, [AttentionRollout(), AttentionRelevance()], Context(budget=3))
     assert_same(before, snapshot(model))
     assert all(p.grad is None for p in model.parameters())  # no weight gradient
     if kind == "hf_vit":

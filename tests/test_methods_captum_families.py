@@ -88,7 +88,7 @@ def setup(n: int = 5, cls=ReluNet, pool: bool = True):
 def ours(model, x, target, name, *, refs=None, seed=0, indices=None, max_batch=256, **params):
     """The method's own maps, in the working dtype (float64 here; ``compute_maps`` would round
     them to float32), so that they can be compared with Captum's to float64 rounding."""
-    ctx = Context(seed=seed, indices=indices, references=refs, max_batch=max_batch)
+    ctx = Context(seed=seed, indices=indices, references=refs, budget=max_batch)
     return build_method(name, params).attribute(model, x, target, ctx)
 
 
@@ -372,7 +372,7 @@ def test_autocast_runs_and_deeplift_warns_that_it_runs_without_it():
 
 
 def test_out_of_memory_halves_the_budget_and_redoes_the_image():
-    ctx = Context(max_batch=8)
+    ctx = Context(budget=8)
     calls = []
 
     def fn(i):

@@ -62,7 +62,7 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run(name: str, model, x, target, layer=None, **params) -> torch.Tensor:
     m = build_method(name, params)
-    return compute_maps(model, x, target, [m], Context(layer=layer, max_batch=4))[name]
+    return compute_maps(model, x, target, [m], Context(layer=layer, budget=4))[name]
 
 
 def test_saliency_matches_captum():
@@ -218,7 +218,7 @@ def test_gradient_group_shares_one_forward_pass_and_matches_members_alone():
     calls = []
     model.register_forward_pre_hook(lambda mod, inp: calls.append(inp[0].shape[0]))
     names = ["saliency", "gradient_x_input", "gradcam", "gradcam_pp"]
-    ctx = Context(layer=model.features, max_batch=64)
+    ctx = Context(layer=model.features, budget=64)
     together = compute_maps(model, x, t, [build_method(n) for n in names], ctx)
     assert calls == [4]  # one forward pass over the batch for the four methods
     for n in names:

@@ -67,7 +67,7 @@ def test_occlusion_matches_captum(patch, stride, baseline):
     x[:, :, :9, :7] = baseline  # windows in here are skipped: occluding them changes nothing
     t = torch.tensor([2, 0, 1])
     m = build_method("occlusion", {"patch": patch, "stride": stride, "baseline": baseline})
-    ours = compute_maps(model, x, t, [m], Context(max_batch=37))["occlusion"]
+    ours = compute_maps(model, x, t, [m], Context(budget=37))["occlusion"]
     ref = captum_attr.Occlusion(model).attribute(
         x, sliding_window_shapes=(2, patch, patch), strides=(1, stride, stride), baselines=baseline,
         target=t, perturbations_per_eval=16,
@@ -124,7 +124,7 @@ def test_rise_puts_the_top_in_the_region_the_model_reads():
     x = torch.ones(2, 1, 16, 16, dtype=torch.float64)
     t = torch.tensor([0, 0])
     m = build_method("rise", {"masks": 1500, "grid": 4, "p": 0.5})
-    sal = compute_maps(model, x, t, [m], Context(max_batch=512))["rise"]
+    sal = compute_maps(model, x, t, [m], Context(budget=512))["rise"]
     inside = torch.zeros(16, 16, dtype=torch.bool)
     inside[4:8, 9:13] = True
     for s in sal:
@@ -166,7 +166,7 @@ def test_sobol_total_indices_of_an_additive_model_match_the_closed_form():
     model = CellSumModel(w, grid)
     x = torch.ones(1, 1, 16, 16, dtype=torch.float64)
     method = build_method("sobol", {"grid": grid, "design": 1024, "output": "logit"})
-    st = method.total_indices(model, x, torch.tensor([0]), Context(max_batch=4096))[0].flatten()
+    st = method.total_indices(model, x, torch.tensor([0]), Context(budget=4096))[0].flatten()
     # independent U(0, 1) mask variables, Var = 1/12 for all: ST_i = w_i^2 / sum_j w_j^2
     expected = w**2 / (w**2).sum()
     assert float((st - expected).abs().max()) < 0.005  # measured 0.001 at 1024 points, 0.11 at 32
@@ -189,8 +189,8 @@ def test_sobol_puts_the_top_in_the_region_the_model_reads():
     model = RegionModel(region=(8, 12, 4, 8), gain=3.0)
     x = torch.rand(2, 1, 16, 16, dtype=torch.float64) + 0.5
     m = build_method("sobol", {"grid": 4, "design": 32, "output": "probability"})
-    sal = compute_maps(model, x, torch.tensor([0, 0]), [m], Context(max_batch=2048))["sobol"]
-    st = m.total_indices(model, x, torch.tensor([0, 0]), Context(max_batch=2048))
+    sal = compute_maps(model, x, torch.tensor([0, 0]), [m], Context(budget=2048))["sobol"]
+    st = m.total_indices(model, x, torch.tensor([0, 0]), Context(budget=2048))
     assert sal.shape == (2, 16, 16)
     for s, cells in zip(sal, st):
         assert int(cells.flatten().argmax()) == 2 * 4 + 1  # the cell at rows 8:12, cols 4:8

@@ -40,7 +40,7 @@ CAPTUM_TYPE = {"smoothgrad": "smoothgrad", "squaregrad": "smoothgrad_sq", "vargr
 @pytest.mark.parametrize("name", ["smoothgrad", "squaregrad", "vargrad"])
 def test_matches_captum_noise_tunnel_on_the_same_noise(name, monkeypatch):
     model, (x, t) = make_model(), make_inputs()
-    ctx = Context(seed=5, max_batch=4)
+    ctx = Context(seed=5, budget=4)
     ours = compute_maps(model, x, t, [build_method(name, {"samples": SAMPLES, "noise_level": LEVEL})], ctx)[name]
 
     noise = NoiseSampler(x, Context(seed=5), SAMPLES, LEVEL).all_noise(dtype=torch.float64)
@@ -65,7 +65,7 @@ def test_group_shares_samples_and_equals_members_alone():
     calls = []
     model.register_forward_pre_hook(lambda mod, inp: calls.append(inp[0].shape[0]))
     names = ["smoothgrad", "squaregrad", "vargrad"]
-    ctx = Context(max_batch=64)
+    ctx = Context(budget=64)
     together = compute_maps(model, x, t, [build_method(n, {"samples": SAMPLES}) for n in names], ctx)
     assert calls == [3 * SAMPLES]  # one pass over the samples for the three methods
     for n in names:

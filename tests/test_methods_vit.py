@@ -112,7 +112,7 @@ def test_automatic_layer_is_the_last_blocks_first_norm(kind):
 def test_cams_match_pytorch_grad_cam_with_reshape_transform(kind, name, cls, monkeypatch):
     model, x, facts = make(kind)
     ours = compute_maps(model, x, TARGETS, [build_method(name)],
-                        Context(layer=resolve_layer(model, None, x[:1]), max_batch=2))[name]
+                        Context(layer=resolve_layer(model, None, x[:1]), budget=2))[name]
     assert ours.shape == (3, *x.shape[-2:]) and ours.min() >= 0
     assert (ours.amax(dim=(1, 2)) > 0).all()  # a non-trivial map per image, so the check bites
     ref = reference_cam(cls, model, facts["layer"], x, TARGETS, facts, monkeypatch)

@@ -79,7 +79,7 @@ def explainer(model, method="gradient_x_input"):
 
 def run_metric(model, x, maps, target, explain, *, seed=0, indices=None, max_batch=256, **params):
     metric = build_metric("model_randomisation", params)
-    ctx = MetricContext(seed=seed, indices=indices, max_batch=max_batch, explain=explain)
+    ctx = MetricContext(seed=seed, indices=indices, budget=max_batch, explain=explain)
     return metric.evaluate(model, x, maps, target, ctx)
 
 

@@ -39,7 +39,7 @@ class Recorder:
 
 def run(name, model, x, maps, target, explain, *, seed=0, indices=None, max_batch=256, **params):
     metric = build_metric(name, params)
-    ctx = MetricContext(seed=seed, indices=indices, max_batch=max_batch, explain=explain)
+    ctx = MetricContext(seed=seed, indices=indices, budget=max_batch, explain=explain)
     return metric.evaluate(model, x, maps, target, ctx)["sensitivity"]
 
 

@@ -86,7 +86,7 @@ def attribute(
         seed=seed,
         indices=indices,
         layer=layer_mod,
-        max_batch=max_batch,
+        budget=max_batch,
         autocast=autocast,
         references=references,
     )
@@ -98,7 +98,7 @@ def resolve_target(
 ) -> Tensor:
     n = images.shape[0]
     if target is None:
-        probs = forward_probabilities(model, images, Context(max_batch=max_batch))
+        probs = forward_probabilities(model, images, Context(budget=max_batch))
         return probs.argmax(dim=1)
     t = torch.as_tensor(target, dtype=torch.int64, device=images.device)
     if t.dim() == 0:

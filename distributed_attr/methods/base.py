@@ -41,7 +41,7 @@ def register(cls: type["Method"]) -> type["Method"]:
     return METHODS.register(cls)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Context(BatchContext):
     """What a method may use besides the model, the images and the targets: the batch's seed,
     indices, budget and autocast (``BatchContext``), plus what methods alone need."""

@@ -121,8 +121,8 @@ def seeded_global_rng(seed: int, device: torch.device | str = "cpu") -> Iterator
 
 
 def each_image(fn: Callable[[int], Tensor], n: int, ctx: BatchContext) -> Tensor:
-    """``fn(i)`` for every image, stacked. On a CUDA out-of-memory error ``ctx.max_batch`` halves
-    (the per-image calls read it for their pass size) and the image is done again."""
+    """``fn(i)`` for every image, stacked. On a CUDA out-of-memory error the budget halves (the
+    per-image calls read ``ctx.max_batch`` for their pass size) and the image is done again."""
     outs = []
     for i in range(n):
         while True:
@@ -133,20 +133,14 @@ def each_image(fn: Callable[[int], Tensor], n: int, ctx: BatchContext) -> Tensor
                 if not is_oom(exc) or ctx.max_batch <= 1:
                     raise
                 torch.cuda.empty_cache()
-                ctx.max_batch = max(1, ctx.max_batch // 2)
+                ctx.budget.lower_after_oom(ctx.max_batch)
     return torch.stack(outs)
 
 
 def run_in_image_chunks(fn: Callable[[slice], Tensor], n: int, ctx: BatchContext, per_image: int) -> Tensor:
     """``run_in_chunks`` over images when each image puts ``per_image`` samples into a pass:
     chunks of max(1, max_batch // per_image) images; an out-of-memory halving carries over."""
-    sub = BatchContext(max_batch=max(1, ctx.max_batch // per_image))
-    start = sub.max_batch
-    try:
-        return run_in_chunks(fn, n, sub)
-    finally:
-        if sub.max_batch < start:
-            ctx.max_batch = max(1, sub.max_batch * per_image)
+    return run_in_chunks(fn, n, BatchContext(budget=ctx.budget.per(per_image)))
 
 
 def forward_scores(model: nn.Module, ctx: Context, dtype: torch.dtype, output: str = "logit", grad: bool = False):

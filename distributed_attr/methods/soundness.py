@@ -163,8 +163,8 @@ class SoundnessSaliency(Method):
         opt = torch.optim.Adam([logits], lr=p.lr)
         # Chunks hold whole images (all their backgrounds), since the loss averages over them.
         l1 = self.l1_weight(p.l1, height, width, p.l1_reference_size)
-        per_chunk = max(1, ctx.max_batch // refs)
-        sub = dataclasses.replace(ctx, max_batch=per_chunk)
+        # an out-of-memory error that halves these chunks lowers the caller's budget with them
+        sub = dataclasses.replace(ctx, budget=ctx.budget.per(refs))
 
         for step in range(p.steps):
             grad_total = torch.zeros_like(logits)
@@ -187,7 +187,5 @@ class SoundnessSaliency(Method):
             run_in_chunks(one, n, sub)
             logits.grad = grad_total
             opt.step()
-        if sub.max_batch < per_chunk:  # an out-of-memory error halved the chunks: keep that
-            ctx.max_batch = max(1, sub.max_batch * refs)
         with torch.no_grad():
             return self.mask_of(logits, size).squeeze(1)

@@ -66,7 +66,7 @@ def evaluate(
     ctx = MetricContext(
         seed=seed,
         indices=indices,
-        max_batch=max_batch,
+        budget=max_batch,
         autocast=autocast,
         evaluators=dict(evaluators or {}),
         dataset_mean=dataset_mean,

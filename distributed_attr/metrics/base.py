@@ -37,7 +37,7 @@ def register(cls: type["Metric"]) -> type["Metric"]:
     return METRICS.register(cls)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetricContext(BatchContext):
     """What a metric may use besides the model, the images, the maps and the targets: the batch's
     seed, indices, budget and autocast (``BatchContext``), plus what metrics alone need."""
