@@ -7,10 +7,15 @@ that lists what is valid -- so a typo in a YAML file names the key and the allow
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
-from typing import Any, Generic, TypeVar
+from collections.abc import Mapping
+from typing import Annotated, Any, Generic, TypeVar
+
+import pydantic
+from pydantic_core import PydanticCustomError, PydanticKnownError
 
 T = TypeVar("T")
 
@@ -31,64 +36,198 @@ def _check_finite(value: Any, where: str) -> None:
             _check_finite(v, f"{where}.{k}")
 
 
+# -- validation by pydantic ------------------------------------------------------------------------
+#
+# Each field's annotation is validated by a pydantic ``TypeAdapter`` in strict mode (no strings read
+# as numbers, no bools as ints), so nested types are checked too (list elements, tuple lengths,
+# mapping values). ``_lenient`` rewrites the annotation first with what YAML and the Python API
+# give that strict mode would refuse: lists for tuples, a scalar for a one-element list, an int
+# for a float and an integral float (3.0) for an int. Unions are tried member by member, left to
+# right, as before. Every error is one of ours (``_fail``), so the message reads as it always has.
+
+_STRICT = pydantic.ConfigDict(strict=True, allow_inf_nan=False)
+#: what a value of a leaf type is called in messages
+_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+#: pydantic's errors in our words
+_MESSAGES = {"int_type": "expected an integer", "float_type": "expected a number",
+             "bool_type": "expected true or false", "string_type": "expected a string",
+             "finite_number": "expected a finite number"}
+#: the errors of a value of the wrong kind (a string for an int)
+_WRONG_KIND = {"int_type", "float_type", "bool_type", "string_type"}
+
+
+def _fail(message: str) -> PydanticCustomError:
+    return PydanticCustomError("registry", "{message}", {"message": message})
+
+
+def _to_float(value: Any) -> Any:
+    """An int for a float field becomes a float; one beyond float range is refused. Only Python's
+    numbers are (pydantic would also take NumPy's, ``np.bool_`` as 1.0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PydanticKnownError("float_type")
+    try:
+        return float(value)
+    except OverflowError:
+        raise _fail(f"expected a finite number, got {value!r}") from None
+
+
+def _to_int(value: Any) -> Any:
+    """A float with an integral value (3.0, as YAML may write it) for an int field becomes an int."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _to_sequence(kind: type, item: Any, length: int | None = None) -> Any:
+    """YAML gives lists where a tuple is annotated, and a scalar where a list is expected is a
+    one-element list (``sweep: 15``), checked as the element (an error names the key, not
+    ``[0]``). A fixed-length tuple checks its length here, to say so in one message."""
+    def convert(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            value = list(value)
+        elif item is not None:  # (raises the element's error as the field's)
+            value = [_adapter(item).validate_python(value)]
+        else:
+            value = [value]
+        if length is not None and len(value) != length:
+            raise _fail(f"expected {length} values, got {value!r}")
+        return kind(value)
+    return convert
+
+
+def _mapping(value: Any) -> Any:
+    """A bare ``dict`` annotation: any mapping, kept as given (keyword arguments for a factory)."""
+    if not isinstance(value, Mapping):
+        raise _fail(f"expected a mapping of keys to values, got {value!r}")
+    return value
+
+
+def _to_dict(value: Any) -> Any:
+    """Any mapping where a ``dict[K, V]`` is annotated (its keys and values are checked)."""
+    return dict(_mapping(value))
+
+
+def _literal(args: tuple[Any, ...]) -> Any:
+    """pydantic checks the value; the message lists the allowed ones. A bool is no int here either
+    (pydantic would read ``True`` as ``1`` for ``Literal[1, 3]``)."""
+    bool_allowed = any(isinstance(a, bool) for a in args)
+
+    def check(value: Any, handler: Any) -> Any:
+        if bool_allowed or not isinstance(value, bool):
+            try:
+                return handler(value)
+            except pydantic.ValidationError:
+                pass
+        raise _fail(f"{value!r} is not one of {list(args)}")
+    return check
+
+
+def _union(members: tuple[Any, ...], optional: bool) -> Any:
+    """The first member that accepts the value (left to right). Otherwise, when every member is a
+    plain type or a Literal, one message naming them all ("expected an integer or 'auto'");
+    else the error of the first member of the value's kind (a sequence member for a list, as
+    ``low: ['a']`` is a list of numbers gone wrong, not a number gone wrong)."""
+
+    def check(value: Any) -> Any:
+        if value is None and optional:
+            return None
+        errors = []
+        for member in members:
+            try:
+                return _adapter(member).validate_python(value)
+            except pydantic.ValidationError as exc:
+                errors.append(exc)
+        names = [_describe(m) for m in members]
+        if len(members) > 1 and all(names) and all(_wrong_kind(m, exc) for m, exc in zip(members, errors)):
+            if typing.get_origin(members[0]) is typing.Literal:  # "'x' is not one of [...]" first
+                first = errors[0].errors()[0]["ctx"]["message"]
+                raise _fail(f"{first} and not " + " or ".join(names[1:]))
+            raise _fail(f"expected {' or '.join(names)}, got {value!r}")
+        is_seq = isinstance(value, (list, tuple))
+        for member, exc in zip(members, errors):
+            if (typing.get_origin(member) in (list, tuple)) == is_seq:
+                raise exc
+        raise errors[0]
+    return check
+
+
+def _wrong_kind(member: Any, exc: pydantic.ValidationError) -> bool:
+    """Whether ``member`` refused the value for its kind (a string for an int, a value not in a
+    Literal) rather than for something a message naming every member would hide (out of range)."""
+    error = exc.errors()[0]
+    if typing.get_origin(member) is typing.Literal:
+        return error["type"] == "registry"  # _literal's "is not one of"
+    return not error["loc"] and error["type"] in _WRONG_KIND
+
+
+def _describe(annotation: Any) -> str | None:
+    """"an integer", "'auto'", "one of ['a', 'b']"; None for other types."""
+    if typing.get_origin(annotation) is typing.Literal:
+        args = typing.get_args(annotation)
+        return repr(args[0]) if len(args) == 1 else f"one of {list(args)}"
+    return _NAMES.get(annotation)
+
+
+def _lenient(annotation: Any) -> Any:
+    """``annotation`` rewritten for pydantic with the accepted inputs (see above). Types this
+    registry does not know (tensors, modules, callables, ``Any``) are passed through unchecked:
+    the Python API may hand over objects no config file could."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        members = tuple(a for a in args if a is not type(None))
+        return Annotated[Any, pydantic.PlainValidator(_union(members, len(members) < len(args)))]
+    if origin is typing.Literal:  # (strict pydantic reads 3.0 as 3 for Literal[1, 3], as for an int)
+        return Annotated[annotation, pydantic.WrapValidator(_literal(args))]
+    if annotation in (list, tuple) or origin in (list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, int]
+            fixed: Any = tuple[tuple(_lenient(a) for a in args)]  # type: ignore[misc]
+            return Annotated[fixed, pydantic.BeforeValidator(_to_sequence(tuple, None, len(args)))]
+        item = args[0] if args else Any
+        if tuple in (annotation, origin):  # (strict pydantic takes no list for a tuple)
+            return Annotated[tuple[_lenient(item), ...], pydantic.BeforeValidator(_to_sequence(tuple, item))]
+        return Annotated[list[_lenient(item)], pydantic.BeforeValidator(_to_sequence(list, item))]
+    if annotation is dict:
+        return Annotated[Any, pydantic.BeforeValidator(_mapping)]
+    if origin is dict:
+        key, value = (_lenient(a) for a in args) if args else (Any, Any)
+        return Annotated[dict[key, value], pydantic.BeforeValidator(_to_dict)]  # type: ignore[valid-type]
+    if annotation is float:
+        return Annotated[float, pydantic.BeforeValidator(_to_float)]
+    if annotation is int:
+        return Annotated[int, pydantic.BeforeValidator(_to_int)]
+    if annotation in (bool, str, type(None)):
+        return annotation
+    return Any
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(annotation: Any) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(_lenient(annotation), config=_STRICT)
+
+
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Coerce YAML-ish values (lists, ints) into the annotated field type, or raise naming ``where``.
+    """``value`` validated against the annotated field type (and converted: see ``_lenient``), or
+    a ``RegistryError`` naming ``where`` -- and, inside a list or mapping, the element.
 
     NaN and +/-inf are refused whatever the annotation: no setting has a use for them, and a NaN
     compares unequal to itself, which would also defeat the resume check."""
     _check_finite(value, where)
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any or annotation is None:
+    if annotation is Any:
         return value
-    if origin is typing.Union or origin is types.UnionType:
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except RegistryError as exc:
-                errors.append(str(exc))
-        raise RegistryError(errors[0] if errors else f"{where}: invalid value {value!r}")
-    if origin is typing.Literal:
-        if value not in args:
-            raise RegistryError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise RegistryError(f"{where}: expected {len(args)} values, got {list(value)!r}")
-            return tuple(_coerce(v, a, where) for v, a in zip(value, args))
-        inner = args[0] if args else Any
-        return origin(_coerce(v, inner, where) for v in value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise RegistryError(f"{where}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise RegistryError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RegistryError(f"{where}: expected a number, got {value!r}")
-        try:
-            out = float(value)
-        except OverflowError:  # an integer beyond float range
-            raise RegistryError(f"{where}: expected a finite number, got {value!r}") from None
-        if not math.isfinite(out):
-            raise RegistryError(f"{where}: expected a finite number, got {value!r}")
-        return out
-    if annotation is str:
-        if not isinstance(value, str):
-            raise RegistryError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
+    try:
+        return _adapter(annotation).validate_python(value)
+    except pydantic.ValidationError as exc:
+        raise RegistryError(_message(exc.errors(include_url=False)[0], where)) from None
+
+
+def _message(error: Any, where: str) -> str:
+    """A pydantic error as ``<where>[.key][[index]]: <what was expected>, got <value>``."""
+    for part in error["loc"]:
+        where += f"[{part}]" if isinstance(part, int) else f".{part}"
+    if error["type"] == "registry":
+        return f"{where}: {error['ctx']['message']}"
+    expected = _MESSAGES.get(error["type"], error["msg"].replace("Input should be", "expected"))
+    return f"{where}: {expected}, got {error['input']!r}"
 
 
 def build_params(params_cls: type, values: dict[str, Any], where: str) -> Any:
