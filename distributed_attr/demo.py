@@ -283,20 +283,19 @@ def transformer_demo(cfg: dict[str, Any], out: Path) -> str:
 
 
 def _print_spectra(store: str) -> None:
-    """Mean radial spectrum summary per method: high-frequency fraction and log-log slope."""
-    import zarr
+    """Mean radial spectrum summary per method: the mean of the images' high-frequency fractions,
+    and the log-log slope of the mean spectrum (as the aggregation computes it)."""
+    from .aggregate.spectra import loglog_slope
+    from .io.store import AttributionStore, Keys
 
-    from .io.store import Keys
-
-    g = zarr.open_group(store, mode="r")
-    ok = g["ok"][:]
-    freqs = g[Keys.FREQUENCY][:]
-    keep = freqs > 0
+    st = AttributionStore.open(store, "r")
+    usable = st.usable()
+    freqs = st.group[Keys.FREQUENCY][:]
     rows = []
-    for m in g.attrs["methods"]:
-        hf = g[Keys.hf_fraction(m)][:, 0][ok]
-        power = np.nanmean(g[Keys.spectra(m)][:, 0, :][ok], axis=0)
-        slope = np.polyfit(np.log(freqs[keep]), np.log(np.maximum(power[keep], 1e-30)), 1)[0]
+    for m in st.attrs["methods"]:
+        hf = st.group[Keys.hf_fraction(m)][:, 0][usable]
+        power = np.nanmean(st.group[Keys.spectra(m)][:, 0, :][usable], axis=0)
+        slope = float(loglog_slope(freqs, power)[0])
         rows.append((float(np.nanmean(hf)), m, slope))
     print("      mean radial spectra (unfiltered): high-frequency fraction (> 0.25 cycles/px), log-log slope")
     for hf, m, slope in sorted(rows, reverse=True):
@@ -324,19 +323,19 @@ def write_example_grid(store: str, path: Path | None = None, n: int = 6) -> Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import zarr
 
     from .config import Config
     from .io.sources import decode_image, open_source
-    from .io.store import Keys, outputs_dir
+    from .io.store import AttributionStore, Keys, outputs_dir
 
     path = path or outputs_dir(store) / "examples.png"
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    g = zarr.open_group(store, mode="r")
-    cfg = Config.from_dict(g.attrs["config"])
-    methods = list(g.attrs["methods"])
-    idx = np.flatnonzero(g["ok"][:])[:n]
+    st = AttributionStore.open(store, "r")
+    g = st.group
+    cfg = Config.from_dict(st.attrs["config"])
+    methods = list(st.attrs["methods"])
+    idx = np.flatnonzero(st.usable())[:n]
     src = open_source(cfg.data)
     fig, axes = plt.subplots(len(idx), len(methods) + 1, figsize=(1.3 * (len(methods) + 1), 1.3 * len(idx)),
                              squeeze=False)

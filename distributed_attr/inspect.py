@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 
 from .io.lease import StoreLease, lease_info
-from .io.store import AttributionStore, Keys, _walk_arrays
+from .io.store import AttributionStore, Keys, walk_arrays
 
 
 def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
@@ -26,7 +26,7 @@ def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
     done = store.done_units()
     seconds = store.group[Keys.UNITS_SECONDS][:]
     arrays = {}
-    for name, arr in sorted(_walk_arrays(store.group)):
+    for name, arr in sorted(walk_arrays(store.group)):
         arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype),
                         "dims": list(arr.metadata.dimension_names or [])}
     images_done = sum(store.unit_range(int(u))[1] - store.unit_range(int(u))[0] for u in done)

@@ -370,15 +370,10 @@ class UnitProcessor:
     def spectra(self, maps: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Radial spectra (N, cutoffs, F) and high-frequency fractions (N, cutoffs): the raw map at
         cutoff +inf, then the low-passed maps of the sweep, all from one batched FFT pass."""
-        from .spectral import cutoff_sweep_spectra, high_frequency_fraction_from_spectrum, radial_bin_counts
-        from .spectral import radial_spectrum
+        from .spectral import high_frequency_fraction_from_spectrum, radial_bin_counts, spectra_by_cutoff
 
         cfg = self.cfg
-        freqs, raw = radial_spectrum(maps)
-        parts = [raw[:, None]]
-        if len(self.cutoffs) > 1:
-            parts.append(cutoff_sweep_spectra(maps, self.cutoffs[1:], kind=cfg.filters.kind, order=cfg.filters.order)[1])
-        profile = torch.cat(parts, 1)
+        freqs, profile = spectra_by_cutoff(maps, self.cutoffs, kind=cfg.filters.kind, order=cfg.filters.order)
         counts = radial_bin_counts(maps.shape[-2], maps.shape[-1])
         hf = high_frequency_fraction_from_spectrum(freqs, profile, counts, cfg.spectra.hf_cutoff)
         return profile.cpu().numpy(), hf.cpu().numpy()

@@ -72,11 +72,10 @@ def make_plan(cfg: Config, n_images: int, attrs: dict[str, Any]) -> StorePlan:
     """The store's full layout, decided before any work starts."""
     metric_outputs = {}
     if cfg.metrics:
-        from .pipeline import build_metrics, metric_context
+        from .metrics.base import MetricContext
+        from .pipeline import build_metrics
 
-        names = list(cfg.evaluators)
-        placeholder = {n: None for n in names}  # outputs() only needs the evaluator names
-        mctx = metric_context(cfg, placeholder)  # type: ignore[arg-type]
+        mctx = MetricContext(budget=cfg.run.max_batch, evaluator_names=tuple(cfg.evaluators))
         for metric in build_metrics(cfg):
             outs = metric.outputs(mctx)
             coords = metric.coords(mctx) if hasattr(metric, "coords") else {}

@@ -83,7 +83,11 @@ class DigitsVGG(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-class _Block(nn.Module):
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and a shortcut (1x1 convolution when the shape
+    changes), as in torchvision's BasicBlock. Public because LRP's canonizer recognises it
+    (``methods.lrp.resolve_canonizer``)."""
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
@@ -108,9 +112,9 @@ class DigitsResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
-        self.layer1 = _Block(width, width, 1)
-        self.layer2 = _Block(width, 2 * width, 2)
-        self.layer3 = _Block(2 * width, 4 * width, 2)
+        self.layer1 = ResidualBlock(width, width, 1)
+        self.layer2 = ResidualBlock(width, 2 * width, 2)
+        self.layer3 = ResidualBlock(2 * width, 4 * width, 2)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * width, num_classes)
 

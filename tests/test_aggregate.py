@@ -208,11 +208,11 @@ def test_local_ray_gets_the_cpus_the_tasks_ask_for():
     was asked for, so the tasks asked for run side by side."""
     import os
 
-    from distributed_attr.aggregate.schedule import _local_cpus
+    from distributed_attr.aggregate.schedule import local_cpus
 
-    assert _local_cpus(1, 2) == max(os.cpu_count(), 2)
-    assert _local_cpus(8, 2) == max(os.cpu_count(), 16)
-    assert _local_cpus(None, 2) == os.cpu_count()
+    assert local_cpus(1, 2) == max(os.cpu_count(), 2)
+    assert local_cpus(8, 2) == max(os.cpu_count(), 16)
+    assert local_cpus(None, 2) == os.cpu_count()
 
 
 def test_class_maps_only_up_to_a_number_of_classes(store, tmp_path):

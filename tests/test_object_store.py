@@ -118,10 +118,10 @@ def test_the_job_reads_and_writes_s3_is_resumed_and_equals_the_local_job(s3, s3_
     assert got["summary"] == want["summary"] and got["images"] == want["images"] == 96
     assert got["shard_reader"].startswith("zarr (the store is on object storage")  # said, not silent
     assert want["shard_reader"].startswith("fast")
-    from distributed_attr.io.store import _walk_arrays
+    from distributed_attr.io.store import walk_arrays
 
     a, b = s3_group(url), zarr.open_group(str(local_reference), mode="r")
-    written = [(name, arr) for name, arr in _walk_arrays(b["aggregates"])]
+    written = [(name, arr) for name, arr in walk_arrays(b["aggregates"])]
     assert len(written) > 10
     for name, arr in written:
         np.testing.assert_array_equal(a[f"aggregates/{name}"][...], arr[...], err_msg=name)

@@ -23,25 +23,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..io.store import AttributionStore, StoreError, outputs_dir
-from .outputs import _plot, _write_store, _write_tables
+from .outputs import write_plots, write_aggregates_group, write_tables
 from .plan import (
     READ_BYTES,
     THREADS,
     PartialAggregate,
     ReadPlan,
-    _arrays_read,
-    _damaged_message,
+    arrays_read,
+    damaged_shard_message,
     _make_plan,
     _reader_note,
 )
 from .reader import aggregate_units
-from .schedule import _aggregate_on_ray, _local_cpus, plan_groups
+from .schedule import aggregate_on_ray, local_cpus, plan_groups
 from .spectra import hf_fraction_from_spectrum, loglog_slope
+from .results import Results, Scope, ScopeResult
 from .stats import Moments, MomentsResult
 
 __all__ = ["run_aggregation", "aggregate_units", "plan_groups", "PartialAggregate", "READ_BYTES"]
@@ -121,9 +121,9 @@ def run_aggregation(
     done = handle.done_units()
     # A missing shard reads as fill values (NaN maps, ok=False): refuse before averaging over it.
     # Damaged shards fail their checksum or codec while being read (below).
-    missing = handle.verify(decode=False, arrays=_arrays_read(plan))
+    missing = handle.verify(decode=False, arrays=arrays_read(plan))
     if missing:
-        raise StoreError(_damaged_message(store, missing))
+        raise StoreError(damaged_shard_message(store, missing))
     usable = handle.usable()
     expected_images = int(usable.sum())
     if plan.read_maps:
@@ -137,9 +137,9 @@ def run_aggregation(
     else:
         from ..ray_session import ray_session
 
-        with ray_session(address, num_cpus=_local_cpus(num_workers, plan.threads),
+        with ray_session(address, num_cpus=local_cpus(num_workers, plan.threads),
                          object_store_memory=100 * 1024 * 1024):
-            workers, partial = _aggregate_on_ray(plan, done, num_workers, units_per_task)
+            workers, partial = aggregate_on_ray(plan, done, num_workers, units_per_task)
     read_seconds = time.perf_counter() - t_read
     _check_counts(store, plan, partial, expected_images)
 
@@ -147,15 +147,15 @@ def run_aggregation(
     out = Path(out_dir) if out_dir else _default_out_dir(store)
     out.mkdir(parents=True, exist_ok=True)
     t_write = time.perf_counter()
-    _write_store(store, plan, results, done)
-    tables = _write_tables(out, plan, results)
-    figures = _plot(out, plan, results) if plots and results else []
+    write_aggregates_group(store, plan, results, done)
+    tables = write_tables(out, plan, results)
+    figures = write_plots(out, plan, results) if plots and results else []
     write_seconds = time.perf_counter() - t_write
     headline = {
         m: {
-            "n_images": int(r["all"]["n"]),
-            "slope_unfiltered": _round(r["all"]["slope"][0]),
-            "hf_fraction_unfiltered": _round(r["all"]["hf_fraction"][0]),
+            "n_images": r["all"].n,
+            "slope_unfiltered": _round(r["all"].slope[0]),
+            "hf_fraction_unfiltered": _round(r["all"].hf_fraction[0]),
         }
         for m, r in results.items()
     }
@@ -187,33 +187,31 @@ def _round(v: float) -> float | None:
     return None if not np.isfinite(v) else round(float(v), 6)
 
 
-def _scope_results(plan: ReadPlan, states: dict[str, Moments]) -> dict[str, Any]:
+def _scope_result(plan: ReadPlan, states: dict[str, Moments]) -> ScopeResult:
     """Everything derived for one scope (all images, or one class) of one method."""
     freqs = np.asarray(plan.frequencies)
     spec: MomentsResult = states["spectrum"].compute()
     slope, intercept = loglog_slope(freqs, spec.mean)
-    out = {
-        "n": int(spec.count.max()) if spec.count.size else 0,
-        "spectrum": spec,
-        "slope": slope,
-        "intercept": intercept,
-        "hf_fraction": hf_fraction_from_spectrum(freqs, spec.mean, np.asarray(plan.counts), plan.hf_cutoff),
-    }
-    for q in ("image_slope", "image_hf_fraction", "stored_hf_fraction", "map"):
-        if q in states:
-            out[q] = states[q].compute()
-    return out
+    optional = {q: states[q].compute() for q in (*ScopeResult.PER_IMAGE, "map") if q in states}
+    return ScopeResult(
+        n=int(spec.count.max()) if spec.count.size else 0,
+        spectrum=spec,
+        slope=slope,
+        intercept=intercept,
+        hf_fraction=hf_fraction_from_spectrum(freqs, spec.mean, np.asarray(plan.counts), plan.hf_cutoff),
+        **optional,
+    )
 
 
-def _finalise(plan: ReadPlan, partial: PartialAggregate) -> dict[str, dict[Any, dict[str, Any]]]:
-    results: dict[str, dict[Any, dict[str, Any]]] = {}
+def _finalise(plan: ReadPlan, partial: PartialAggregate) -> Results:
+    results: Results = {}
     for m in plan.methods:
         per_q = partial.stats.get(m) or {}
         if "spectrum" not in per_q:
             continue
-        scopes: dict[Any, dict[str, Any]] = {"all": _scope_results(plan, {q: g.total() for q, g in per_q.items()})}
+        scopes: dict[Scope, ScopeResult] = {"all": _scope_result(plan, {q: g.total() for q, g in per_q.items()})}
         groups = {q: g.groups for q, g in per_q.items()}  # built once: a property that copies
         for cls in per_q["spectrum"].keys():
-            scopes[int(cls)] = _scope_results(plan, {q: gq[cls] for q, gq in groups.items() if cls in gq})
+            scopes[int(cls)] = _scope_result(plan, {q: gq[cls] for q, gq in groups.items() if cls in gq})
         results[m] = scopes
     return results

@@ -9,9 +9,10 @@ import numpy as np
 
 from ..io.store import open_group
 from .plan import ReadPlan
+from .results import Results, ScopeResult
 
 
-def _write_store(store: str, plan: ReadPlan, results: dict, done: np.ndarray) -> None:
+def write_aggregates_group(store: str, plan: ReadPlan, results: Results, done: np.ndarray) -> None:
     """The ``aggregates/`` group, rewritten as a whole by the driver (the single writer)."""
     root = open_group(store, "r+", plan.storage_options)
     agg = root.create_group("aggregates", overwrite=True)
@@ -35,22 +36,22 @@ def _write_store(store: str, plan: ReadPlan, results: dict, done: np.ndarray) ->
 
             if not keys:
                 continue
-            put(g, f"{prefix}n_images", stack(lambda s: s["n"], np.int64), lead)
-            put(g, f"{prefix}spectrum_mean", stack(lambda s: s["spectrum"].mean), lead + ["cutoff", "frequency"])
-            put(g, f"{prefix}spectrum_std", stack(lambda s: s["spectrum"].std), lead + ["cutoff", "frequency"])
-            put(g, f"{prefix}spectrum_ci95", stack(lambda s: s["spectrum"].ci95), lead + ["cutoff", "frequency"],
+            put(g, f"{prefix}n_images", stack(lambda s: s.n, np.int64), lead)
+            put(g, f"{prefix}spectrum_mean", stack(lambda s: s.spectrum.mean), lead + ["cutoff", "frequency"])
+            put(g, f"{prefix}spectrum_std", stack(lambda s: s.spectrum.std), lead + ["cutoff", "frequency"])
+            put(g, f"{prefix}spectrum_ci95", stack(lambda s: s.spectrum.ci95), lead + ["cutoff", "frequency"],
                 meaning="half-width of the normal 95% CI of the mean: 1.96 std / sqrt(n)")
-            put(g, f"{prefix}slope", stack(lambda s: s["slope"]), lead + ["cutoff"],
+            put(g, f"{prefix}slope", stack(lambda s: s.slope), lead + ["cutoff"],
                 meaning="log-log slope of the mean spectrum (frequency > 0)")
-            put(g, f"{prefix}hf_fraction", stack(lambda s: s["hf_fraction"]), lead + ["cutoff"],
+            put(g, f"{prefix}hf_fraction", stack(lambda s: s.hf_fraction), lead + ["cutoff"],
                 meaning=f"non-DC energy above {plan.hf_cutoff} cycles/pixel in the mean spectrum")
-            for q in ("image_slope", "image_hf_fraction", "stored_hf_fraction"):
-                if all(q in scopes[k] for k in keys):
+            for q in ScopeResult.PER_IMAGE:
+                if all(getattr(scopes[k], q) is not None for k in keys):
                     for stat in ("mean", "std", "ci95"):
-                        put(g, f"{prefix}{q}_{stat}", stack(lambda s: getattr(s[q], stat)), lead + ["cutoff"])
-            if all("map" in scopes[k] for k in keys):
-                put(g, f"{prefix}map_mean", stack(lambda s: s["map"].mean, np.float32), lead + ["y", "x"])
-                put(g, f"{prefix}map_std", stack(lambda s: s["map"].std, np.float32), lead + ["y", "x"])
+                        put(g, f"{prefix}{q}_{stat}", stack(lambda s: getattr(getattr(s, q), stat)), lead + ["cutoff"])
+            if all(scopes[k].map is not None for k in keys):
+                put(g, f"{prefix}map_mean", stack(lambda s: s.map.mean, np.float32), lead + ["y", "x"])
+                put(g, f"{prefix}map_std", stack(lambda s: s.map.std, np.float32), lead + ["y", "x"])
     agg.attrs.update(
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         units_aggregated=int(done.size),
@@ -60,7 +61,7 @@ def _write_store(store: str, plan: ReadPlan, results: dict, done: np.ndarray) ->
     )
 
 
-def _write_tables(out: Path, plan: ReadPlan, results: dict) -> dict[str, str]:
+def write_tables(out: Path, plan: ReadPlan, results: Results) -> dict[str, str]:
     """``spectra.parquet`` (a row per method, scope, cutoff and frequency) and ``summary.parquet``
     (a row per method, scope and cutoff), built column-wise: with 1,000 classes that is ~0.7 M
     spectrum rows, which row-by-row Python would take seconds to assemble."""
@@ -72,8 +73,7 @@ def _write_tables(out: Path, plan: ReadPlan, results: dict) -> dict[str, str]:
     freqs = np.asarray(plan.frequencies, dtype=np.float64)
     n_cut, n_freq = cutoffs.size, freqs.size
     sigma224 = cutoffs * 224 / image_size
-    extra = [(q, stat) for q in ("image_slope", "image_hf_fraction", "stored_hf_fraction")
-             for stat in ("mean", "std", "ci95")]
+    extra = [(q, stat) for q in ScopeResult.PER_IMAGE for stat in ("mean", "std", "ci95")]
     spectra_cols: dict[str, list] = {}
     summary_cols: dict[str, list] = {}
 
@@ -83,7 +83,7 @@ def _write_tables(out: Path, plan: ReadPlan, results: dict) -> dict[str, str]:
     for m, scopes in results.items():
         for key, s in scopes.items():
             scope, cls = ("all", None) if key == "all" else ("class", int(key))
-            spec = s["spectrum"]
+            spec = s.spectrum
             rows = n_cut * n_freq
             for cols, k in ((spectra_cols, rows), (summary_cols, n_cut)):
                 add(cols, "method", np.full(k, m, dtype=object))
@@ -102,13 +102,14 @@ def _write_tables(out: Path, plan: ReadPlan, results: dict) -> dict[str, str]:
             add(spectra_cols, "n", spec.count.ravel().astype(np.int64))
             add(summary_cols, "cutoff", cutoffs)
             add(summary_cols, "sigma_at_224", sigma224)
-            add(summary_cols, "n", np.full(n_cut, int(s["n"]), dtype=np.int64))
+            add(summary_cols, "n", np.full(n_cut, s.n, dtype=np.int64))
             for col in ("slope", "intercept", "hf_fraction"):
-                add(summary_cols, col, np.asarray(s[col], dtype=np.float64))
+                add(summary_cols, col, np.asarray(getattr(s, col), dtype=np.float64))
             for q, stat in extra:
-                present = q in s
+                moments = getattr(s, q)
+                present = moments is not None
                 add(summary_cols, f"{q}_{stat}",
-                    np.asarray(getattr(s[q], stat), dtype=np.float64) if present else np.full(n_cut, np.nan),
+                    np.asarray(getattr(moments, stat), dtype=np.float64) if present else np.full(n_cut, np.nan),
                     None if present else np.ones(n_cut, dtype=bool))
 
     def table(cols: dict) -> "pa.Table":
@@ -132,7 +133,7 @@ def _positive_band(mean: np.ndarray, ci: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.maximum(mean - ci, floor), mean + ci
 
 
-def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
+def write_plots(out: Path, plan: ReadPlan, results: Results) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,10 +149,10 @@ def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
     styles = ("-", "--", ":", "-.")
     for i, (m, scopes) in enumerate(results.items()):
         s = scopes["all"]
-        mean, ci = s["spectrum"].mean[0], s["spectrum"].ci95[0]
+        mean, ci = s.spectrum.mean[0], s.spectrum.ci95[0]
         lo, hi = _positive_band(mean[pos], ci[pos])
         line, = ax.loglog(freqs[pos], mean[pos], color=palette[(2 * i) % 20 + (i // 10) % 2],
-                          linestyle=styles[(i // 20) % 4], label=f"{m} (slope {s['slope'][0]:.2f}, n={s['n']})")
+                          linestyle=styles[(i // 20) % 4], label=f"{m} (slope {s.slope[0]:.2f}, n={s.n})")
         ax.fill_between(freqs[pos], lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.axvline(plan.hf_cutoff, color="0.5", linestyle=":", linewidth=1)
@@ -175,9 +176,9 @@ def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
     finite = [k for k, c in enumerate(plan.cutoffs) if not math.isinf(c)]
     for ax, m in zip(axes.ravel(), methods):
         s = results[m]["all"]
-        top = np.nanmax(s["spectrum"].mean[:, pos]) if np.any(pos) else 1.0
+        top = np.nanmax(s.spectrum.mean[:, pos]) if np.any(pos) else 1.0
         for k, c in enumerate(plan.cutoffs):
-            mean = s["spectrum"].mean[k]
+            mean = s.spectrum.mean[k]
             label = "unfiltered" if math.isinf(c) else f"σ={c:.3g} (≙{c * 224 / image_size:.0f} @224)"
             color = "black" if math.isinf(c) else cmap(k / max(1, len(plan.cutoffs) - 1))
             ok = pos & (mean > 0)
@@ -194,9 +195,9 @@ def _plot(out: Path, plan: ReadPlan, results: dict) -> list[str]:
     for i, m in enumerate(methods):
         s = results[m]["all"]
         color = palette[(2 * i) % 20 + (i // 10) % 2]
-        ax.semilogx(sig, s["hf_fraction"][finite], marker="o", markersize=3, label=m, color=color,
+        ax.semilogx(sig, s.hf_fraction[finite], marker="o", markersize=3, label=m, color=color,
                     linestyle=styles[(i // 20) % 4])
-        ax.axhline(s["hf_fraction"][0], linestyle=":", linewidth=0.8, color=color)
+        ax.axhline(s.hf_fraction[0], linestyle=":", linewidth=0.8, color=color)
     if len(sig):
         ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(np.unique(sig)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FixedFormatter([f"{v:.4g}" for v in np.unique(sig)]))

@@ -89,7 +89,7 @@ def _reader_note(store: str, plan: ReadPlan) -> str:
     return "fast (whole local shards, decompressed into reused buffers)"
 
 
-def _arrays_read(plan: ReadPlan) -> list[str]:
+def arrays_read(plan: ReadPlan) -> list[str]:
     """Every array the job reads, in one place for the readers and the integrity checks."""
     names = ["ok", "target"]
     for m in plan.methods:
@@ -102,7 +102,7 @@ def _arrays_read(plan: ReadPlan) -> list[str]:
     return names
 
 
-def _damaged_message(store: str, bad: dict[int, str], units_word: str = "unit(s)") -> str:
+def damaged_shard_message(store: str, bad: dict[int, str], units_word: str = "unit(s)") -> str:
     return damaged_message(store, bad, units_word, outcome="; no aggregate was written")
 
 

@@ -11,8 +11,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..io.store import Keys, StoreError, open_group
-from .plan import PartialAggregate, ReadPlan, _arrays_read, _damaged_message
-from .spectra import _spectra_from_maps, hf_fraction_from_spectrum, loglog_slope
+from .plan import PartialAggregate, ReadPlan, arrays_read, damaged_shard_message
+from .spectra import spectra_from_maps, hf_fraction_from_spectrum, loglog_slope
 from .stats import GroupedMoments
 
 
@@ -99,7 +99,7 @@ def _reduce_method(plan: ReadPlan, stats: dict[str, GroupedMoments], method: str
     if Keys.spectra(method) in got:
         spectra = got[Keys.spectra(method)][keep].astype(np.float64)
     else:
-        spectra = _spectra_from_maps(maps, plan).astype(np.float64)
+        spectra = spectra_from_maps(maps, plan).astype(np.float64)
     stats.setdefault("spectrum", GroupedMoments()).update(spectra, keys, skip_nan=True)
     slope, _ = loglog_slope(freqs, spectra)
     stats.setdefault("image_slope", GroupedMoments()).update(slope, keys, skip_nan=True)
@@ -117,7 +117,7 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
     fill block i+1 (file reads and zstd release the GIL), this thread reduces block i."""
     t0 = time.perf_counter()
     root = open_group(plan.store, "r", plan.storage_options)
-    arrays: dict[str, Any] = {name: root[name] for name in _arrays_read(plan)}
+    arrays: dict[str, Any] = {name: root[name] for name in arrays_read(plan)}
     per_unit = plan.unit_size * sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in arrays.values())
     # blocks of about read_bytes, never more than a quarter of this task's units (so that reading
     # the next block overlaps with reducing this one for most of the task)
@@ -141,7 +141,7 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
                 try:
                     got[name] = f.result()
                 except Exception as exc:  # a checksum or codec error: a damaged shard
-                    raise StoreError(_damaged_message(plan.store, {u: f"{name}: unreadable ({type(exc).__name__}: "
+                    raise StoreError(damaged_shard_message(plan.store, {u: f"{name}: unreadable ({type(exc).__name__}: "
                                                                       f"{exc})"[:300] for u in range(u0, u1 + 1)},
                                                       units_word="among units")) from None
             pending = reader.submit(blocks[i + 1], (i + 1) % 2) if i + 1 < len(blocks) else None

@@ -19,7 +19,7 @@ def plan_groups(units: Iterable[int], n_groups: int) -> list[list[int]]:
     return [units[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _local_cpus(num_workers: int | None, threads: int = 1) -> int:
+def local_cpus(num_workers: int | None, threads: int = 1) -> int:
     """CPUs for a local Ray started by the job: this machine's, or more when ``num_workers`` tasks
     of ``threads`` CPUs were asked for, so that they run side by side as asked (oversubscribing
     the cores)."""
@@ -51,7 +51,7 @@ def _run_tasks(plan: ReadPlan, groups: list[list[int]], num_workers: int) -> Par
     return total
 
 
-def _aggregate_on_ray(plan: ReadPlan, done: np.ndarray, num_workers: int | None,
+def aggregate_on_ray(plan: ReadPlan, done: np.ndarray, num_workers: int | None,
                       units_per_task: int) -> tuple[int, PartialAggregate]:
     """Reader tasks over the done units on the Ray cluster this process is connected to."""
     import ray

@@ -45,36 +45,22 @@ def loglog_slope(freqs: np.ndarray, power: np.ndarray) -> tuple[np.ndarray, np.n
 def hf_fraction_from_spectrum(
     freqs: np.ndarray, power: np.ndarray, counts: np.ndarray, cutoff: float
 ) -> np.ndarray:
-    """Energy above ``cutoff`` cycles/pixel over non-DC energy, along the last axis (the NumPy
-    twin of ``spectral.high_frequency_fraction_from_spectrum``); 0 where the non-DC energy is
-    at most ``NUMERICAL_FLOOR`` x the total (a constant map, up to rounding), NaN where the
-    spectrum is NaN."""
-    f = np.asarray(freqs, dtype=np.float64)
-    p = np.asarray(power, dtype=np.float64)
-    c = np.asarray(counts, dtype=np.float64)
-    # energies as three dot products with the bin counts (no (n, K, F) temporaries)
-    high = p @ (c * ((f > cutoff) & (f > 0)))
-    total = p @ (c * (f > 0))
-    everything = p @ c
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(total <= NUMERICAL_FLOOR * everything, 0.0, high / total)
+    """``spectral.high_frequency_fraction_from_spectrum`` on NumPy arrays, in float64 (no copy:
+    the tensors share the arrays' memory)."""
+    import torch
+
+    from ..spectral import high_frequency_fraction_from_spectrum
+
+    f, p, c = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)) for a in (freqs, power, counts))
+    return high_frequency_fraction_from_spectrum(f, p, c, float(cutoff)).numpy()
 
 
-def _spectra_from_maps(maps: np.ndarray, plan: ReadPlan) -> np.ndarray:
+def spectra_from_maps(maps: np.ndarray, plan: ReadPlan) -> np.ndarray:
     """(n, K, F) spectra computed from maps when the store has none (same recipe as the
     workers: unfiltered = the raw map, then the sweep with the config's filter)."""
     import torch
 
-    from ..spectral import cutoff_sweep_spectra, radial_spectrum
+    from ..spectral import spectra_by_cutoff
 
     x = torch.from_numpy(np.asarray(maps, dtype=np.float32))
-    out = np.empty((x.shape[0], len(plan.cutoffs), len(plan.frequencies)), dtype=np.float32)
-    finite = [k for k, c in enumerate(plan.cutoffs) if not math.isinf(c)]
-    for k, c in enumerate(plan.cutoffs):
-        if math.isinf(c):
-            out[:, k] = radial_spectrum(x)[1].numpy()
-    if finite:
-        _, sweep = cutoff_sweep_spectra(x, [plan.cutoffs[k] for k in finite], kind=plan.filter_kind,
-                                        order=plan.filter_order)
-        out[:, finite] = sweep.numpy()
-    return out
+    return spectra_by_cutoff(x, plan.cutoffs, kind=plan.filter_kind, order=plan.filter_order)[1].numpy()

@@ -312,7 +312,7 @@ class AttributionStore:
 
     def per_image_arrays(self) -> list[str]:
         """Paths of every array with one block per unit (first dimension ``image``)."""
-        return [name for name, arr in _walk_arrays(self.group) if (arr.metadata.dimension_names or ("",))[0] == "image"]
+        return [name for name, arr in walk_arrays(self.group) if (arr.metadata.dimension_names or ("",))[0] == "image"]
 
     def verify(self, *, decode: bool = True, arrays: Iterable[str] | None = None,
                units: Iterable[int] | None = None) -> dict[int, str]:
@@ -567,7 +567,7 @@ def _clear_remote(url: str, entries: list[str], storage_options: dict[str, Any] 
     return kept
 
 
-def _walk_arrays(group: zarr.Group, prefix: str = "") -> Iterable[tuple[str, Any]]:
+def walk_arrays(group: zarr.Group, prefix: str = "") -> Iterable[tuple[str, Any]]:
     for name, member in group.members():
         if not prefix and name == LEASE_NAME:
             continue
@@ -575,7 +575,7 @@ def _walk_arrays(group: zarr.Group, prefix: str = "") -> Iterable[tuple[str, Any
         if isinstance(member, zarr.Array):
             yield path, member
         else:
-            yield from _walk_arrays(member, path + "/")
+            yield from walk_arrays(member, path + "/")
 
 
 def _stored_chunk_keys(arr: Any) -> set[str]:

@@ -61,7 +61,7 @@ COST = {"epsilon_plus_flat": 3.0, "epsilon_gamma_box": 6.0, "alpha_beta": 5.0}
 
 
 def _digits_block_forward(self, x: Tensor) -> Tensor:
-    """``zoo._Block.forward`` with the residual addition done by a ``Sum`` module (zennit's Norm
+    """``zoo.ResidualBlock.forward`` with the residual addition done by a ``Sum`` module (zennit's Norm
     rule splits the relevance between the branches in proportion to their contributions; a
     plain ``+`` would hand both branches the whole relevance)."""
     out = F.relu(self.bn1(self.conv1(x)))
@@ -73,9 +73,9 @@ def _digits_block_forward(self, x: Tensor) -> Tensor:
 def _digits_block_attributes(name: str, module: nn.Module) -> dict[str, Any] | None:
     from zennit.layer import Sum
 
-    from ..zoo import _Block
+    from ..zoo import ResidualBlock
 
-    if isinstance(module, _Block):
+    if isinstance(module, ResidualBlock):
         return {"forward": _digits_block_forward.__get__(module), "canonizer_sum": Sum()}
     return None
 
@@ -90,12 +90,12 @@ def resolve_canonizer(model: nn.Module, canonizer: str = "auto") -> str:
     from torchvision.models import VGG
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    from ..zoo import _Block
+    from ..zoo import ResidualBlock
 
     kinds = {type(m) for m in model.modules()}
     if any(issubclass(k, (BasicBlock, Bottleneck)) for k in kinds):
         return "resnet"
-    if any(issubclass(k, _Block) for k in kinds):
+    if any(issubclass(k, ResidualBlock) for k in kinds):
         return "digits_resnet"
     if isinstance(model, VGG):
         return "vgg"

@@ -44,6 +44,9 @@ class MetricContext(BatchContext):
 
     #: other models trained on the same data (name -> model), for feature detection
     evaluators: dict[str, nn.Module] = field(default_factory=dict)
+    #: the evaluators' names (default: the keys of ``evaluators``). ``outputs`` and ``coords``
+    #: read only these, so the driver lays out the store from names without loading any model
+    evaluator_names: tuple[str, ...] | None = None
     #: per-channel mean of the dataset (C,), in the model's input space, for the "mean" baseline
     dataset_mean: Tensor | None = None
     #: the batch's ground-truth masks (N, H, W), bool, when the data has them
@@ -52,6 +55,11 @@ class MetricContext(BatchContext):
     #: per method. Call it through ``explain_rows``, which passes the rows' image indices to an
     #: explain that takes them
     explain: Callable[..., Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.evaluator_names is None:
+            object.__setattr__(self, "evaluator_names", tuple(self.evaluators))
 
 
 def explain_rows(ctx: MetricContext, x: Tensor, target: Tensor, indices: Tensor) -> Tensor:

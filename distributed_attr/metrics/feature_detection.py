@@ -55,7 +55,7 @@ class FeatureDetection(Metric):
             check_baseline(self.baseline)
 
     def evaluator_names(self, ctx: MetricContext) -> list[str]:
-        return ["self", *[name for name in ctx.evaluators if name != "self"]]
+        return ["self", *[name for name in ctx.evaluator_names or () if name != "self"]]
 
     def outputs(self, ctx: MetricContext):
         dims = ("evaluator", "keep")

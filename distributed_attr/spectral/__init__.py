@@ -14,6 +14,7 @@ from .filters import (
     cutoff_sweep_spectra,
     low_pass,
     scaled_cutoffs,
+    spectra_by_cutoff,
     transfer_function,
 )
 from .radial import (
@@ -42,5 +43,6 @@ __all__ = [
     "radial_frequencies",
     "radial_spectrum",
     "scaled_cutoffs",
+    "spectra_by_cutoff",
     "transfer_function",
 ]

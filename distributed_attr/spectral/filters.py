@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .radial import as_maps, half_plane_power, power_to_profile, radial_frequencies, signed_index
+from .radial import as_maps, half_plane_power, power_to_profile, radial_frequencies, radial_spectrum, signed_index
 
 __all__ = [
     "REFERENCE_SWEEP",
@@ -254,3 +254,22 @@ def cutoff_sweep_spectra(
             filtered = _forgrad_apply(coef, masks[sl], supports[sl], width)
             out[:, finite[sl]] = power_to_profile(half_plane_power(filtered), height, width)
     return freqs, out
+
+
+def spectra_by_cutoff(
+    maps: Tensor, cutoffs: Sequence[float], kind: str = "forgrad", order: int = 2
+) -> tuple[Tensor, Tensor]:
+    """The spectra the store holds for a batch of maps: (frequencies (F,), spectra (N, K, F)),
+    where a cutoff of +inf gives the spectrum of the map as it is (no filter, and, unlike
+    ``cutoff_sweep_spectra`` for FORGrad, no absolute value) and every finite cutoff that of
+    ``low_pass(maps, c, kind)``. The attribution workers write these; the aggregation recomputes
+    them the same way for a store written without spectra."""
+    x = as_maps(maps, allow_channels=True)
+    freqs, raw = radial_spectrum(x)
+    out = torch.empty((x.shape[0], len(cutoffs), freqs.numel()), dtype=raw.dtype, device=raw.device)
+    finite = [k for k, c in enumerate(cutoffs) if not math.isinf(c)]
+    out[:, [k for k in range(len(cutoffs)) if k not in finite]] = raw[:, None]
+    if finite:
+        out[:, finite] = cutoff_sweep_spectra(x, [cutoffs[k] for k in finite], kind=kind, order=order)[1]
+    return freqs, out
+

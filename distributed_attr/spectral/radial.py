@@ -163,10 +163,11 @@ def high_frequency_fraction_from_spectrum(
     float rounding (e.g. low-passed below the first ring) and gives 0; a NaN profile gives NaN."""
     counts = torch.as_tensor(counts, dtype=profile.dtype, device=profile.device)
     freqs = torch.as_tensor(freqs, device=profile.device)
-    energy = profile * counts
-    high = energy[..., (freqs > cutoff) & (freqs > 0)].sum(-1)
-    total = energy[..., freqs > 0].sum(-1)
-    constant = total <= NUMERICAL_FLOOR * energy.sum(-1)
+    # energies as three dot products with the bin counts: no (..., F) temporaries, which matters
+    # when the aggregation calls this on (images, cutoffs, F) float64 spectra
+    high = profile @ (counts * ((freqs > cutoff) & (freqs > 0)))
+    total = profile @ (counts * (freqs > 0))
+    constant = total <= NUMERICAL_FLOOR * (profile @ counts)
     return torch.where(constant, torch.zeros_like(total), high / total)
 
 
