@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .registry import RegistryError, build_params
+from .registry import FieldError, RegistryError, build_params
 
 
 class ConfigError(ValueError):
@@ -31,8 +31,9 @@ def _speed(default: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    #: parquet (Hugging Face datasets layout), folder (one subfolder per class), webdataset (.tar), numpy (.npy)
-    format: Literal["parquet", "folder", "webdataset", "numpy"] = "parquet"
+    #: parquet (Hugging Face datasets layout), folder (one subfolder per class), webdataset (.tar),
+    #: numpy (.npy), or the name of a source another installed package registers (``io.sources``)
+    format: str = "parquet"
     #: a file, a directory, or a glob
     path: str = ""
     #: images are resized (shorter side) and centre-cropped to image_size x image_size
@@ -56,6 +57,10 @@ class DataConfig:
     max_pixels: int = 64_000_000
 
     def validate(self) -> None:
+        from .io.sources import SOURCES  # (the sources import torch: not before a config is read)
+
+        if self.format not in SOURCES:
+            raise FieldError("format", f"{self.format!r} is not one of {SOURCES.names()}")
         if not self.path:
             raise ValueError("path is required")
         if self.image_size < 8:

@@ -24,6 +24,15 @@ class RegistryError(ValueError):
     """An unknown name or parameter; the message lists the valid ones."""
 
 
+class FieldError(ValueError):
+    """Raised by a ``Params.validate`` about one field: the message is given that field's key
+    (``data.format: ...``) rather than the section's."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 def _check_finite(value: Any, where: str) -> None:
     """Refuse NaN and +/-inf anywhere in ``value`` (numbers, list elements, mapping values)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -245,6 +254,8 @@ def build_params(params_cls: type, values: dict[str, Any], where: str) -> Any:
     if check is not None:
         try:
             check()
+        except FieldError as exc:
+            raise RegistryError(f"{where}.{exc.field}: {exc}") from None
         except ValueError as exc:
             raise RegistryError(f"{where}: {exc}") from None
     return obj
@@ -314,13 +325,24 @@ class Configurable:
     def __init__(self, **params: Any):
         self.params = build_params(self.Params, params, where=f"{self.section}.{self.name}")
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dataclasses.asdict(self.params)})"
+
 
 class Registry(Generic[T]):
-    """Name -> class. ``kind`` ("method", "metric") appears in error messages."""
+    """Name -> class. ``kind`` ("method", "metric", "data format") appears in error messages.
 
-    def __init__(self, kind: str):
+    Classes join by ``register`` (a class decorator) when their module is imported: the built-in
+    ones because their package imports all its modules (``import_modules``), those of other
+    installed packages through the entry-point group ``group`` (``load_plugins``)."""
+
+    def __init__(self, kind: str, group: str | None = None):
         self.kind = kind
+        #: the entry-point group other packages declare their modules under
+        self.group = group
         self._items: dict[str, type[T]] = {}
+        #: entry point -> why its module did not import (said when a name is not found)
+        self.plugin_errors: dict[str, str] = {}
 
     def register(self, cls: type[T]) -> type[T]:
         name = getattr(cls, "name")
@@ -333,9 +355,32 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
+            broken = "".join(f"; plugin {ep!r} did not load: {why}" for ep, why in self.plugin_errors.items())
             raise RegistryError(
-                f"unknown {self.kind} {name!r}; valid {self.kind}s: {sorted(self._items)}"
+                f"unknown {self.kind} {name!r}; valid {self.kind}s: {sorted(self._items)}{broken}"
             ) from None
+
+    def load_plugins(self) -> list[str]:
+        """Import the modules that installed packages declare under the entry-point group
+        (``[project.entry-points."distributed_attr.methods"] grid = "mypkg.grid"``), so that their
+        ``register`` decorators run; returns the entry points loaded. One that fails to import
+        is recorded, with its error, in ``plugin_errors`` (and named when a name is not found)
+        instead of breaking every other method: an unrelated broken plugin must not stop a job."""
+        if self.group is None:
+            return []
+        from importlib.metadata import entry_points
+
+        loaded = []
+        for ep in entry_points(group=self.group):
+            key = f"{ep.name} = {ep.value}"
+            try:
+                ep.load()
+            except Exception as exc:  # any error of foreign code: recorded and reported, not raised
+                self.plugin_errors[key] = f"{type(exc).__name__}: {exc}"
+                continue
+            self.plugin_errors.pop(key, None)
+            loaded.append(key)
+        return loaded
 
     def names(self) -> list[str]:
         return sorted(self._items)
@@ -345,3 +390,13 @@ class Registry(Generic[T]):
 
     def __iter__(self):
         return iter(sorted(self._items))
+
+
+def import_modules(package: str, path: typing.Iterable[str]) -> None:
+    """Import every module of a package, so that the classes they define register themselves:
+    adding a built-in method or metric is adding its file."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(path), key=lambda i: i.name):
+        importlib.import_module(f"{package}.{info.name}")

@@ -16,7 +16,7 @@ def test_unknown_section_names_it_and_lists_valid():
 
 
 def test_bad_enum_value_names_key_and_allowed_values():
-    with pytest.raises(ConfigError, match=r"data\.format: 'parq' is not one of \['parquet', 'folder', 'webdataset', 'numpy'\]"):
+    with pytest.raises(ConfigError, match=r"data\.format: 'parq' is not one of \['folder', 'numpy', 'parquet', 'webdataset'\]"):
         Config.from_dict(cfg(data={"path": "x", "format": "parq"}))
 
 

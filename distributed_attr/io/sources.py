@@ -18,7 +18,7 @@ import posixpath
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .storage import describe_error, filesystem, is_remote, local_path, scheme
 
 from ..config import DataConfig
+from ..registry import Registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -154,7 +155,11 @@ class Files:
 
 
 class Source:
-    """Base class: ``len`` images, readable by index range."""
+    """Base class: ``len`` images, readable by index range. A subclass decorated with
+    ``register_source`` is read for ``data.format: <name>``."""
+
+    #: the ``data.format`` that selects this source
+    name: ClassVar[str]
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -207,6 +212,16 @@ class Source:
         if len(listing) <= MAX_LISTED:
             out["listing"] = listing
         return out
+
+
+#: data.format -> source class: the built-in ones below, and those other installed packages declare
+#: under the entry-point group ``distributed_attr.sources`` (docs/contributing.md)
+SOURCES: Registry[Source] = Registry("data format", group="distributed_attr.sources")
+
+
+def register_source(cls: type[Source]) -> type[Source]:
+    """Class decorator: the source is read for ``data.format: <cls.name>``."""
+    return SOURCES.register(cls)
 
 
 #: fingerprints list their files up to this many (an image folder of 1.28 M files keeps the hash)
@@ -278,9 +293,12 @@ class _OffsetSource(Source):
         return self.io.relpath(self.files[f], self.root)
 
 
+@register_source
 class ParquetSource(_OffsetSource):
     """Parquet shards in the Hugging Face ``datasets`` layout: an image column holding a struct
     ``{bytes, path}`` (or raw bytes) and an integer label column (optional)."""
+
+    name: ClassVar[str] = "parquet"
 
     _PLANNED = ("has_label",)
 
@@ -366,9 +384,12 @@ class ParquetSource(_OffsetSource):
         return np.concatenate([np.where(np.equal(c, None), -1, c).astype(np.int64) for c in cols])
 
 
+@register_source
 class FolderSource(_OffsetSource):
     """An image folder: one subfolder per class (labels = sorted subfolder order), or a flat folder
     (labels -1). Files sorted by path."""
+
+    name: ClassVar[str] = "folder"
 
     def __init__(self, cfg: DataConfig, storage_options: dict[str, Any] | None = None):
         self.io = Files(cfg.path, storage_options)
@@ -414,9 +435,12 @@ def _wds_key(member_name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
+@register_source
 class WebDatasetSource(_OffsetSource):
     """WebDataset ``.tar`` shards: files grouped into samples by key; the image is the first
     member with an image extension, the label a ``cls``/``label``/``cls.txt`` member."""
+
+    name: ClassVar[str] = "webdataset"
 
     def __init__(self, cfg: DataConfig, storage_options: dict[str, Any] | None = None):
         self.io = Files(cfg.path, storage_options)
@@ -462,10 +486,13 @@ class WebDatasetSource(_OffsetSource):
                 yield Record(self.offsets[f] + lo + i, payload, label, f"{self.files[f]}:{key}", f"{self.relname(f)}:{key}")
 
 
+@register_source
 class NumpySource(Source):
     """A ``.npy`` array of images (N, H, W), (N, H, W, C) or (N, C, H, W); uint8 (0..255) or float
     (0..1). Memory-mapped: a worker reads only its rows. ``labels_path``: a ``.npy`` of N integer
     labels. Never unpickles anything: an object array is refused."""
+
+    name: ClassVar[str] = "numpy"
 
     def __init__(self, cfg: DataConfig, storage_options: dict[str, Any] | None = None):
         self.cfg = cfg
@@ -544,7 +571,7 @@ class NumpySource(Source):
         return None if self.labels is None else np.asarray(self.labels, dtype=np.int64)
 
 
-SOURCES = {"parquet": ParquetSource, "folder": FolderSource, "webdataset": WebDatasetSource, "numpy": NumpySource}
+SOURCES.load_plugins()
 
 
 def open_source(cfg: DataConfig, storage_options: dict[str, Any] | None = None,
@@ -552,8 +579,8 @@ def open_source(cfg: DataConfig, storage_options: dict[str, Any] | None = None,
     """The configured source; ``data.path`` may be a local path or an object-store URL. ``plan``
     (``Source.plan()`` of the driver's source): open from it, without listing the dataset again."""
     if plan is not None:
-        return SOURCES[cfg.format].from_plan(cfg, storage_options, plan)
-    return SOURCES[cfg.format](cfg, storage_options)
+        return SOURCES.get(cfg.format).from_plan(cfg, storage_options, plan)
+    return SOURCES.get(cfg.format)(cfg, storage_options)
 
 
 # ------------------------------------------------------------------------------------------------

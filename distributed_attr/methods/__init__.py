@@ -1,6 +1,8 @@
 """The attribution method registry and the calls that use it.
 
-Importing this package registers every built-in method. ``compute_maps`` is what the runner
+Importing this package registers every method: the built-in ones (every module of this package is
+imported, so a new method is one new file) and those other installed packages declare under the
+entry-point group ``distributed_attr.methods`` (docs/contributing.md). ``compute_maps`` is what the runner
 calls: it groups the requested methods by ``share_group`` so that methods which can share passes
 do, and returns one (N, H, W) float32 map per method.
 """
@@ -12,18 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import (  # noqa: F401  (registration)
-    attention,
-    captum_families,
-    gradient,
-    integrated_gradients,
-    lrp,
-    occlusion,
-    rise,
-    smoothgrad,
-    sobol,
-    soundness,
-)
+from ..registry import import_modules
 from .base import (
     METHODS,
     Context,
@@ -32,6 +23,9 @@ from .base import (
     forward_probabilities,
     resolve_layer,
 )
+
+import_modules(__name__, __path__)
+METHODS.load_plugins()
 
 __all__ = ["METHODS", "Context", "Method", "attribute", "build_method", "compute_maps", "list_methods"]
 

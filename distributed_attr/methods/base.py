@@ -8,7 +8,6 @@ methods, the number of samples one forward pass may hold, and the autocast dtype
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
@@ -33,7 +32,7 @@ from ..commons import (  # noqa: F401  (re-exported: the helpers methods share w
 )
 from ..registry import Configurable, Registry, describe_params
 
-METHODS: Registry["Method"] = Registry("method")
+METHODS: Registry["Method"] = Registry("method", group="distributed_attr.methods")
 
 
 def register(cls: type["Method"]) -> type["Method"]:
@@ -120,9 +119,6 @@ class Method(Configurable):
             "params": describe_params(cls.Params),
             "doc": (cls.__doc__ or "").strip().split("\n")[0],
         }
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({dataclasses.asdict(self.params)})"
 
 
 # --------------------------------------------------------------------------------------------

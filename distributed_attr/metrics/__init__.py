@@ -1,6 +1,8 @@
 """The evaluation metric registry and the call that uses it.
 
-Importing this package registers every built-in metric. Workers build a metric with
+Importing this package registers every metric: the built-in ones (every module of this package is
+imported, so a new metric is one new file) and those other installed packages declare under the
+entry-point group ``distributed_attr.metrics``. Workers build a metric with
 ``build_metric(name, params)`` and call ``metric.evaluate(model, x, maps, target, ctx)`` once for
 the raw maps and once per filter cutoff; ``evaluate`` below is the one-call form for users.
 """
@@ -11,9 +13,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import complexity, feature_detection, localisation, mufidelity, perturbation, robustness  # noqa: F401  (registration)
+from ..registry import import_modules
 from .base import METRICS, Metric, MetricContext, build_metric, register
 from .randomisation import randomisation_check
+
+import_modules(__name__, __path__)
+METRICS.load_plugins()
 
 __all__ = [
     "METRICS",

@@ -10,7 +10,6 @@ ImageNet images with 10 steps would otherwise hold 2,816 full-size images at onc
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from ..commons import BatchContext, autocast_ctx, run_in_chunks, select_scores
 from ..registry import Configurable, Registry, describe_params
 
-METRICS: Registry["Metric"] = Registry("metric")
+METRICS: Registry["Metric"] = Registry("metric", group="distributed_attr.metrics")
 
 #: the perturbation baselines every perturbation metric understands, besides a constant number
 BASELINES = ("zero", "blur", "mean")
@@ -137,9 +136,6 @@ class Metric(Configurable):
             "params": describe_params(cls.Params),
             "doc": (cls.__doc__ or "").strip().split("\n")[0],
         }
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({dataclasses.asdict(self.params)})"
 
 
 def build_metric(name: str, params: dict[str, Any] | None = None) -> Metric:
