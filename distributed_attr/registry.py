@@ -328,6 +328,15 @@ class Configurable:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({dataclasses.asdict(self.params)})"
 
+    #: the class attributes ``describe`` lists (besides the name, the parameters and the doc line)
+    DESCRIBED: typing.ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """What ``list_methods`` / ``list_metrics`` and the CLI show of the class."""
+        return {"name": cls.name, **{a: getattr(cls, a) for a in cls.DESCRIBED},
+                "params": describe_params(cls.Params), "doc": (cls.__doc__ or "").strip().split("\n")[0]}
+
 
 class Registry(Generic[T]):
     """Name -> class. ``kind`` ("method", "metric", "data format") appears in error messages.

@@ -30,7 +30,7 @@ from ..commons import (  # noqa: F401  (re-exported: the helpers methods share w
     select_scores,
     working_dtype,
 )
-from ..registry import Configurable, Registry, describe_params
+from ..registry import Configurable, Registry
 
 METHODS: Registry["Method"] = Registry("method", group="distributed_attr.methods")
 
@@ -104,21 +104,8 @@ class Method(Configurable):
         """Compute several methods of one ``share_group`` at once; default: one by one."""
         return {m.name: m.attribute(model, x, target, ctx) for m in methods}
 
-    @classmethod
-    def describe(cls) -> dict[str, Any]:
-        return {
-            "name": cls.name,
-            "family": cls.family,
-            "signed": cls.signed,
-            "needs_layer": cls.needs_layer,
-            "needs_references": cls.needs_references,
-            "compile_safe": cls.compile_safe,
-            "share_group": cls.share_group,
-            "channel_rule": cls.channel_rule,
-            "cost_unit": cls.cost_unit,
-            "params": describe_params(cls.Params),
-            "doc": (cls.__doc__ or "").strip().split("\n")[0],
-        }
+    DESCRIBED: ClassVar[tuple[str, ...]] = ("family", "signed", "needs_layer", "needs_references", "compile_safe",
+                                            "share_group", "channel_rule", "cost_unit")
 
 
 # --------------------------------------------------------------------------------------------

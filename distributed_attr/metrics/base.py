@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..commons import BatchContext, autocast_ctx, run_in_chunks, select_scores
-from ..registry import Configurable, Registry, describe_params
+from ..registry import Configurable, Registry
 
 METRICS: Registry["Metric"] = Registry("metric", group="distributed_attr.metrics")
 
@@ -124,18 +124,8 @@ class Metric(Configurable):
         """Forward passes per image (for budgets and docs)."""
         return 0.0
 
-    @classmethod
-    def describe(cls) -> dict[str, Any]:
-        return {
-            "name": cls.name,
-            "higher_is_better": cls.higher_is_better,
-            "score_output": cls.score_output,
-            "needs_model": cls.needs_model,
-            "needs_masks": cls.needs_masks,
-            "needs_explain": cls.needs_explain,
-            "params": describe_params(cls.Params),
-            "doc": (cls.__doc__ or "").strip().split("\n")[0],
-        }
+    DESCRIBED: ClassVar[tuple[str, ...]] = ("higher_is_better", "score_output", "needs_model", "needs_masks",
+                                            "needs_explain")
 
 
 def build_metric(name: str, params: dict[str, Any] | None = None) -> Metric:
