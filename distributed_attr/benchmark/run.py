@@ -27,12 +27,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import generate as gen
 from . import train as tr
+
+if TYPE_CHECKING:
+    from ..evaluation.data import MetricTable
 
 #: the methods the FORGrad question is about: maps computed through the input gradient
 GRADIENT_METHODS = ("saliency", "gradient_x_input", "integrated_gradients", "smoothgrad", "guided_backprop")
@@ -118,14 +121,12 @@ def _sigma_224(cutoff: float, size: int) -> float:
     return cutoff * 224 / size if math.isfinite(cutoff) else math.inf
 
 
-def _cutoff_distribution(store: str, metric: str, method: str, n_boot: int, seed: int) -> tuple[float, float, float]:
+def _cutoff_distribution(table: "MetricTable", method: str, n_boot: int, seed: int) -> tuple[float, float, float]:
     """The cutoff that maximises the mean score, over bootstrap resamples of all usable images:
     (median, 2.5 %, 97.5 % quantiles), in cycles per image at the image size. A narrow interval
     means the choice is stable; two models whose intervals do not overlap choose differently."""
-    from ..evaluation.data import load_metric
     from ..evaluation.stats import bootstrap_means
 
-    table = load_metric(store, metric, methods=[method])
     v = table.values[method]
     v = v[np.isfinite(v).all(axis=1)]
     boot = bootstrap_means(v, n_boot, seed)  # (n_boot, K)
@@ -134,16 +135,14 @@ def _cutoff_distribution(store: str, metric: str, method: str, n_boot: int, seed
     return float(med), float(lo), float(hi)
 
 
-def _split_gain(store: str, metric: str, method: str, size: int, n_boot: int, seed: int) -> dict[str, float]:
+def _split_gain(table: "MetricTable", method: str, size: int, n_boot: int, seed: int) -> dict[str, float]:
     """FORGrad's gain split in two, on the evaluation's test images with its validation split:
     ``abs_gain``, the absolute value alone (sigma = ABS_ONLY_SIGMA against the raw map), and
     ``lowpass_gain``, filtering beyond it (the finite sigma below ABS_ONLY_SIGMA chosen on the
     validation images, against ABS_ONLY_SIGMA); each signed so that > 0 is better, with its paired
     bootstrap 95% interval. Empty when the store's sweep has no ABS_ONLY_SIGMA."""
-    from ..evaluation.data import load_metric
     from ..evaluation.stats import bootstrap_means, percentile_ci, validation_mask
 
-    table = load_metric(store, metric, methods=[method])
     sigma = table.cutoffs * 224 / size
     control = np.flatnonzero(np.isclose(sigma, ABS_ONLY_SIGMA))
     candidates = np.flatnonzero(np.isfinite(sigma) & (sigma < ABS_ONLY_SIGMA))
@@ -156,13 +155,15 @@ def _split_gain(store: str, metric: str, method: str, size: int, n_boot: int, se
     val, test = v[is_val], v[~is_val]
     means = sign * val[:, candidates].mean(0)
     best = int(candidates[int(np.argmax(means))])
-    k_abs, k_raw = int(control[0]), table.unfiltered_index
-    boot = bootstrap_means(test[:, [k_raw, k_abs, best]], n_boot, seed + 104729)
+    # the three conditions side by side: raw map, |map| alone, |map| low-passed
+    conditions = test[:, [table.unfiltered_index, int(control[0]), best]]
+    boot = bootstrap_means(conditions, n_boot, seed + 104729)
+    condition_means = conditions.mean(0)
     out: dict[str, float] = {"lowpass_sigma_224": float(sigma[best])}
     for name, (a, b) in {"abs_gain": (1, 0), "lowpass_gain": (2, 1)}.items():
         gains = sign * (boot[:, a] - boot[:, b]) + 0.0
         lo, hi = percentile_ci(gains)
-        point = sign * (test[:, [k_raw, k_abs, best][a]].mean() - test[:, [k_raw, k_abs, best][b]].mean()) + 0.0
+        point = sign * (condition_means[a] - condition_means[b]) + 0.0
         out.update({name: float(point), f"{name}_ci_low": float(lo), f"{name}_ci_high": float(hi)})
     return out
 
@@ -172,6 +173,7 @@ def answer(stores: dict[str, list[str]], size: int, n_boot: int = 1000, seed: in
     done on each) and answer the questions."""
     import pandas as pd
 
+    from ..evaluation.data import load_metric
     from ..evaluation.rankings import rank_methods
     from ..io.store import outputs_dir
 
@@ -179,6 +181,7 @@ def answer(stores: dict[str, list[str]], size: int, n_boot: int = 1000, seed: in
     for model, store in ((model, s) for model, ss in stores.items() for s in ss):
         out = outputs_dir(store)
         best = pd.read_parquet(out / "best_cutoffs.parquet")
+        tables = {metric: load_metric(store, metric) for metric in sorted(set(best["metric"]))}  # read once
         for r in best.itertuples():
             family = ("faithfulness" if r.metric in FAITHFULNESS else "localisation" if r.metric in LOCALISATION
                       else "robustness" if r.metric in ROBUSTNESS else "other")
@@ -187,13 +190,13 @@ def answer(stores: dict[str, list[str]], size: int, n_boot: int = 1000, seed: in
                              best_sigma_224=_sigma_224(r.best_cutoff, size), test_unfiltered=r.test_unfiltered,
                              test_best=r.test_best, gain=r.gain, gain_ci_low=r.gain_ci_low,
                              gain_ci_high=r.gain_ci_high, gain_p=r.gain_p, n_test=r.n_test,
-                             **_split_gain(store, r.metric, r.method, size, n_boot, seed)))
+                             **_split_gain(tables[r.metric], r.method, size, n_boot, seed)))
         methods = sorted(set(best["method"]))
         for metric in FAITHFULNESS:
             if metric not in set(best["metric"]):
                 continue
             for method in methods:
-                med, lo, hi = _cutoff_distribution(store, metric, method, n_boot, seed)
+                med, lo, hi = _cutoff_distribution(tables[metric], method, n_boot, seed)
                 cut_rows.append(dict(model=MODEL_LABELS.get(model, model), metric=metric, method=method,
                                      gradient=method in GRADIENT_METHODS, best_sigma_224=_sigma_224(med, size),
                                      sigma_224_low=_sigma_224(lo, size), sigma_224_high=_sigma_224(hi, size)))
