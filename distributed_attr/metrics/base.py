@@ -54,11 +54,26 @@ class MetricContext(BatchContext):
     #: per method. Call it through ``explain_rows``, which passes the rows' image indices to an
     #: explain that takes them
     explain: Callable[..., Tensor] | None = None
+    #: whether ``explain`` takes an ``indices`` keyword (read from its signature once, here)
+    explain_takes_indices: bool = field(init=False, default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.evaluator_names is None:
             object.__setattr__(self, "evaluator_names", tuple(self.evaluators))
+        object.__setattr__(self, "explain_takes_indices", _takes_indices(self.explain))
+
+
+def _takes_indices(fn: Callable[..., Tensor] | None) -> bool:
+    import inspect
+
+    if fn is None:
+        return False
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no keyword we can know of
+        return False
+    return "indices" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def explain_rows(ctx: MetricContext, x: Tensor, target: Tensor, indices: Tensor) -> Tensor:
@@ -68,17 +83,10 @@ def explain_rows(ctx: MetricContext, x: Tensor, target: Tensor, indices: Tensor)
     the indices a recomputed map would draw those of the row's position in the chunk, and a
     robustness score would change with the batch the image landed in. The pipeline's explain
     takes an ``indices`` keyword; a user's ``(x, target)`` callable is called as it is."""
-    import inspect
-
-    fn = ctx.explain
-    assert fn is not None
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # a builtin or C callable: no keyword we can know of
-        params = {}
-    if "indices" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return fn(x, target, indices=indices)
-    return fn(x, target)
+    assert ctx.explain is not None
+    if ctx.explain_takes_indices:
+        return ctx.explain(x, target, indices=indices)
+    return ctx.explain(x, target)
 
 
 OutputSpec = dict[str, tuple[tuple[str, ...], tuple[int, ...]]]
