@@ -152,17 +152,17 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def run_in_chunks(fn: Callable[[slice], Tensor], n: int, ctx: BatchContext) -> Tensor:
-    """Run ``fn`` over ``n`` samples in slices of at most ``ctx.max_batch``, concatenating the
-    results. On a CUDA out-of-memory error the slice size halves and the work goes on; the lower
-    size sticks in ``ctx.budget`` for the rest of the job."""
-    outs: list[Tensor] = []
+def for_each_chunk(fn: Callable[[slice], None], n: int, ctx: BatchContext) -> None:
+    """Call ``fn`` on consecutive slices of ``n`` samples, each of at most ``ctx.max_batch``, for
+    what it accumulates (a sum of gradients over path points, of masks weighted by scores). On a
+    CUDA out-of-memory error the slice is done again at half the size, and the lower size sticks
+    in ``ctx.budget`` for the rest of the job; ``fn`` must change nothing before its pass fits."""
     start = 0
     while start < n:
         size = max(1, ctx.max_batch)
         sl = slice(start, min(n, start + size))
         try:
-            outs.append(fn(sl))
+            fn(sl)
         except RuntimeError as exc:
             if not is_oom(exc) or size == 1:
                 raise
@@ -170,6 +170,13 @@ def run_in_chunks(fn: Callable[[slice], Tensor], n: int, ctx: BatchContext) -> T
             ctx.budget.lower_after_oom(size)
             continue
         start = sl.stop
+
+
+def run_in_chunks(fn: Callable[[slice], Tensor], n: int, ctx: BatchContext) -> Tensor:
+    """``fn`` over ``n`` samples in slices of at most ``ctx.max_batch`` (``for_each_chunk``), its
+    results concatenated."""
+    outs: list[Tensor] = []
+    for_each_chunk(lambda sl: outs.append(fn(sl)), n, ctx)
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -188,3 +195,17 @@ def forward_probabilities(model: nn.Module, x: Tensor, ctx: BatchContext) -> Ten
     return run_in_chunks(one, x.shape[0], ctx)
 
 
+def resolve_target(
+    model: nn.Module, images: Tensor, target: Tensor | Sequence[int] | int | None, max_batch: int = 256
+) -> Tensor:
+    """The explained class of every image (N,) int64: ``target`` as given (one class for all, or
+    one per image), or the model's prediction when None."""
+    n = images.shape[0]
+    if target is None:
+        return forward_probabilities(model, images, BatchContext(budget=max_batch)).argmax(dim=1)
+    t = torch.as_tensor(target, dtype=torch.int64, device=images.device)
+    if t.dim() == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"target must hold one class per image ({n}), got shape {tuple(t.shape)}")
+    return t

@@ -14,13 +14,13 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..commons import resolve_target
 from ..registry import import_modules
 from .base import (
     METHODS,
     Context,
     Method,
     build_method,
-    forward_probabilities,
     resolve_layer,
 )
 
@@ -85,21 +85,6 @@ def attribute(
         references=references,
     )
     return compute_maps(model, images, target_t, [m], ctx)[method]
-
-
-def resolve_target(
-    model: nn.Module, images: Tensor, target: Tensor | Sequence[int] | int | None, max_batch: int = 256
-) -> Tensor:
-    n = images.shape[0]
-    if target is None:
-        probs = forward_probabilities(model, images, Context(budget=max_batch))
-        return probs.argmax(dim=1)
-    t = torch.as_tensor(target, dtype=torch.int64, device=images.device)
-    if t.dim() == 0:
-        t = t.expand(n)
-    if t.shape != (n,):
-        raise ValueError(f"target must hold one class per image ({n}), got shape {tuple(t.shape)}")
-    return t
 
 
 def list_methods() -> dict[str, dict[str, Any]]:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..commons import (  # noqa: F401  (re-exported: the helpers methods share with metrics)
     BatchContext,
     autocast_ctx,
+    for_each_chunk,
     forward_probabilities,
     image_seed,
     is_oom,

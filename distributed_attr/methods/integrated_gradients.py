@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .base import Context, Method, register, run_in_chunks, working_dtype
+from .base import Context, Method, for_each_chunk, register, working_dtype
 from .gradient import gradient_pass
 
 Rule = Literal["gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle"]
@@ -82,13 +82,12 @@ class IntegratedGradients(Method):
 
         # Flattened (image, step) pairs, image-major; each chunk builds only its own path points,
         # so memory is one chunk, not steps x images.
-        def one(sl: slice) -> Tensor:
+        def one(sl: slice) -> None:
             pair = torch.arange(sl.start, sl.stop, device=x.device)
             img, step = pair // s, pair % s
             points = base[img] + a[step].view(-1, 1, 1, 1) * delta[img]
             grad = gradient_pass(model, points, target[img], ctx).input_grad
             total.index_add_(0, img, grad * w[step].view(-1, 1, 1, 1))  # type: ignore[operator]
-            return grad.new_empty(0)  # type: ignore[union-attr]
 
-        run_in_chunks(one, n * s, ctx)
+        for_each_chunk(one, n * s, ctx)
         return total * delta

@@ -25,10 +25,10 @@ from .base import (
     Context,
     Method,
     autocast_ctx,
+    for_each_chunk,
     output_scores,
     per_image_generators,
     register,
-    run_in_chunks,
     working_dtype,
 )
 
@@ -96,7 +96,7 @@ class RISE(Method):
         cells, shifts = cells.to(x.device), shifts.to(x.device)
         saliency = torch.zeros(n, height, width, dtype=dtype, device=x.device)
 
-        def one(sl: slice) -> Tensor:
+        def one(sl: slice) -> None:
             pair = torch.arange(sl.start, sl.stop, device=x.device)
             img, k = pair // p.masks, pair % p.masks
             m = rise_masks(cells[img, k], shifts[img, k], height, width).to(dtype)
@@ -104,7 +104,6 @@ class RISE(Method):
             with torch.no_grad(), autocast_ctx(ctx, x.device):
                 score = output_scores(model(masked), target[img], p.output).to(dtype)
             saliency.index_add_(0, img, score.view(-1, 1, 1) * m)
-            return score.new_empty(0)
 
-        run_in_chunks(one, n * p.masks, ctx)
+        for_each_chunk(one, n * p.masks, ctx)
         return saliency / (p.masks * p.p)

@@ -23,12 +23,12 @@ from torch import Tensor, nn
 from .base import (
     Context,
     GroupedMethod,
-    NoisySampleParams,
     Method,
+    NoisySampleParams,
+    for_each_chunk,
     per_image_generators,
     per_sample_seeds,
     register,
-    run_in_chunks,
     sample_randn,
     working_dtype,
 )
@@ -79,16 +79,15 @@ def gradient_moments(
     total = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
     total_sq = torch.zeros_like(total)
 
-    def one(sl: slice) -> Tensor:
+    def one(sl: slice) -> None:
         pair = torch.arange(sl.start, sl.stop, device=x.device)
         img, sample = pair // samples, pair % samples
         noisy = x[img] + sampler.noise(img, sample, dtype, x.device)
         grad = gradient_pass(model, noisy, target[img], ctx).input_grad.double()  # type: ignore[union-attr]
         total.index_add_(0, img, grad)
         total_sq.index_add_(0, img, grad * grad)
-        return grad.new_empty(0)
 
-    run_in_chunks(one, x.shape[0] * samples, ctx)
+    for_each_chunk(one, x.shape[0] * samples, ctx)
     return total / samples, total_sq / samples
 
 

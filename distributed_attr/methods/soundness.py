@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Context, Method, autocast_ctx, per_image_generators, register, run_in_chunks
+from .base import Context, Method, autocast_ctx, for_each_chunk, per_image_generators, register
 
 
 def total_variation(mask: Tensor) -> Tensor:
@@ -169,7 +169,7 @@ class SoundnessSaliency(Method):
         for step in range(p.steps):
             grad_total = torch.zeros_like(logits)
 
-            def one(sl: slice) -> Tensor:
+            def one(sl: slice) -> None:
                 with torch.enable_grad():
                     m = self.mask_of(logits[sl], size)  # (k, 1, H, W)
                     bg = pool[picks[sl, step]]  # (k, refs, C, H, W)
@@ -182,9 +182,8 @@ class SoundnessSaliency(Method):
                     loss = loss + l1 * m.sum(dim=(1, 2, 3)) + p.tv * total_variation(m)
                     (g,) = torch.autograd.grad(loss.sum(), logits)
                 grad_total.add_(g)
-                return g.new_empty(0)
 
-            run_in_chunks(one, n, sub)
+            for_each_chunk(one, n, sub)
             logits.grad = grad_total
             opt.step()
         with torch.no_grad():

@@ -59,7 +59,7 @@ def evaluate(
     (N, H, W) bool: the ground truth localisation metrics compare with; ``explain``:
     ``(x, target) -> maps`` recomputing the evaluated method's maps, for robustness metrics.
     """
-    from ..methods import resolve_target
+    from ..commons import resolve_target
 
     m = build_metric(metric, params)
     if maps.dim() != 3 or maps.shape[0] != images.shape[0] or maps.shape[1:] != images.shape[2:]:

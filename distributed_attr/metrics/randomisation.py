@@ -107,7 +107,8 @@ def randomisation_check(
     method; ``layer`` is the CAM layer (by name, or a module of ``model``). The model itself is
     never modified: a copy is randomised. The dict keeps the randomisation order.
     """
-    from ..methods import attribute, resolve_target
+    from ..commons import resolve_target
+    from ..methods import attribute
 
     if similarity not in SIMILARITIES:
         raise ValueError(f"similarity {similarity!r} is not one of {list(SIMILARITIES)}")
