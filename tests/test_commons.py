@@ -91,7 +91,7 @@ def test_soundness_out_of_memory_lowers_the_callers_budget_by_whole_images():
     x = torch.rand(6, 1, 8, 8)
     refs = torch.rand(5, 1, 8, 8)
     target = torch.tensor([0, 1, 2, 0, 1, 2])
-    method = build_method("soundness_saliency", {"steps": 2, "references": 4, "downsample": 2})
+    method = build_method("soundness_saliency", {"steps": 2, "backgrounds": 4, "downsample": 2})
     model = FitsAtMost(limit=8)
     ctx = Context(budget=64, references=refs)
     small = compute_maps(model, x, target, [method], ctx)["soundness_saliency"]

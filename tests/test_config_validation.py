@@ -260,3 +260,21 @@ def test_metrics_say_output_like_methods_and_the_old_activation_still_reads(tmp_
     g.attrs["config"] = stored
     summary = run(cfg, resume=True, progress=False)
     assert summary.units_done == 2
+
+
+@pytest.mark.parametrize("method", ["soundness_saliency", "deeplift_shap"])
+def test_backgrounds_per_image_were_called_references_and_still_read(method):
+    """"references" meant the reference images (``run.references``, ``ctx.references``) and also
+    how many of them a method draws per image; the latter is now ``backgrounds``. A config or a
+    stored config with the former name reads the same, and an old store's config shows no
+    difference on resume."""
+    from distributed_attr.config import diff_configs, upgrade_stored_config
+
+    with pytest.warns(FutureWarning, match=rf"methods\.{method}\.references: renamed to 'backgrounds'"):
+        old = Config.from_dict(raw(methods={method: {"references": 4}}))
+    new = Config.from_dict(raw(methods={method: {"backgrounds": 4}}))
+    assert old.methods == new.methods and new.methods[method]["backgrounds"] == 4
+    stored = new.to_dict()
+    stored["methods"][method]["references"] = stored["methods"][method].pop("backgrounds")
+    assert diff_configs(stored, new.to_dict())  # the old name differs as it is ...
+    assert diff_configs(upgrade_stored_config(stored), new.to_dict()) == []  # ... and not once upgraded

@@ -8,7 +8,7 @@ from distributed_attr.runner import run
 
 #: small values for the parameters that set a method's work, by parameter name (as in
 #: tests/test_methods_api.py): every registered method runs here, a new one without an edit
-CHEAP_VALUES = {"steps": 4, "samples": 3, "masks": 16, "n_masks": 16, "design": 4, "grid": 4, "references": 2,
+CHEAP_VALUES = {"steps": 4, "samples": 3, "masks": 16, "n_masks": 16, "design": 4, "grid": 4, "backgrounds": 2,
                 "patch": 8, "stride": 8, "iterations": 3, "n_iter": 3}
 
 

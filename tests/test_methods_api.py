@@ -31,10 +31,10 @@ BUILTIN = [
 #: ones its ``Params`` declares, so every method runs in well under a second here
 FAST_VALUES = {
     "steps": 3, "samples": 3, "n_samples": 3, "masks": 20, "n_masks": 20, "design": 4,
-    "references": 2, "grid": 3, "patch": 4, "stride": 4, "iterations": 3, "n_iter": 3,
+    "backgrounds": 2, "grid": 3, "patch": 4, "stride": 4, "iterations": 3, "n_iter": 3,
 }
 #: parameters whose count is a number of random draws: a method declaring one must use the seed
-SAMPLING = {"samples", "n_samples", "masks", "n_masks", "design", "references"}
+SAMPLING = {"samples", "n_samples", "masks", "n_masks", "design", "backgrounds"}
 #: most passes per image (``Method.cost``) a method may take with its fast parameters here
 MAX_COST = 100
 #: an integer parameter whose default is above this must have a fast value in ``FAST_VALUES``,
@@ -120,7 +120,7 @@ def test_every_method_is_registered_and_described():
     assert listed["gradcam"]["params"] == {"layer": None, "reshape": "auto"} and listed["gradcam"]["needs_layer"]
     assert [n for n in BUILTIN if listed[n]["needs_references"]] == ["soundness_saliency"]
     assert listed["soundness_saliency"]["params"] == {
-        "steps": 2000, "lr": 0.05, "l1": 2e-5, "tv": 0.01, "l1_reference_size": 224, "references": 10,
+        "steps": 2000, "lr": 0.05, "l1": 2e-5, "tv": 0.01, "l1_reference_size": 224, "backgrounds": 10,
         "downsample": 4, "objective": "soundness",
     }
 

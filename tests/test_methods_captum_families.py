@@ -173,23 +173,23 @@ def test_deeplift_refuses_a_reused_relu_module_by_name():
     with pytest.raises(ValueError, match=r"reused: act1 \(ReLU\) x2"):
         ours(model, x, t, "deeplift")
     with pytest.raises(ValueError, match=r"reused: act1 \(ReLU\) x2"):
-        ours(model, x, t, "deeplift_shap", refs=refs, references=2)
+        ours(model, x, t, "deeplift_shap", refs=refs, backgrounds=2)
 
 
 def test_deeplift_shap_equals_captum_on_each_images_backgrounds():
     model, x, t, refs = setup(pool=False)
     seed, idx = 3, torch.tensor([10, 11, 12, 13, 14])
-    mine = ours(model, x, t, "deeplift_shap", refs=refs, seed=seed, indices=idx, references=3)
+    mine = ours(model, x, t, "deeplift_shap", refs=refs, seed=seed, indices=idx, backgrounds=3)
     for i in range(len(x)):
         g = torch.Generator().manual_seed(image_seed(seed, "deeplift_shap", int(idx[i])))
         picks = torch.randperm(len(refs), generator=g)[:3].sort().values
         ref = captum_attr.DeepLiftShap(model).attribute(x[i:i + 1].clone(), baselines=refs[picks], target=int(t[i]))
         same(mine[i], ref[0].sum(dim=0))
     # all the backgrounds: no draw left, one batched Captum call is the oracle
-    everything = ours(model, x, t, "deeplift_shap", refs=refs, seed=seed, indices=idx, references=6)
+    everything = ours(model, x, t, "deeplift_shap", refs=refs, seed=seed, indices=idx, backgrounds=6)
     ref = captum_attr.DeepLiftShap(model).attribute(x.clone(), baselines=refs, target=t).sum(dim=1)
     same(everything, ref)
-    same(ours(model, x, t, "deeplift_shap", refs=refs, seed=9, references=6), ref)
+    same(ours(model, x, t, "deeplift_shap", refs=refs, seed=9, backgrounds=6), ref)
     with torch.no_grad():
         out = model(x).gather(1, t.view(-1, 1)).squeeze(1)
         base = model(refs)[:, t].mean(dim=0)
@@ -314,12 +314,12 @@ def test_registered_described_and_listed_by_the_cli(capsys):
         assert name in lines, name
         assert lines[name].split()[1] == listed[name]["family"]
     assert "samples=25, patch=8, baseline=0.0" in lines["shapley_value_sampling"]
-    assert "references=10" in lines["deeplift_shap"]
+    assert "backgrounds=10" in lines["deeplift_shap"]
 
 
 def test_costs_count_passes_per_image():
     assert build_method("deeplift").cost() == 2  # the image and its baseline, one pass
-    assert build_method("deeplift_shap", {"references": 4}).cost() == 8
+    assert build_method("deeplift_shap", {"backgrounds": 4}).cost() == 8
     assert build_method("gradient_shap", {"samples": 7}).cost() == 7
     assert build_method("kernel_shap", {"samples": 300}).cost() == 300
     assert build_method("lime").cost() == 1000
@@ -337,7 +337,7 @@ def test_bad_parameters_and_inputs_are_named():
         ("lime", {"surrogate": "elastic"}, r"surrogate.*'ridge', 'lasso'"),
         ("lime", {"regularisation": 0.0}, "regularisation and kernel_width must be > 0"),
         ("lime", {"alpha": 0.0}, "regularisation and kernel_width must be > 0"),  # the former name reads
-        ("deeplift_shap", {"references": 1}, "references must be >= 2"),
+        ("deeplift_shap", {"backgrounds": 1}, "backgrounds must be >= 2"),
         ("gradient_shap", {"noise_level": -1.0}, "noise_level must be >= 0"),
         ("feature_ablation", {"stride": 2}, r"unknown parameter\(s\) \['stride'\].*patch=8"),
     ]:
@@ -347,7 +347,7 @@ def test_bad_parameters_and_inputs_are_named():
     for name in ("deeplift_shap", "gradient_shap"):
         with pytest.raises(ValueError, match=f"{name} needs background images"):
             ours(model, x, t, name)
-    with pytest.raises(ValueError, match="references=10 exceeds the 6 background images"):
+    with pytest.raises(ValueError, match="backgrounds=10 exceeds the 6 reference images"):
         ours(model, x, t, "deeplift_shap", refs=refs)
     with pytest.raises(ValueError, match="fewer than 2 superpixels"):
         ours(model, x, t, "kernel_shap", patch=12, samples=3)
@@ -356,7 +356,7 @@ def test_bad_parameters_and_inputs_are_named():
 def test_autocast_runs_and_deeplift_warns_that_it_runs_without_it():
     model, x, t, refs = setup(n=2)
     model, x, refs = model.float(), x.float(), refs.float()
-    for name, params in [("deeplift", {}), ("deeplift_shap", {"references": 2}), ("gradient_shap", {"samples": 3}),
+    for name, params in [("deeplift", {}), ("deeplift_shap", {"backgrounds": 2}), ("gradient_shap", {"samples": 3}),
                          ("kernel_shap", {"samples": 8, "patch": 4}), ("lime", {"samples": 8, "patch": 4}),
                          ("feature_ablation", {"patch": 4}), ("shapley_value_sampling", {"samples": 2, "patch": 4})]:
         ctx = Context(references=refs, autocast=torch.bfloat16)

@@ -52,7 +52,7 @@ def test_mask_holds_the_region_the_model_reads(l1, tv, contrast):
     g = torch.Generator().manual_seed(0)
     x = torch.ones(2, 1, 16, 16)
     refs = torch.rand(6, 1, 16, 16, generator=g) * 0.5
-    m = build_method("soundness_saliency", {"steps": 120, "references": 3, "l1": l1, "tv": tv})
+    m = build_method("soundness_saliency", {"steps": 120, "backgrounds": 3, "l1": l1, "tv": tv})
     mask = compute_maps(model, x, torch.tensor([0, 0]), [m], Context(references=refs))["soundness_saliency"]
     inside = torch.zeros(16, 16, dtype=torch.bool)
     inside[4:8, 8:12] = True
@@ -84,7 +84,7 @@ def test_kadir_objective_drives_the_probability_to_one_over_e(objective):
     model = RegionModel(region=(4, 12, 4, 12), gain=4.0, offset=0.5)
     x = torch.ones(1, 1, 16, 16)
     refs = torch.zeros(2, 1, 16, 16)
-    params = {"steps": 200, "references": 2, "l1": 0.0, "tv": 0.0, "objective": objective}
+    params = {"steps": 200, "backgrounds": 2, "l1": 0.0, "tv": 0.0, "objective": objective}
     mask = compute_maps(model, x, torch.tensor([0]), [build_method("soundness_saliency", params)],
                         Context(references=refs))["soundness_saliency"]
     p = probability_after(model, x, mask, refs[:1])
@@ -102,7 +102,7 @@ def test_total_variation_is_squared_neighbour_differences():
 def test_falls_back_to_the_batch_and_needs_two_images_without_references():
     model = RegionModel()
     x = torch.rand(3, 1, 16, 16)
-    m = build_method("soundness_saliency", {"steps": 2, "references": 5})
+    m = build_method("soundness_saliency", {"steps": 2, "backgrounds": 5})
     out = compute_maps(model, x, torch.tensor([0, 0, 1]), [m], Context())["soundness_saliency"]
     assert out.shape == (3, 16, 16)
     with pytest.raises(ValueError, match="references"):
@@ -115,7 +115,7 @@ def test_bfloat16_autocast_runs():
     model = RegionModel(region=(4, 8, 8, 12), gain=8.0, offset=0.4)
     x = torch.ones(2, 1, 16, 16)
     refs = torch.rand(4, 1, 16, 16) * 0.5
-    m = build_method("soundness_saliency", {"steps": 60, "references": 2})
+    m = build_method("soundness_saliency", {"steps": 60, "backgrounds": 2})
     mask = compute_maps(model, x, torch.tensor([0, 0]), [m], Context(references=refs, autocast=torch.bfloat16))
     mk = mask["soundness_saliency"]
     assert mk.dtype == torch.float32

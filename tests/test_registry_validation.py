@@ -201,7 +201,7 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "smoothgrad": {"samples": 16}, "vargrad": {"samples": 16}, "squaregrad": {"samples": 16},
     "guided_backprop": {}, "gradcam": {}, "gradcam_pp": {}, "occlusion": {"patch": 4, "stride": 4},
     "rise": {"masks": 200, "grid": 4}, "sobol": {"grid": 4, "design": 8},
-    "soundness_saliency": {"steps": 30, "references": 4}, "lrp": {},
+    "soundness_saliency": {"steps": 30, "backgrounds": 4}, "lrp": {},
 }
 DEMO_METRICS: dict[str, dict[str, Any]] = {
     "forgrad_protocol": {"steps": 10, "blur_size": 5, "blur_sigma": 2.0},
@@ -245,11 +245,13 @@ def coerced_config() -> dict[str, Any]:
 
 @pytest.mark.parametrize("make, expected", [
     # Computed by the hand-written ``_coerce`` this validation replaced. A store records the hash
-    # of its resolved config, and a rerun resumes it only when the hash matches: a change in how
-    # values are resolved (3 stored as 3.0, a tuple as something else than a list) would make every
-    # existing store look like another job's. If a method's or metric's default was changed on
-    # purpose, this changes too: update the value and say so in the change log.
-    (typical_config, "54149bf465381635"),
+    # of its resolved config (``inspect`` shows it), and the resume check compares the resolved
+    # configs themselves: a change in how values are resolved (3 stored as 3.0, a tuple as
+    # something else than a list) would make every existing store look like another job's. If a
+    # parameter was renamed or a default changed on purpose, this changes too: update the value
+    # and say why here. 2026-11-30: soundness_saliency's "references" became "backgrounds"
+    # (54149bf465381635 before; old stores still resume, see test_config_validation).
+    (typical_config, "fde7c7169766173b"),
     (coerced_config, "b38b453e635bad67"),
 ])
 def test_the_config_hash_of_existing_configs_is_unchanged(make, expected, recwarn):

@@ -333,17 +333,20 @@ class DeepLiftShap(Method):
 
     @dataclass
     class Params:
-        #: backgrounds per image, drawn without replacement from ctx.references (all of them
-        #: when equal to its size)
-        references: int = 10
+        #: backgrounds per image, drawn without replacement from the reference images
+        #: (``ctx.references``; all of them when equal to their number; "references" before
+        #: 2026-11-30)
+        backgrounds: int = 10
+
+        RENAMED: ClassVar[dict] = {"references": ("backgrounds", None)}
 
         def validate(self) -> None:
-            if self.references < 2:
-                raise ValueError("references must be >= 2 (Captum's DeepLiftShap needs a distribution)")
+            if self.backgrounds < 2:
+                raise ValueError("backgrounds must be >= 2 (Captum's DeepLiftShap needs a distribution)")
 
     def cost(self) -> float:
-        # one forward+backward over the image and each background: 2 x references samples
-        return 2.0 * self.params.references
+        # one forward+backward over the image and each background: 2 x backgrounds samples
+        return 2.0 * self.params.backgrounds
 
     def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
         from captum.attr import DeepLiftShap as CaptumDeepLiftShap
@@ -351,9 +354,10 @@ class DeepLiftShap(Method):
         dtype = working_dtype(x)
         x = x.detach().to(dtype)
         pool = _references(ctx, x, self.name)
-        k = self.params.references
+        k = self.params.backgrounds
         if k > pool.shape[0]:
-            raise ValueError(f"{self.name}: references={k} exceeds the {pool.shape[0]} background images given")
+            raise ValueError(f"{self.name}: backgrounds={k} exceeds the {pool.shape[0]} reference images given "
+                             "(run.references in a job)")
         check_deeplift_model(model, x[:1], ctx, self.name)
         gens = per_image_generators(ctx.seed, self.name, ctx.indices_for(x.shape[0]))
         picks = [torch.randperm(pool.shape[0], generator=g)[:k].sort().values for g in gens]

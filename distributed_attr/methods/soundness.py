@@ -7,7 +7,7 @@ minimises, per image,
 
     -log E_n[ softmax(f(x * M + n * (1 - M)))_target ] + l1 * (224 * 224 / (H * W)) * sum(M) + tv * TV(M)
 
-with ``references`` backgrounds n per step, TV the sum of squared differences between vertical
+with ``backgrounds`` backgrounds n per step, TV the sum of squared differences between vertical
 and horizontal neighbours of the upsampled mask, Adam at ``lr`` for ``steps`` steps. The map is
 the final M at input resolution (unsigned, in [0, 1]).
 
@@ -28,7 +28,7 @@ steps: mask inside 0.74 / 0.77 / 0.77 and outside 0.05 / 0.04 / 0.04 at 32 / 64 
 unscaled, 32 px gave 0.91 inside and 0.73 outside).
 
 Backgrounds come from ``ctx.references`` (other images of the dataset, drawn per image and per
-step from ``per_image_generators``). Without references the other images of the batch serve,
+step from ``per_image_generators``). Without reference images the other images of the batch serve,
 rolled: image i uses images i+1, i+2, ... (mod N); those maps then depend on the batch.
 
 ``objective="kadir"`` replaces the first term by the objective of Kadir et al. (KI 2023),
@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -93,22 +93,25 @@ class SoundnessSaliency(Method):
         #: ``l1`` weighs sum(M) at the image's own size, as versions before 0.2 did (a store made
         #: then has no such key, so a resume with today's meaning is refused)
         l1_reference_size: int | None = 224
-        #: backgrounds per image per step (probabilities averaged over them)
-        references: int = 10
+        #: backgrounds per image per step, drawn from the reference images (probabilities averaged
+        #: over them; "references" before 2026-11-30)
+        backgrounds: int = 10
         #: the mask's logits live at input size / downsample
         downsample: int = 4
         objective: Literal["soundness", "kadir"] = "soundness"
 
+        RENAMED: ClassVar[dict] = {"references": ("backgrounds", None)}
+
         def validate(self) -> None:
-            if self.steps < 0 or self.references < 1 or self.downsample < 1:
-                raise ValueError("steps must be >= 0, references and downsample >= 1")
+            if self.steps < 0 or self.backgrounds < 1 or self.downsample < 1:
+                raise ValueError("steps must be >= 0, backgrounds and downsample >= 1")
             if self.lr <= 0:
                 raise ValueError("lr must be > 0")
             if self.l1_reference_size is not None and self.l1_reference_size < 1:
                 raise ValueError("l1_reference_size must be >= 1 (px) or null")
 
     def cost(self) -> float:
-        return float(self.params.steps * self.params.references)
+        return float(self.params.steps * self.params.backgrounds)
 
     @staticmethod
     def l1_weight(l1: float, height: int, width: int, reference: int | None = 224) -> float:
@@ -127,7 +130,7 @@ class SoundnessSaliency(Method):
 
     def background_plan(self, x: Tensor, ctx: Context) -> tuple[Tensor, Tensor]:
         """The background pool (R, C, H, W) and, per image and step, which of its images to use:
-        (N, steps, references) indices into the pool."""
+        (N, steps, backgrounds) indices into the pool."""
         p = self.params
         n = x.shape[0]
         if ctx.references is not None:
@@ -139,7 +142,7 @@ class SoundnessSaliency(Method):
                 )
             gens = per_image_generators(ctx.seed, self.name, ctx.indices_for(n))
             picks = torch.stack(
-                [torch.randint(0, pool.shape[0], (p.steps, p.references), generator=g) for g in gens]
+                [torch.randint(0, pool.shape[0], (p.steps, p.backgrounds), generator=g) for g in gens]
             )
             return pool, picks.to(x.device)
         if n < 2:
@@ -147,7 +150,7 @@ class SoundnessSaliency(Method):
                 "soundness_saliency needs background images: pass ctx.references (other images of the "
                 "dataset) or a batch of at least 2 images"
             )
-        refs = min(p.references, n - 1)
+        refs = min(p.backgrounds, n - 1)
         rolled = (torch.arange(n)[:, None] + torch.arange(1, refs + 1)[None, :]) % n  # (N, refs)
         return x, rolled[:, None, :].expand(n, p.steps, refs).to(x.device)
 
