@@ -21,9 +21,16 @@ FORBIDDEN = [
     f"{PACKAGE}.{name}"
     for name in [
         "io", "aggregate", "evaluation", "runner", "pipeline", "cli", "demo", "report", "inspect",
-        "ray_session", "config",
+        "ray_session", "config", "zoo", "data", "benchmark",
     ]
 ]
+#: the rest of the maths layer: modules that sit beside (or below) methods, metrics and spectral,
+#: and what each may import of the package (the maths layer, nothing that reads or writes files)
+MATHS_MODULES = ["commons.py", "registry.py", "architectures.py", "aggregate/stats.py", "aggregate/spectra.py",
+                 "aggregate/results.py"]
+MATHS = [f"{PACKAGE}.{name}" for name in (
+    "commons", "registry", "architectures", "methods", "metrics", "spectral", "aggregate.stats",
+    "aggregate.spectra", "aggregate.results")]
 
 
 def module_name(path: Path, root: Path) -> tuple[str, bool]:
@@ -159,3 +166,16 @@ def test_the_subpackages_keep_their_names_and_the_package_imports_no_torch():
             "assert isinstance(m, types.ModuleType) and isinstance(k, types.ModuleType); "
             "assert 'lrp' in distributed_attr.list_methods() and 'deletion' in distributed_attr.list_metrics()")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("relative", MATHS_MODULES)
+def test_the_rest_of_the_maths_layer_imports_only_maths(relative):
+    """The batch context, the registry, the bundled architectures and the aggregation's mergeable
+    statistics are pure too: they import nothing that opens files, the store, Ray or the config
+    (the zoo's training and weight cache are ``zoo``'s, apart from its ``architectures``)."""
+    path = ROOT / relative
+    module, is_init = module_name(path, ROOT)
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    outside = [(line, name) for line, name, _ in imported_names(tree, module, is_init)
+               if name.startswith(PACKAGE + ".") and not any(name == m or name.startswith(m + ".") for m in MATHS)]
+    assert not outside, f"{relative} imports {outside}"

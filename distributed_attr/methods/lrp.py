@@ -61,7 +61,7 @@ COST = {"epsilon_plus_flat": 3.0, "epsilon_gamma_box": 6.0, "alpha_beta": 5.0}
 
 
 def _digits_block_forward(self, x: Tensor) -> Tensor:
-    """``zoo.ResidualBlock.forward`` with the residual addition done by a ``Sum`` module (zennit's Norm
+    """``architectures.ResidualBlock.forward`` with the residual addition done by a ``Sum`` module (zennit's Norm
     rule splits the relevance between the branches in proportion to their contributions; a
     plain ``+`` would hand both branches the whole relevance)."""
     out = F.relu(self.bn1(self.conv1(x)))
@@ -73,7 +73,7 @@ def _digits_block_forward(self, x: Tensor) -> Tensor:
 def _digits_block_attributes(name: str, module: nn.Module) -> dict[str, Any] | None:
     from zennit.layer import Sum
 
-    from ..zoo import ResidualBlock
+    from ..architectures import ResidualBlock
 
     if isinstance(module, ResidualBlock):
         return {"forward": _digits_block_forward.__get__(module), "canonizer_sum": Sum()}
@@ -90,7 +90,7 @@ def resolve_canonizer(model: nn.Module, canonizer: str = "auto") -> str:
     from torchvision.models import VGG
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    from ..zoo import ResidualBlock
+    from ..architectures import ResidualBlock
 
     kinds = {type(m) for m in model.modules()}
     if any(issubclass(k, (BasicBlock, Bottleneck)) for k in kinds):
