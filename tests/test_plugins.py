@@ -135,9 +135,13 @@ def test_a_broken_plugin_is_named_where_its_method_is_missing(tmp_path, monkeypa
         build_method("broken", {})
 
 
-def test_an_unknown_data_format_lists_every_registered_source(tmp_path):
+def test_an_unknown_data_format_lists_every_registered_source(tmp_path, monkeypatch, registries):
+    # (another module name than above: an imported module does not register its classes again)
+    install(tmp_path, "daplugin_sources", PLUGIN, {"distributed_attr.sources": "ramp = daplugin_sources"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    SOURCES.load_plugins()
     with pytest.raises(ConfigError, match=r"^data\.format: 'tfrecord' is not one of \['folder', 'numpy', 'parquet', "
-                                          r"'webdataset'\]$"):
+                                          r"'plugin_ramp', 'webdataset'\]$"):
         Config.from_dict({"data": {"format": "tfrecord", "path": "x"}, "store": str(tmp_path / "s.zarr")})
 
 

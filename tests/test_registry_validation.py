@@ -178,7 +178,7 @@ def test_the_python_api_shapes_are_accepted():
     ("spectra", {"enabled": "yes"}, r"^spectra\.enabled: expected true or false, got 'yes'$"),
     ("spectra", {"enabled": 1}, r"^spectra\.enabled: expected true or false, got 1$"),
     ("data", data(path=None), r"^data\.path: expected a string, got None$"),
-    ("data", data(format="parq"), r"^data\.format: 'parq' is not one of \['folder', 'numpy', 'parquet', 'webdataset'\]$"),
+    ("data", data(format="parq"), r"^data\.format: 'parq' is not one of \[[^]]*'parquet'[^]]*\]$"),  # every source
     ("data", data(limit="10"), r"^data\.limit: expected an integer, got '10'$"),
     ("run", {"actor_timeout": 10**400}, r"^run\.actor_timeout: expected a finite number, got 1000"),
     ("run", {"autocast": None}, r"^run\.autocast: None is not one of \['none', 'bfloat16', 'float16'\]$"),

@@ -69,38 +69,3 @@ def test_missing_path_and_column_are_named(tmp_path, digits_small):
     write_parquet_shards(tmp_path / "pq", *[a[:4] for a in digits_small], shards=1)
     with pytest.raises(SourceError, match=r"data.image_column 'img' is not a column.*columns: \['image', 'label'\]"):
         open_source(_cfg("parquet", tmp_path / "pq", image_column="img"))
-
-
-@pytest.mark.parametrize("fmt", ["parquet", "webdataset", "folder"])
-def test_a_source_opened_from_the_drivers_plan_reads_the_same_records_and_lists_nothing(
-        tmp_path, digits_small, fmt, monkeypatch):
-    """Every actor used to list the dataset again and read every Parquet footer / tar header
-    before its first unit; from the driver's plan it opens without touching a file."""
-    import pickle
-
-    import pyarrow.parquet as pq
-
-    from distributed_attr.io import sources
-
-    images, labels = digits_small
-    images, labels = images[:30], labels[:30]
-    writers = {"parquet": lambda p: write_parquet_shards(p, images, labels, shards=3, row_group_size=4),
-               "webdataset": lambda p: write_webdataset(p, images, labels, shards=2),
-               "folder": lambda p: write_image_folder(p, images, labels)}
-    writers[fmt](tmp_path / fmt)
-    cfg = _cfg(fmt, tmp_path / fmt)
-    listed = open_source(cfg)
-    plan = pickle.loads(pickle.dumps(listed.plan()))  # as Ray ships it to the actors
-
-    touched = []
-    monkeypatch.setattr(sources.Files, "expand", lambda *a: touched.append("expand"))
-    monkeypatch.setattr(sources.Files, "find", lambda *a: touched.append("find"))
-    real_open, real_pf = sources.Files.open, pq.ParquetFile
-    monkeypatch.setattr(sources.Files, "open", lambda self, loc: (touched.append(loc), real_open(self, loc))[1])
-    monkeypatch.setattr(pq, "ParquetFile", lambda *a, **k: (touched.append("footer"), real_pf(*a, **k))[1])
-    planned = open_source(cfg, plan=plan)
-    assert touched == [] and len(planned) == len(listed) == 30
-    assert planned.fingerprint() == listed.fingerprint()  # the same files, sizes, times, counts
-    a, b = list(listed.read(5, 27)), list(planned.read(5, 27))
-    assert [(r.index, r.label, r.key, r.name) for r in a] == [(r.index, r.label, r.key, r.name) for r in b]
-    assert all(x.payload == y.payload for x, y in zip(a, b))

@@ -182,22 +182,29 @@ class Source:
     def plan(self) -> dict[str, Any] | None:
         """What a worker needs to open this dataset without listing it again (file names, image
         counts, labels, tar keys): the driver lists once and hands the plan to every actor
-        (``open_source(..., plan=)``), which then reads no Parquet footer and no tar header before
-        its first unit. None: opening is cheap anyway (a memory-mapped array)."""
+        (``open_source(..., plan=)`` -> ``from_plan``), which then reads no Parquet footer and no
+        tar header before its first unit. It travels through Ray (pickled): plain values. None (the
+        default): workers open the source with ``__init__``, listing it again, which is right but
+        costs a listing per actor; fine when opening is cheap anyway (a memory-mapped array)."""
         return None
 
     @classmethod
     def from_plan(cls, cfg: DataConfig, storage_options: dict[str, Any] | None, plan: dict[str, Any]) -> "Source":
+        """The source as ``__init__`` would make it, from ``plan()`` of the driver's source and
+        without ``__init__``: sets ``cfg``, ``io`` and every attribute of the plan, then calls
+        ``setup()``. An attribute ``__init__`` sets that is neither planned nor derived by
+        ``setup()`` is missing on the workers (``tests/test_sources_contract.py`` catches that)."""
         source = cls.__new__(cls)
         source.cfg = cfg
         source.io = Files(cfg.path, storage_options)
         for name, value in plan.items():
             setattr(source, name, value)
-        source._setup()
+        source.setup()
         return source
 
-    def _setup(self) -> None:
-        """What ``__init__`` derives from the listed facts (offsets), shared with ``from_plan``."""
+    def setup(self) -> None:
+        """What ``__init__`` derives from the listed facts (``OffsetSource``: the offsets), shared
+        with ``from_plan``, which calls it after setting the planned attributes."""
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resume compares to make sure it reads the same dataset: the image count, a
@@ -248,30 +255,39 @@ def fingerprint_differences(old: dict[str, Any], new: dict[str, Any]) -> list[st
             f"{old.get('images')} -> {new.get('images')} images)"]
 
 
-class _OffsetSource(Source):
-    """A source made of files with known item counts; global index = running offset."""
+class OffsetSource(Source):
+    """A source made of files with known item counts; global index = running offset.
+
+    A subclass's ``__init__`` sets ``io`` (a ``Files``), ``root`` (what file names are relative
+    to), ``files`` and ``counts`` (images per file), and every other attribute ``read`` needs, then
+    calls ``setup_offsets()``. It gets ``len``, ``files_for`` (the files holding an index range),
+    ``listing()``, ``relname()`` and ``plan()``. ``PLANNED`` names the attributes besides
+    ``files``, ``counts`` and ``root`` that workers opened from the plan need (labels, keys, ...):
+    one left out is missing there, and ``read`` fails on every worker of a Ray job."""
 
     files: list[str]
     counts: list[int]
 
-    def _setup_offsets(self) -> None:
+    def setup_offsets(self) -> None:
+        """``offsets[f]``: the global index of file ``f``'s first image; ``offsets[-1] == len``."""
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64).tolist()
 
-    def _setup(self) -> None:
-        self._setup_offsets()
+    def setup(self) -> None:
+        self.setup_offsets()
 
     #: attributes besides ``files``, ``counts`` and ``root`` that a plan carries
-    _PLANNED: tuple[str, ...] = ()
+    PLANNED: tuple[str, ...] = ()
 
     def plan(self) -> dict[str, Any]:
         return {"files": list(self.files), "counts": [int(c) for c in self.counts], "root": self.root,
-                **{name: getattr(self, name) for name in self._PLANNED}}
+                **{name: getattr(self, name) for name in self.PLANNED}}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def _files_for(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
-        """(file number, first row in file, stop row in file) for the global range."""
+    def files_for(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(file number, first row in file, stop row in file) for every file holding part of the
+        global range ``[start, stop)``, in order; nothing for an empty range or one past the end."""
         f = bisect.bisect_right(self.offsets, start) - 1
         while f < len(self.files) and self.offsets[f] < stop:
             lo = max(start, self.offsets[f]) - self.offsets[f]
@@ -294,13 +310,13 @@ class _OffsetSource(Source):
 
 
 @register_source
-class ParquetSource(_OffsetSource):
+class ParquetSource(OffsetSource):
     """Parquet shards in the Hugging Face ``datasets`` layout: an image column holding a struct
     ``{bytes, path}`` (or raw bytes) and an integer label column (optional)."""
 
     name: ClassVar[str] = "parquet"
 
-    _PLANNED = ("has_label",)
+    PLANNED = ("has_label",)
 
     def __init__(self, cfg: DataConfig, storage_options: dict[str, Any] | None = None):
         self.cfg = cfg
@@ -325,7 +341,7 @@ class ParquetSource(_OffsetSource):
             if cfg.mask_column not in names:
                 raise SourceError(f"data.mask_column {cfg.mask_column!r} is not a column of {self.files[0]!r}; "
                                   f"columns: {names}")
-        self._setup_offsets()
+        self.setup_offsets()
 
     #: Parquet files kept open (footer parsed) per source: a unit usually reads one or two files,
     #: and consecutive units the same ones
@@ -349,7 +365,7 @@ class ParquetSource(_OffsetSource):
         columns = [self.cfg.image_column] + ([self.cfg.label_column] if self.has_label else [])
         if self.cfg.mask_column is not None:
             columns.append(self.cfg.mask_column)
-        for f, lo, hi in self._files_for(start, stop):
+        for f, lo, hi in self.files_for(start, stop):
             pf = self._open(self.files[f])
             # Read only the row groups that overlap [lo, hi).
             groups, first_row, row = [], None, 0
@@ -385,7 +401,7 @@ class ParquetSource(_OffsetSource):
 
 
 @register_source
-class FolderSource(_OffsetSource):
+class FolderSource(OffsetSource):
     """An image folder: one subfolder per class (labels = sorted subfolder order), or a flat folder
     (labels -1). Files sorted by path."""
 
@@ -409,9 +425,9 @@ class FolderSource(_OffsetSource):
             raise SourceError(f"data.path {cfg.path!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         self.files, self.counts = self.paths, [1] * len(self.paths)
         self.root = root
-        self._setup_offsets()
+        self.setup_offsets()
 
-    _PLANNED = ("paths", "labels", "classes")
+    PLANNED = ("paths", "labels", "classes")
 
     def labels_all(self) -> np.ndarray | None:
         return np.asarray(self.labels, dtype=np.int64) if self.classes else None
@@ -436,7 +452,7 @@ def _wds_key(member_name: str) -> tuple[str, str]:
 
 
 @register_source
-class WebDatasetSource(_OffsetSource):
+class WebDatasetSource(OffsetSource):
     """WebDataset ``.tar`` shards: files grouped into samples by key; the image is the first
     member with an image extension, the label a ``cls``/``label``/``cls.txt`` member."""
 
@@ -455,12 +471,12 @@ class WebDatasetSource(_OffsetSource):
                 raise SourceError(f"cannot read tar shard {f!r}: {exc}") from None
             self.keys.append(keys)
         self.counts = [len(k) for k in self.keys]
-        self._setup_offsets()
+        self.setup_offsets()
 
-    _PLANNED = ("keys",)
+    PLANNED = ("keys",)
 
     def read(self, start: int, stop: int) -> Iterator[Record]:
-        for f, lo, hi in self._files_for(start, stop):
+        for f, lo, hi in self.files_for(start, stop):
             wanted = set(self.keys[f][lo:hi])
             samples: dict[str, dict[str, bytes]] = {}
             with self.io.open(self.files[f]) as fh, tarfile.open(fileobj=fh) as tar:
