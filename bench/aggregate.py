@@ -158,7 +158,7 @@ def bench_aggregate(n_images: int, size: int, reps: int, workdir: str, classes: 
         from distributed_attr.io.store import AttributionStore
 
         handle = AttributionStore.open(store, mode="r")
-        plan = dataclasses.replace(agg._make_plan(store, handle.group, read_maps), fast_reads=False)
+        plan = dataclasses.replace(agg.make_plan(store, handle.group, read_maps), fast_reads=False)
         done = handle.done_units()
         plan.class_maps = agg._count_classes(handle, handle.usable()) <= agg.CLASS_MAPS  # as run_aggregation does
         units = done.tolist()

@@ -30,7 +30,7 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
     "occlusion": {"patch": 4, "stride": 4},
     "rise": {"masks": 200, "grid": 4},
     "sobol": {"grid": 4, "design": 8},
-    "soundness_saliency": {"steps": 30, "references": 4},
+    "soundness_saliency": {"steps": 30, "backgrounds": 4},
     "lrp": {},
 }
 #: the transformer stage: the gradient family, Grad-CAM on the last block's tokens, and the two
@@ -343,7 +343,7 @@ def write_example_grid(store: str, path: Path | None = None, n: int = 6) -> Path
         rec = next(iter(src.read(int(i), int(i) + 1)))
         img = decode_image(rec.payload, cfg.data)[0].numpy()
         axes[r, 0].imshow(img, cmap="gray")
-        axes[r, 0].set_title(f"#{i} y={g['label'][i]} t={g['target'][i]}", fontsize=6)
+        axes[r, 0].set_title(f"#{i} y={g[Keys.LABEL][i]} t={g[Keys.TARGET][i]}", fontsize=6)
         for c, m in enumerate(methods, start=1):
             a = g[Keys.maps(m)][int(i)].astype(np.float32)
             cmap, vmin, vmax = map_colour_scale(a)

@@ -316,9 +316,9 @@ class UnitProcessor:
             maps.update(compute_maps(self.model, x, target, [m for m in self.methods if not m.compile_safe], ctx))
             maps = {m.name: maps[m.name] for m in self.methods}
         out: dict[str, np.ndarray] = {
-            "target": target.cpu().numpy(),
-            "prediction": prediction.cpu().numpy(),
-            "probability": probability.cpu().numpy(),
+            Keys.TARGET: target.cpu().numpy(),
+            Keys.PREDICTION: prediction.cpu().numpy(),
+            Keys.PROBABILITY: probability.cpu().numpy(),
         }
         if masks is not None:
             out[Keys.GROUND_TRUTH_MASK] = masks.cpu().numpy()
@@ -468,8 +468,8 @@ class UnitProcessor:
             flush()
         ok = np.zeros(n, dtype=bool)
         ok[done_rows] = True
-        arrays.update(image=np.arange(start, start + n, dtype=np.int64), label=loaded.labels, ok=ok,
-                      source_key=np.asarray(loaded.keys, dtype=str))
+        arrays.update({Keys.IMAGE: np.arange(start, start + n, dtype=np.int64), Keys.LABEL: loaded.labels,
+                       Keys.OK: ok, Keys.SOURCE_KEY: np.asarray(loaded.keys, dtype=str)})
         return arrays, failures
 
     def _write(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
@@ -483,6 +483,11 @@ class UnitProcessor:
         if self._num_classes is None:
             self._num_classes = int(self.probe_output(self._blank(1)).shape[1])
         return self._num_classes
+
+    @num_classes.setter
+    def num_classes(self, classes: int) -> None:
+        """Set by a caller that already ran the model (the driver's input check), sparing the probe."""
+        self._num_classes = int(classes)
 
     def _blank(self, n: int) -> torch.Tensor:
         size = self.cfg.data.image_size

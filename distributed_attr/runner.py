@@ -24,7 +24,7 @@ from .config import Config, diff_configs, load_config, upgrade_stored_config
 from .io.lease import LeaseError, StoreLease
 from .io.sources import decode_image, fingerprint_differences
 from .io.storage import is_remote, local_path
-from .io.store import _KIND_WORDS, AttributionStore, StoreError, StorePlan, classify_path, clear_store
+from .io.store import KIND_WORDS, AttributionStore, StoreError, StorePlan, classify_path, clear_store
 from .pipeline import UnitProcessor, UnitResult
 
 
@@ -131,7 +131,7 @@ def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
         _refuse_store_holding_inputs(Path(local_path(path)), cfg, inputs or [])
     kind = classify_path(path, so)
     if kind in ("file", "foreign"):
-        raise StoreError(f"store {cfg.store!r} is {_KIND_WORDS[kind]}; nothing there was changed. "
+        raise StoreError(f"store {cfg.store!r} is {KIND_WORDS[kind]}; nothing there was changed. "
                          "Choose a path that does not exist yet (or an empty folder) for the store.")
     if kind == "store" and not overwrite:
         # Refuse early, without taking the lease, when the store cannot be resumed anyway.
@@ -235,7 +235,7 @@ def validate_inputs(cfg: Config, probe: UnitProcessor) -> None:
     except Exception as exc:
         raise JobError(f"the model cannot take this data (data.channels={cfg.data.channels}, "
                        f"data.image_size={cfg.data.image_size}): {type(exc).__name__}: {exc}"[:600]) from None
-    probe._num_classes = classes
+    probe.num_classes = classes
     target = cfg.run.target
     if not isinstance(target, str) and not 0 <= target < classes:
         raise JobError(f"run.target: class {target} is out of range; the model has {classes} classes (0..{classes - 1})")
@@ -540,6 +540,22 @@ def _actor_error(exc: BaseException) -> str:
 MAX_UNITS_PER_CALL = 8
 
 
+# Ray's actor errors say what happened only in their message (Ray 2.x has no field for it), so
+# the two readings of it live here, worded after the messages the pinned Ray writes, and are
+# tested through real actor deaths (tests/test_faults.py, tests/test_cluster.py).
+def _never_reached_the_actor(exc: BaseException) -> bool:
+    """An ``ActorUnavailableError`` for a call sent while the actor was restarting: the call never
+    ran (as opposed to a connection that broke while the actor held it, a process killed mid-unit)."""
+    return "restarting" in str(exc).lower()
+
+
+def _will_not_restart(exc: BaseException) -> bool:
+    """An ``ActorDiedError`` after which Ray will not bring the actor back (restarts used up, or
+    none allowed): the actor is dead for the rest of the job."""
+    text = str(exc).lower()
+    return "restart" not in text or "will not" in text
+
+
 class _ActorPool:
     """The driver's view of its actors: which are alive, what each holds (in call order), and
     the probes that find out when a lost actor is back."""
@@ -605,7 +621,7 @@ class _ActorPool:
                 # Either the call never reached a live actor ("the actor is restarting": it was sent
                 # before we knew), or the connection broke while the actor held it ("socket
                 # closed": a process killed mid-unit); only the latter is an execution that died.
-                events += self._lose(i, ref, exc, executed="restarting" not in str(exc).lower())
+                events += self._lose(i, ref, exc, executed=not _never_reached_the_actor(exc))
             except RayTaskError as exc:
                 # An exception in our own code is deterministic: retrying would fail again.
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
@@ -645,7 +661,7 @@ class _ActorPool:
                 finished = ray.get(oldest, timeout=10)  # it finished before the actor was lost
                 return [*finished, (rest, [], exc)]
             except ActorUnavailableError as e:
-                exc, executed = e, "restarting" not in str(e).lower()
+                exc, executed = e, not _never_reached_the_actor(e)
             except RayActorError as e:
                 exc, executed = e, True
             except GetTimeoutError:
@@ -670,8 +686,8 @@ class _ActorPool:
             self.next_probe[i] = time.monotonic() + 0.5  # still restarting: ask again shortly
             return
         except ActorDiedError as exc:
-            if "restart" not in str(exc).lower() or "will not" in str(exc).lower():
-                self.dead[i] = True  # Ray will not bring it back
+            if _will_not_restart(exc):
+                self.dead[i] = True
             self.next_probe[i] = time.monotonic() + 0.5
             return
         except RayActorError:

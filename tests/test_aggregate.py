@@ -173,13 +173,13 @@ def test_read_paths_and_threads_give_identical_states(store):
     reused every other block) or of several: the very same partial states, bit for bit."""
     import dataclasses
 
-    from distributed_attr.aggregate.plan import _make_plan
-    from distributed_attr.aggregate.reader import _BlockReader, aggregate_units
+    from distributed_attr.aggregate.plan import make_plan
+    from distributed_attr.aggregate.reader import BlockReader, aggregate_units
 
     root = zarr.open_group(store, mode="r")
-    plan = _make_plan(store, root, read_maps=True)
+    plan = make_plan(store, root, read_maps=True)
     arrays = {n: root[n] for n in ("ok", "target", "maps/saliency", "spectra/saliency", "hf_fraction/saliency")}
-    reader = _BlockReader(plan, arrays, 1, threads=1)
+    reader = BlockReader(plan, arrays, 1, threads=1)
     assert sorted(reader.readers) == sorted(arrays)  # the synthetic store is in our layout: all fast
     reader.close()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.store import AttributionStore, StoreError, outputs_dir
+from ..io.store import AttributionStore, Keys, StoreError, outputs_dir
 from .outputs import write_plots, write_aggregates_group, write_tables
 from .plan import (
     READ_BYTES,
@@ -35,14 +35,15 @@ from .plan import (
     ReadPlan,
     arrays_read,
     damaged_shard_message,
-    _make_plan,
-    _reader_note,
+    make_plan,
+    reader_note,
 )
 from .reader import aggregate_units
 from .schedule import aggregate_on_ray, local_cpus, plan_groups
 from .spectra import hf_fraction_from_spectrum, loglog_slope
 from .results import Results, Scope, ScopeResult
 from .stats import Moments, MomentsResult
+
 
 __all__ = ["run_aggregation", "aggregate_units", "plan_groups", "PartialAggregate", "READ_BYTES"]
 
@@ -81,7 +82,7 @@ def _default_out_dir(store: str) -> Path:
 
 def _count_classes(handle: AttributionStore, usable: np.ndarray) -> int:
     """Distinct ``target`` classes of the usable images (8 bytes per image read)."""
-    return int(np.unique(np.asarray(handle.group["target"][:])[usable]).size)
+    return int(np.unique(np.asarray(handle.group[Keys.TARGET][:])[usable]).size)
 
 
 def run_aggregation(
@@ -114,7 +115,7 @@ def run_aggregation(
     store = str(store)
     handle = AttributionStore.open(store, mode="r")
     root = handle.group
-    plan = _make_plan(store, root, read_maps)
+    plan = make_plan(store, root, read_maps)
     plan.threads = THREADS if threads is None else int(threads)
     if plan.threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
@@ -170,7 +171,7 @@ def run_aggregation(
         "methods": plan.methods,
         "hf_cutoff": plan.hf_cutoff,
         "spectra_source": "store" if plan.have_spectra else "computed from maps",
-        "shard_reader": _reader_note(store, plan),
+        "shard_reader": reader_note(store, plan),
         "summary": headline,
         "tables": tables,
         "plots": figures,

@@ -7,26 +7,34 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.store import open_group
+from ..io.store import Keys, open_group
 from .plan import ReadPlan
 from .results import Results, ScopeResult
 
 
 def write_aggregates_group(store: str, plan: ReadPlan, results: Results, done: np.ndarray) -> None:
-    """The ``aggregates/`` group, rewritten as a whole by the driver (the single writer)."""
+    """The ``aggregates/`` group, rewritten as a whole by the driver (the single writer).
+
+    The group and its coordinates are paths of ``io.store.Keys`` (``AGGREGATES``,
+    ``AGGREGATES_CUTOFF``, ``AGGREGATES_FREQUENCY``, ``aggregates(method)``); the arrays inside
+    each method's group are named here, and docs/spectra.md lists them: ``class``, then for the
+    prefix "" (all images) and "class_" (a leading ``class`` dimension) ``n_images``,
+    ``spectrum_{mean,std,ci95}``, ``slope``, ``hf_fraction``, ``<quantity>_{mean,std,ci95}`` per
+    ``ScopeResult.PER_IMAGE`` quantity, and ``map_{mean,std}`` when the maps were read."""
     root = open_group(store, "r+", plan.storage_options)
-    agg = root.create_group("aggregates", overwrite=True)
+    agg = root.create_group(Keys.AGGREGATES, overwrite=True)
     cutoffs = np.asarray(plan.cutoffs, dtype=np.float64)
     freqs = np.asarray(plan.frequencies, dtype=np.float64)
-    agg.create_array("cutoff", data=cutoffs, dimension_names=["cutoff"],
-                     attributes={"units": "cycles per image; inf = unfiltered"})
-    agg.create_array("frequency", data=freqs, dimension_names=["frequency"], attributes={"units": "cycles per pixel"})
+    root.create_array(Keys.AGGREGATES_CUTOFF, data=cutoffs, dimension_names=["cutoff"],
+                      attributes={"units": "cycles per image; inf = unfiltered"})
+    root.create_array(Keys.AGGREGATES_FREQUENCY, data=freqs, dimension_names=["frequency"],
+                      attributes={"units": "cycles per pixel"})
 
     def put(group, name, data, dims, **attrs):
         group.create_array(name, data=np.asarray(data), dimension_names=list(dims), attributes=attrs)
 
     for m, scopes in results.items():
-        g = agg.create_group(m)
+        g = root.create_group(Keys.aggregates(m))
         classes = sorted(k for k in scopes if k != "all")
         put(g, "class", np.asarray(classes, dtype=np.int64), ["class"], meaning="target class the maps explain")
         for prefix, keys, lead in (("", ["all"], []), ("class_", classes, ["class"])):

@@ -80,7 +80,7 @@ class PartialAggregate:
         return self
 
 
-def _reader_note(store: str, plan: ReadPlan) -> str:
+def reader_note(store: str, plan: ReadPlan) -> str:
     """Which reader the tasks use, and why (the fast one needs local files in our layout)."""
     if not plan.fast_reads:
         return "zarr (fast reads switched off)"
@@ -91,7 +91,7 @@ def _reader_note(store: str, plan: ReadPlan) -> str:
 
 def arrays_read(plan: ReadPlan) -> list[str]:
     """Every array the job reads, in one place for the readers and the integrity checks."""
-    names = ["ok", "target"]
+    names = [Keys.OK, Keys.TARGET]
     for m in plan.methods:
         if plan.read_maps or not plan.have_spectra:
             names.append(Keys.maps(m))
@@ -106,7 +106,8 @@ def damaged_shard_message(store: str, bad: dict[int, str], units_word: str = "un
     return damaged_message(store, bad, units_word, outcome="; no aggregate was written")
 
 
-def _make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:
+def make_plan(store: str, root: zarr.Group, read_maps: bool) -> ReadPlan:
+    """The plan every reader task follows, from the store's attributes and coordinates."""
     from ..spectral import radial_bin_counts, radial_frequencies
 
     attrs = dict(root.attrs)

@@ -1,5 +1,6 @@
 """One reader task's work: ``aggregate_units`` reads blocks of whole units with a threaded block
-reader and folds them into mergeable states."""
+reader and folds them into mergeable states (computing spectra from the maps when the store has
+none)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from ..io.store import Keys, StoreError, open_group
 from .plan import PartialAggregate, ReadPlan, arrays_read, damaged_shard_message
-from .spectra import spectra_from_maps, hf_fraction_from_spectrum, loglog_slope
+from .spectra import hf_fraction_from_spectrum, loglog_slope
 from .stats import GroupedMoments
 
 
@@ -36,7 +37,7 @@ def _blocks(units: list[int], units_per_read: int) -> list[tuple[int, int]]:
     return out
 
 
-class _BlockReader:
+class BlockReader:
     """Reads blocks of whole units of every array the job needs into two alternating sets of
     reusable buffers: one is filled (by ``threads`` threads, an array each) while the caller
     reduces the other.
@@ -87,6 +88,17 @@ class _BlockReader:
             self.pool.shutdown(wait=True)
 
 
+def spectra_from_maps(maps: np.ndarray, plan: ReadPlan) -> np.ndarray:
+    """(n, K, F) spectra computed from maps when the store has none (same recipe as the
+    workers: unfiltered = the raw map, then the sweep with the config's filter)."""
+    import torch
+
+    from ..spectral import spectra_by_cutoff
+
+    x = torch.from_numpy(np.asarray(maps, dtype=np.float32))
+    return spectra_by_cutoff(x, plan.cutoffs, kind=plan.filter_kind, order=plan.filter_order)[1].numpy()
+
+
 def _reduce_method(plan: ReadPlan, stats: dict[str, GroupedMoments], method: str, got: dict[str, np.ndarray],
                    keep: np.ndarray, keys: np.ndarray) -> None:
     """Fold one method's part of a block (the rows ``keep``) into its states ``stats``."""
@@ -124,7 +136,7 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
     units_per_read = max(1, min(plan.read_bytes // max(1, per_unit), math.ceil(len(units) / 4)))
     blocks = _blocks(sorted(units), units_per_read)
     threads = max(1, int(plan.threads))
-    reader = _BlockReader(plan, arrays, units_per_read, threads, fast=plan.fast_reads)
+    reader = BlockReader(plan, arrays, units_per_read, threads, fast=plan.fast_reads)
     part = PartialAggregate(stats={m: {} for m in plan.methods})
     # methods are independent states: with threads, each block's methods are reduced side by side
     reducers = ThreadPoolExecutor(max_workers=min(threads, len(plan.methods)), thread_name_prefix="reduce") \
@@ -147,11 +159,11 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
             pending = reader.submit(blocks[i + 1], (i + 1) % 2) if i + 1 < len(blocks) else None
             part.bytes_read += sum(v.nbytes for v in got.values())
             part.units += u1 - u0 + 1
-            keep = np.flatnonzero(np.asarray(got["ok"], dtype=bool))
+            keep = np.flatnonzero(np.asarray(got[Keys.OK], dtype=bool))
             part.images += keep.size
             if keep.size == 0:
                 continue
-            keys = np.asarray(got["target"])[keep]
+            keys = np.asarray(got[Keys.TARGET])[keep]
             if reducers is None:
                 for m in plan.methods:
                     _reduce_method(plan, part.stats[m], m, got, keep, keys)

@@ -1,6 +1,7 @@
 """Ray scheduling of the reader tasks: groups of units, CPUs for a local Ray, tasks in flight."""
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Iterable
@@ -26,17 +27,21 @@ def local_cpus(num_workers: int | None, threads: int = 1) -> int:
     return max(os.cpu_count() or 1, (num_workers or 0) * threads)
 
 
-_REMOTE_TASK: Any = None
+@functools.lru_cache(maxsize=None)
+def remote_reader_task() -> Any:
+    """``aggregate_units`` as a Ray remote function, made on first use and then reused, so that it
+    is exported to the cluster once per driver process, not once per job (Ray is imported only
+    here, when a job runs on it)."""
+    import ray
+
+    return ray.remote(num_cpus=1, max_retries=2)(aggregate_units)
 
 
 def _run_tasks(plan: ReadPlan, groups: list[list[int]], num_workers: int) -> PartialAggregate:
     """At most ``num_workers`` reader tasks in flight; states merged in completion order."""
     import ray
 
-    global _REMOTE_TASK
-    if _REMOTE_TASK is None:  # exported to the cluster once per driver process, not per job
-        _REMOTE_TASK = ray.remote(num_cpus=1, max_retries=2)(aggregate_units)
-    task = _REMOTE_TASK
+    task = remote_reader_task()
     plan_ref = ray.put(plan)
     total = PartialAggregate()
     pending = list(groups)

@@ -1,5 +1,5 @@
-"""Pure NumPy spectral helpers of the aggregation job (slopes, high-frequency fractions), and
-spectra computed from maps for a store that has none."""
+"""Pure NumPy spectral helpers of the aggregation job (slopes, high-frequency fractions); the
+spectra computed from maps for a store that has none are the readers' (``reader.spectra_from_maps``)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,6 @@ import math
 import numpy as np
 
 from ..spectral.radial import NUMERICAL_FLOOR  # one floor for the torch and NumPy spectral maths
-from .plan import ReadPlan
 
 # ------------------------------------------------------------------------------------------------
 # Pure helpers (NumPy, also used by the tests' expectations through their definitions)
@@ -53,14 +52,3 @@ def hf_fraction_from_spectrum(
 
     f, p, c = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float64)) for a in (freqs, power, counts))
     return high_frequency_fraction_from_spectrum(f, p, c, float(cutoff)).numpy()
-
-
-def spectra_from_maps(maps: np.ndarray, plan: ReadPlan) -> np.ndarray:
-    """(n, K, F) spectra computed from maps when the store has none (same recipe as the
-    workers: unfiltered = the raw map, then the sweep with the config's filter)."""
-    import torch
-
-    from ..spectral import spectra_by_cutoff
-
-    x = torch.from_numpy(np.asarray(maps, dtype=np.float32))
-    return spectra_by_cutoff(x, plan.cutoffs, kind=plan.filter_kind, order=plan.filter_order)[1].numpy()

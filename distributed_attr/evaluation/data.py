@@ -16,10 +16,10 @@ import zarr
 from ..io.store import AttributionStore, Keys
 
 def open_store(store: Any) -> zarr.Group:
-    """A read-only Zarr group from a path or an open group; ``StoreError`` when the path holds no
-    readable store of a supported schema."""
+    """A read-only Zarr group from a path or an open group; ``StoreError`` when it is no fully
+    created store of a supported schema (the same checks for both)."""
     if isinstance(store, zarr.Group):
-        return store
+        return _handle(store).group
     return AttributionStore.open(store, mode="r").group
 
 
@@ -44,15 +44,16 @@ def usable_positions(group: zarr.Group) -> np.ndarray:
 
 
 def _handle(group: zarr.Group) -> AttributionStore:
-    return AttributionStore(str(store_path(group) or "<store>"), group)
+    """The store handle of an open root group, checked as ``AttributionStore.open`` checks."""
+    return AttributionStore.from_group(group, str(store_path(group) or "<store>"))
 
 
 def metric_names(group: zarr.Group) -> list[str]:
     """Metrics present in the store, in the order the store's attributes list them."""
     listed = [str(m) for m in group.attrs.get("metrics", [])]
-    if "metrics" not in group:
+    if Keys.METRICS not in group:
         return []
-    present = {name for name, _ in group["metrics"].groups()}
+    present = {name for name, _ in group[Keys.METRICS].groups()}
     return [m for m in listed if m in present] + sorted(present - set(listed))
 
 
@@ -85,7 +86,7 @@ class MetricTable:
     def unfiltered_index(self) -> int:
         inf = np.flatnonzero(np.isinf(self.cutoffs))
         if len(inf) == 0:
-            raise ValueError(f"metrics/cutoff of the store has no unfiltered entry (+inf): {self.cutoffs.tolist()}")
+            raise ValueError(f"{Keys.METRICS_CUTOFF} of the store has no unfiltered entry (+inf): {self.cutoffs.tolist()}")
         return int(inf[0])
 
     def cutoff_index(self, cutoff: float) -> int:
@@ -121,9 +122,9 @@ def load_metric(store: Any, metric: str, output: str | None = None,
             raise ValueError(f"methods {unknown} have no {metric}/{output} in the store; methods: {stored_methods}")
         stored_methods = list(methods)
     # Every shard read here must be there and intact: a lost one would read as fill values.
-    _handle(group).require_intact(["ok", "image", *(Keys.metric(metric, output, m) for m in stored_methods)])
+    _handle(group).require_intact([Keys.OK, Keys.IMAGE, *(Keys.metric(metric, output, m) for m in stored_methods)])
     positions = usable_positions(group)
-    images = np.asarray(group["image"][:])[positions]
+    images = np.asarray(group[Keys.IMAGE][:])[positions]
     cutoffs = np.asarray(group[Keys.METRICS_CUTOFF][:], dtype=np.float64)
     values: dict[str, np.ndarray] = {}
     dims: tuple[str, ...] = ()

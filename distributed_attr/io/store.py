@@ -54,14 +54,36 @@ class Keys:
     """The one place the store's array paths are spelled (docs/store.md is their public form).
     Writers, readers, the aggregation and the evaluation all build paths here."""
 
+    # -- per-image facts, (image,) each ----------------------------------------------------------
+    #: the global index of the image (never holds its fill value: proves a unit's shard exists)
+    IMAGE = "image"
+    LABEL = "label"
+    TARGET = "target"
+    PREDICTION = "prediction"
+    PROBABILITY = "probability"
+    #: false for failed images
+    OK = "ok"
+    #: (1.1) where each image came from
+    SOURCE_KEY = "source_key"
+    #: (1.2) each image's ground-truth mask, when the data has one (``data.mask_column``)
+    GROUND_TRUTH_MASK = "ground_truth/mask"
+
+    # -- groups and their coordinates -------------------------------------------------------------
+    #: the driver's bookkeeping group
+    UNITS = "units"
     UNITS_DONE = "units/done"
     UNITS_SECONDS = "units/seconds"
     FREQUENCY = "spectra/frequency"
     SPECTRA_CUTOFF = "spectra/cutoff"
+    HF_FRACTION_CUTOFF = "hf_fraction/cutoff"
+    METRICS = "metrics"
     METRICS_CUTOFF = "metrics/cutoff"
     STORED_CUTOFF = "filtered_maps/stored_cutoff"
-    #: (1.2) each image's ground-truth mask, when the data has one (``data.mask_column``)
-    GROUND_TRUTH_MASK = "ground_truth/mask"
+    #: the aggregation job's output group, rewritten as a whole by its driver (``aggregate/outputs.py``
+    #: writes the per-method statistics inside ``aggregates/<method>``; docs/spectra.md lists them)
+    AGGREGATES = "aggregates"
+    AGGREGATES_CUTOFF = "aggregates/cutoff"
+    AGGREGATES_FREQUENCY = "aggregates/frequency"
 
     @staticmethod
     def maps(method: str) -> str:
@@ -82,6 +104,10 @@ class Keys:
     @staticmethod
     def metric_group(metric: str) -> str:
         return f"metrics/{metric}"
+
+    @staticmethod
+    def aggregates(method: str) -> str:
+        return f"aggregates/{method}"
 
     @staticmethod
     def metric(metric: str, output: str, method: str) -> str:
@@ -128,13 +154,13 @@ class StorePlan:
     def arrays(self) -> list[ArraySpec]:
         n, (_, h, w) = self.n_images, self.image_shape
         specs = [
-            ArraySpec("image", ("image",), (n,), "int64"),
-            ArraySpec("label", ("image",), (n,), "int64"),
-            ArraySpec("target", ("image",), (n,), "int64"),
-            ArraySpec("prediction", ("image",), (n,), "int64"),
-            ArraySpec("probability", ("image",), (n,), "float32"),
-            ArraySpec("ok", ("image",), (n,), "bool"),
-            ArraySpec("source_key", ("image",), (n,), "str"),
+            ArraySpec(Keys.IMAGE, ("image",), (n,), "int64"),
+            ArraySpec(Keys.LABEL, ("image",), (n,), "int64"),
+            ArraySpec(Keys.TARGET, ("image",), (n,), "int64"),
+            ArraySpec(Keys.PREDICTION, ("image",), (n,), "int64"),
+            ArraySpec(Keys.PROBABILITY, ("image",), (n,), "float32"),
+            ArraySpec(Keys.OK, ("image",), (n,), "bool"),
+            ArraySpec(Keys.SOURCE_KEY, ("image",), (n,), "str"),
         ]
         if self.ground_truth_mask:
             specs.append(ArraySpec(Keys.GROUND_TRUTH_MASK, ("image", "y", "x"), (n, h, w), "bool"))
@@ -196,7 +222,7 @@ class AttributionStore:
         path = str(path)
         kind, entries = _listing(path, storage_options)
         if kind not in ("missing", "empty") and not (kind == "foreign" and set(entries) <= {LEASE_NAME, *kept}):
-            raise StoreError(f"cannot create a store at {path!r}: it is {_KIND_WORDS[kind]}")
+            raise StoreError(f"cannot create a store at {path!r}: it is {KIND_WORDS[kind]}")
         root = zarr.open_group(store=zarr_store(path, storage_options), mode="a", zarr_format=3)
         # Marked as ours before anything else, so an interrupted creation can still be replaced.
         root.attrs.update(producer=PRODUCER, schema_version=SCHEMA_VERSION)
@@ -218,9 +244,10 @@ class AttributionStore:
                 attributes=spec.attrs,
             )
         # Coordinates inside each group, so xarray.open_zarr(store, group=...) sees them.
-        groups_with_cutoff = ["spectra", "hf_fraction", "metrics"] if plan.frequencies is not None else ["metrics"]
-        for g in groups_with_cutoff:
-            root.create_array(f"{g}/cutoff", data=np.asarray(plan.cutoffs, dtype="float64"),
+        cutoff_paths = [Keys.SPECTRA_CUTOFF, Keys.HF_FRACTION_CUTOFF, Keys.METRICS_CUTOFF] \
+            if plan.frequencies is not None else [Keys.METRICS_CUTOFF]
+        for cutoff_path in cutoff_paths:
+            root.create_array(cutoff_path, data=np.asarray(plan.cutoffs, dtype="float64"),
                               dimension_names=["cutoff"], attributes={"units": "cycles per image; inf = unfiltered"})
         if plan.frequencies is not None:
             root.create_array(Keys.FREQUENCY, data=np.asarray(plan.frequencies, dtype="float64"),
@@ -260,17 +287,29 @@ class AttributionStore:
         path = str(path)
         kind = classify_path(path, storage_options)
         if kind != "store":
-            raise StoreError(f"no attribution store at {path!r}: it is {_KIND_WORDS[kind]}")
+            raise StoreError(f"no attribution store at {path!r}: it is {KIND_WORDS[kind]}")
         try:
             group = zarr.open_group(store=zarr_store(path, storage_options, read_only=mode == "r"), mode=mode,
                                     zarr_format=3)
         except Exception as exc:
             raise StoreError(f"{path!r} is not a readable Zarr v3 store: {exc}") from None
-        if not group.attrs.get("ready"):
-            raise StoreError(f"{path!r} was not fully created (interrupted); rerun with --overwrite")
-        version = str(group.attrs.get("schema_version", "?"))
-        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-            raise StoreError(f"{path!r} has schema {version}; this version reads {SCHEMA_VERSION.split('.')[0]}.x")
+        _check_usable(path, group)
+        return cls(path, group, storage_options)
+
+    @classmethod
+    def from_group(cls, group: zarr.Group, path: str | Path | None = None,
+                   storage_options: dict[str, Any] | None = None) -> "AttributionStore":
+        """Wrap a root group someone else opened, with the checks ``open`` makes on what it opens:
+        one of our stores (our ``producer``, or a 1.0 store's schema attributes), fully created,
+        of a readable schema version; ``StoreError`` otherwise. ``path`` names the store in
+        messages (default: the group's folder, where it has one)."""
+        if path is None:
+            root = getattr(group.store, "root", None)
+            path = str(root) if root is not None else str(group.store)
+        path = str(path)
+        if not _is_ours(dict(group.attrs)):
+            raise StoreError(f"no attribution store at {path!r}: it is {KIND_WORDS['foreign']}")
+        _check_usable(path, group)
         return cls(path, group, storage_options)
 
     # -- facts -----------------------------------------------------------------------------------
@@ -308,7 +347,7 @@ class AttributionStore:
         a job stopped may hold a partial block, and failed images hold fill values."""
         done = np.asarray(self.group[Keys.UNITS_DONE][:]) == 1
         in_done = np.repeat(done, self.unit_size)[: self.n_images]
-        return in_done & np.asarray(self.group["ok"][:]).astype(bool)
+        return in_done & np.asarray(self.group[Keys.OK][:]).astype(bool)
 
     def per_image_arrays(self) -> list[str]:
         """Paths of every array with one block per unit (first dimension ``image``)."""
@@ -325,11 +364,11 @@ class AttributionStore:
         if not todo:
             return bad
         # Before 1.1, shards holding only fill values were not written: absence proves nothing
-        # except for ``image``, which never holds its fill value.
+        # except for ``image`` (``Keys.IMAGE``), which never holds its fill value.
         check_presence = self.schema_version >= (1, 1)
         for name in names:
             arr = self.group[name]
-            if check_presence or name == "image":
+            if check_presence or name == Keys.IMAGE:
                 present = _stored_chunk_keys(arr)
                 # our writers make one shard (or chunk) per unit; arrays written otherwise
                 # (by hand, by other tools) are checked chunk by chunk all the same
@@ -415,6 +454,21 @@ class AttributionStore:
         self.group.attrs.update(attrs)
 
 
+def _check_usable(path: str, group: zarr.Group) -> None:
+    """Raise ``StoreError`` unless the store was fully created and has a schema this version reads."""
+    if not group.attrs.get("ready"):
+        raise StoreError(f"{path!r} was not fully created (interrupted); rerun with --overwrite")
+    version = str(group.attrs.get("schema_version", "?"))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise StoreError(f"{path!r} has schema {version}; this version reads {SCHEMA_VERSION.split('.')[0]}.x")
+
+
+def _is_ours(attrs: dict[str, Any]) -> bool:
+    """Whether root attributes mark one of our stores: our ``producer`` (1.1), or the schema keys
+    every store has had since 1.0."""
+    return attrs.get("producer") == PRODUCER or {"schema_version", "n_units", "unit_size"} <= set(attrs)
+
+
 def damaged_message(store: str, bad: dict[int, str], units_word: str = "unit(s)", outcome: str = "") -> str:
     """The one message for done units whose data are missing or damaged: which, and what to run."""
     first = "; ".join(f"unit {u}: {why}" for u, why in list(bad.items())[:3])
@@ -438,7 +492,8 @@ def open_group(store: str, mode: Literal["r", "r+"] = "r", storage_options: dict
     return zarr.open_group(store=zarr_store(store, storage_options, read_only=mode == "r"), mode=mode, zarr_format=3)
 
 
-_KIND_WORDS = {
+#: how messages name each kind of location ``classify_path`` tells apart
+KIND_WORDS = {
     "missing": "missing",
     "empty": "an empty folder",
     "store": "an attribution store",
@@ -485,10 +540,10 @@ def _listing(path: str, storage_options: dict[str, Any] | None) -> tuple[str, li
     except ValueError:
         # Unparseable metadata: ours only if the folder has our layout (a damaged store stays
         # replaceable); otherwise someone else's.
-        return ("store" if {"units", "ok", "image"} <= set(entries) else "foreign"), entries
+        return ("store" if {Keys.UNITS, Keys.OK, Keys.IMAGE} <= set(entries) else "foreign"), entries
     attrs = (raw.get("attributes") or {}) if isinstance(raw, dict) else {}
     if isinstance(raw, dict) and raw.get("zarr_format") == 3 and raw.get("node_type") == "group" and (
-            attrs.get("producer") == PRODUCER or {"schema_version", "n_units", "unit_size"} <= set(attrs)):
+            _is_ours(attrs)):
         return "store", entries
     return "foreign", entries
 
@@ -601,7 +656,7 @@ class UnitWriter:
         self._arrays: dict[str, Any] = {}
         # arrays a newer version computes but an older store has no place for (a 1.0 store being
         # resumed has no ``source_key``): not written, rather than failing the unit
-        self.absent = {name for name in ("source_key",) if name not in self.group}
+        self.absent = {name for name in (Keys.SOURCE_KEY,) if name not in self.group}
 
     def _array(self, name: str):
         arr = self._arrays.get(name)
