@@ -250,7 +250,7 @@ def main() -> None:
     t_sg_group, t_sg_each, t_sg_captum = sg_times[0], sum(sg_times[1:4]), sum(sg_times[4:])
 
     # Soundness Saliency: float32 vs bfloat16 autocast (CPU), a few steps, backgrounds = the images.
-    sound = build_method("soundness_saliency", {"steps": sound_steps, "references": 10})
+    sound = build_method("soundness_saliency", {"steps": sound_steps, "backgrounds": 10})
     t32, t16 = best_times([
         lambda: compute_maps(model, x, target, [sound], ctx(references=x)),
         lambda: compute_maps(model, x, target, [sound], ctx(references=x, autocast=torch.bfloat16)),

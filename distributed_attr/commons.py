@@ -34,6 +34,11 @@ class SampleBudget:
         """A pass of ``failed`` samples ran out of memory: from now on at most half of it."""
         self._size = min(self._size, max(1, failed // 2))
 
+    def reset(self, size: int) -> None:
+        """Back to ``size`` (what it was before a batch that failed: the sizes that batch tried
+        say nothing about the next one)."""
+        self._size = max(1, int(size))
+
     def per(self, cost: int) -> "SampleBudget":
         """This budget counted in items that put ``cost`` samples each into a pass (an image with
         all its references, all its masks); lowering the view lowers this budget."""

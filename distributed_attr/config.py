@@ -60,7 +60,7 @@ class DataConfig:
         from .io.sources import SOURCES  # (the sources import torch: not before a config is read)
 
         if self.format not in SOURCES:
-            raise FieldError("format", f"{self.format!r} is not one of {SOURCES.names()}")
+            raise FieldError("format", f"{self.format!r} is not one of {SOURCES.names()}{SOURCES.plugin_failures()}")
         if not self.path:
             raise ValueError("path is required")
         if self.image_size < 8:

@@ -293,7 +293,17 @@ class UnitProcessor:
     def compute_batch(self, x: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
                       masks: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """Every per-image array the store holds, for one batch of decoded images (and their
-        ground-truth masks (N, H, W) bool, when the data have them)."""
+        ground-truth masks (N, H, W) bool, when the data have them). The sample budget an
+        out-of-memory error lowered holds for later batches only when this one succeeds."""
+        size = self.budget.size
+        try:
+            return self._compute_batch(x, labels, indices, masks)
+        except BaseException:
+            self.budget.reset(size)
+            raise
+
+    def _compute_batch(self, x: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+                       masks: torch.Tensor | None) -> dict[str, np.ndarray]:
         cfg = self.cfg
         if self.device.type == "cuda" and x.device.type == "cpu":
             # from page-locked memory the copy runs asynchronously to the host

@@ -364,10 +364,16 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            broken = "".join(f"; plugin {ep!r} did not load: {why}" for ep, why in self.plugin_errors.items())
             raise RegistryError(
-                f"unknown {self.kind} {name!r}; valid {self.kind}s: {sorted(self._items)}{broken}"
+                f"unknown {self.kind} {name!r}; valid {self.kind}s: {sorted(self._items)}{self.plugin_failures()}"
             ) from None
+
+    __getitem__ = get
+
+    def plugin_failures(self) -> str:
+        """"; plugin 'x = pkg.mod' did not load: <error>" for each plugin that failed to import
+        (empty when none did): what a message about a missing name should add."""
+        return "".join(f"; plugin {ep!r} did not load: {why}" for ep, why in self.plugin_errors.items())
 
     def load_plugins(self) -> list[str]:
         """Import the modules that installed packages declare under the entry-point group

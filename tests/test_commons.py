@@ -121,3 +121,27 @@ def test_the_processor_keeps_what_an_out_of_memory_error_taught_across_batches(t
     proc.compute_batch(x, torch.zeros(4, dtype=torch.long), torch.arange(4, 8))
     # the second batch never tried a pass the first one found too large
     assert model.passes and max(model.passes) <= 16
+
+
+def test_a_batch_that_fails_leaves_the_budget_as_it_found_it(tmp_path):
+    """Sizes lowered by a batch that then fails (its unit fails) are not kept: they were learnt
+    from a batch that proved nothing, and a replica left at one sample per pass would be slow
+    for the rest of its life."""
+    path = tmp_path / "x.npy"
+    np.save(path, np.zeros((4, 8, 8), np.uint8))
+    cfg = Config.from_dict({
+        "data": {"format": "numpy", "path": str(path), "image_size": 8, "channels": 1, "mean": [0.0], "std": [1.0]},
+        "store": str(tmp_path / "unused.zarr"), "methods": {"integrated_gradients": {"steps": 8}, "saliency": {}},
+        "spectra": {"enabled": False}, "run": {"num_workers": 0, "max_batch": 64, "decode_workers": 0}})
+
+    class FailsLater(FitsAtMost):
+        def forward(self, x):
+            if len(self.passes) >= 3:  # after IG's passes fit at 16: a bug in a later method
+                raise ValueError("boom")
+            return super().forward(x)
+
+    proc = UnitProcessor(cfg, device="cpu", model=FailsLater(limit=16))
+    with pytest.raises(ValueError, match="boom"):
+        proc.compute_batch(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), torch.arange(4))
+    assert proc.model.passes and max(proc.model.passes) <= 16  # the budget was lowered on the way ...
+    assert proc.budget.size == 64  # ... and is back

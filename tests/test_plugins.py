@@ -157,3 +157,31 @@ def test_every_module_of_the_methods_and_metrics_packages_is_imported():
         modules = {i.name for i in pkgutil.iter_modules(pkg.__path__)}
         assert len(modules) > 5 and all(hasattr(pkg, name) for name in modules), pkg.__name__
     assert {"soundness_saliency", "lrp", "rise"} <= set(METHODS) and {"deletion", "sparseness"} <= set(METRICS)
+
+
+def test_a_plugin_may_import_any_name_of_the_package_it_extends(tmp_path):
+    """Plugins load when ``distributed_attr.methods`` (``.metrics``, ``.io.sources``) is first
+    imported: in a fresh process, as in every Ray worker. They loaded halfway through that import,
+    so a plugin importing ``compute_maps`` failed ("partially initialized module") and vanished."""
+    import subprocess
+    import sys
+
+    install(tmp_path, "daplugin_imports", PLUGIN + "\nfrom distributed_attr.methods import attribute, compute_maps\n"
+            "from distributed_attr.metrics import evaluate\nfrom distributed_attr.io.sources import open_source\n",
+            {"distributed_attr.methods": "m = daplugin_imports", "distributed_attr.sources": "s = daplugin_imports"})
+    code = ("import distributed_attr.io.sources as s, distributed_attr.methods as m; "
+            "assert not m.METHODS.plugin_errors and not s.SOURCES.plugin_errors, (m.METHODS.plugin_errors, "
+            "s.SOURCES.plugin_errors); assert 'plugin_input_magnitude' in m.METHODS and 'plugin_ramp' in s.SOURCES")
+    proc = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_source_plugin_that_did_not_load_is_named_by_the_format_error(tmp_path, monkeypatch, registries):
+    install(tmp_path, "broken_source", "raise RuntimeError('no tfrecord library here')\n",
+            {"distributed_attr.sources": "tfrecord = broken_source"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert SOURCES.load_plugins() == []
+    with pytest.raises(ConfigError, match=r"^data\.format: 'tfrecord' is not one of \[.*\]; plugin 'tfrecord = "
+                                          r"broken_source' did not load: RuntimeError: no tfrecord library here$"):
+        Config.from_dict({"data": {"format": "tfrecord", "path": "x"}, "store": str(tmp_path / "s.zarr")})

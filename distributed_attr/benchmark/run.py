@@ -181,7 +181,8 @@ def answer(stores: dict[str, list[str]], size: int, n_boot: int = 1000, seed: in
     for model, store in ((model, s) for model, ss in stores.items() for s in ss):
         out = outputs_dir(store)
         best = pd.read_parquet(out / "best_cutoffs.parquet")
-        tables = {metric: load_metric(store, metric) for metric in sorted(set(best["metric"]))}  # read once
+        evaluated = sorted(set(best["method"]))  # read once, and only the methods the evaluation ranked
+        tables = {metric: load_metric(store, metric, methods=evaluated) for metric in sorted(set(best["metric"]))}
         for r in best.itertuples():
             family = ("faithfulness" if r.metric in FAITHFULNESS else "localisation" if r.metric in LOCALISATION
                       else "robustness" if r.metric in ROBUSTNESS else "other")

@@ -587,7 +587,6 @@ class NumpySource(Source):
         return None if self.labels is None else np.asarray(self.labels, dtype=np.int64)
 
 
-SOURCES.load_plugins()
 
 
 def open_source(cfg: DataConfig, storage_options: dict[str, Any] | None = None,
@@ -735,3 +734,7 @@ def _resize_normalise(t: torch.Tensor, cfg: DataConfig, normalise: bool = True) 
     mean = torch.tensor(cfg.mean, dtype=torch.float32, device=t.device).view(-1, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32, device=t.device).view(-1, 1, 1)
     return ((t - mean) / std).contiguous()
+
+
+# Last, once every name of this module exists: a plugin may import any of them.
+SOURCES.load_plugins()

@@ -25,7 +25,6 @@ from .base import (
 )
 
 import_modules(__name__, __path__)
-METHODS.load_plugins()
 
 __all__ = ["METHODS", "Context", "Method", "attribute", "build_method", "compute_maps", "list_methods"]
 
@@ -90,3 +89,7 @@ def attribute(
 def list_methods() -> dict[str, dict[str, Any]]:
     """Every registered method with its family, parameters and defaults."""
     return {name: METHODS.get(name).describe() for name in METHODS}
+
+
+# Last, once every name of this module exists: a plugin may import any of them.
+METHODS.load_plugins()

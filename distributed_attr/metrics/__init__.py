@@ -18,7 +18,6 @@ from .base import METRICS, Metric, MetricContext, build_metric, register
 from .randomisation import randomisation_check
 
 import_modules(__name__, __path__)
-METRICS.load_plugins()
 
 __all__ = [
     "METRICS",
@@ -90,3 +89,7 @@ def evaluate(
 def list_metrics() -> dict[str, dict[str, Any]]:
     """Every registered metric with its direction, score output, parameters and defaults."""
     return {name: METRICS.get(name).describe() for name in METRICS}
+
+
+# Last, once every name of this module exists: a plugin may import any of them.
+METRICS.load_plugins()

@@ -43,8 +43,8 @@ class MetricContext(BatchContext):
 
     #: other models trained on the same data (name -> model), for feature detection
     evaluators: dict[str, nn.Module] = field(default_factory=dict)
-    #: the evaluators' names (default: the keys of ``evaluators``). ``outputs`` and ``coords``
-    #: read only these, so the driver lays out the store from names without loading any model
+    #: the evaluators' names when no models are at hand (the driver lays out the store from names
+    #: alone: ``outputs`` and ``coords`` read only names); None: the keys of ``evaluators``
     evaluator_names: tuple[str, ...] | None = None
     #: per-channel mean of the dataset (C,), in the model's input space, for the "mean" baseline
     dataset_mean: Tensor | None = None
@@ -59,8 +59,6 @@ class MetricContext(BatchContext):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.evaluator_names is None:
-            object.__setattr__(self, "evaluator_names", tuple(self.evaluators))
         object.__setattr__(self, "explain_takes_indices", _takes_indices(self.explain))
 
 

@@ -55,7 +55,8 @@ class FeatureDetection(Metric):
             check_baseline(self.baseline)
 
     def evaluator_names(self, ctx: MetricContext) -> list[str]:
-        return ["self", *[name for name in ctx.evaluator_names or () if name != "self"]]
+        names = ctx.evaluator_names if ctx.evaluator_names is not None else tuple(ctx.evaluators)
+        return ["self", *[name for name in names if name != "self"]]
 
     def outputs(self, ctx: MetricContext):
         dims = ("evaluator", "keep")
