@@ -169,7 +169,7 @@ def test_a_plugin_may_import_any_name_of_the_package_it_extends(tmp_path):
     install(tmp_path, "daplugin_imports", PLUGIN + "\nfrom distributed_attr.methods import attribute, compute_maps\n"
             "from distributed_attr.metrics import evaluate\nfrom distributed_attr.io.sources import open_source\n",
             {"distributed_attr.methods": "m = daplugin_imports", "distributed_attr.sources": "s = daplugin_imports"})
-    code = ("import distributed_attr.io.sources as s, distributed_attr.methods as m; "
+    code = ("import distributed_attr.methods as m, distributed_attr.io.sources as s; "
             "assert not m.METHODS.plugin_errors and not s.SOURCES.plugin_errors, (m.METHODS.plugin_errors, "
             "s.SOURCES.plugin_errors); assert 'plugin_input_magnitude' in m.METHODS and 'plugin_ramp' in s.SOURCES")
     proc = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYTHONPATH": str(tmp_path)},
