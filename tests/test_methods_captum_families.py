@@ -410,3 +410,25 @@ def test_on_cuda_maps_match_captum_there_and_do_not_depend_on_the_batch():
     same(ours(model, x[:1], t[:1], "gradient_shap", refs=refs, seed=2, indices=idx[:1], samples=8,
               noise_level=0.1), ref)
     assert math.isfinite(float(whole.sum()))
+
+
+def test_deeplift_shap_out_of_memory_is_raised_at_once_and_leaves_the_budget():
+    """Its pass (an image with its backgrounds) does not shrink with the budget: halving the
+    budget and redoing the same pass, down to one sample, only delayed the error and left the
+    replica's budget at 1."""
+    model, x, t, refs = setup()
+    passes = []
+
+    def forward_pre(module, args):
+        passes.append(1)
+        if len(passes) > 2:  # the first passes check the model (check_deeplift_model)
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    handle = model.register_forward_pre_hook(forward_pre)
+    try:
+        ctx = Context(references=refs, budget=8)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            build_method("deeplift_shap", {"backgrounds": 2}).attribute(model, x, t, ctx)
+    finally:
+        handle.remove()
+    assert ctx.max_batch == 8 and len(passes) == 3

@@ -30,7 +30,8 @@ What the bridge adds to Captum:
   ``perturbations_per_eval = min(samples, ctx.max_batch)`` (LIME, Kernel SHAP, Shapley sampling;
   this does not change the draws) or by splitting Captum's gradient computation into chunks
   (Gradient SHAP, through its ``gradient_func``). A CUDA out-of-memory error halves
-  ``ctx.max_batch`` and redoes the chunk or image, with the same draws.
+  ``ctx.max_batch`` and redoes the chunk or image, with the same draws (DeepLiftShap's pass, an
+  image with its backgrounds, does not shrink with the budget: it raises at once).
 - **Outputs.** Gradient methods differentiate the target logit (Captum's convention); the
   perturbation families have ``output: "logit" | "probability"`` like ``occlusion``. Forwards run
   under ``ctx.autocast``, except DeepLIFT's (Captum's rule hooks fail under autocast: it runs in
@@ -369,7 +370,9 @@ class DeepLiftShap(Method):
                 )
             return attr.detach().to(dtype)[0].sum(dim=0)
 
-        return each_image(one, x.shape[0], ctx)
+        # One pass per image holds it and its backgrounds whatever the budget is: on an
+        # out-of-memory error, halving the budget (each_image) would only redo the same pass.
+        return torch.stack([one(i) for i in range(x.shape[0])])
 
 
 @register
