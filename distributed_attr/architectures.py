@@ -14,6 +14,7 @@ ARCHITECTURES = ("digits_cnn", "digits_vgg", "digits_resnet")
 TRANSFORMERS = ("digits_vit",)
 NUM_CLASSES = 10
 
+
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 

@@ -751,4 +751,3 @@ class AttributionWorker:
 
     def pid(self) -> int:
         return os.getpid()
-

@@ -13,17 +13,7 @@ import pytest
 
 from distributed_attr.config import Config, ConfigError
 from distributed_attr.registry import RegistryError, build_params
-
-
-def raw(**over):
-    out = {"data": {"path": "x", "image_size": 32, "channels": 1, "mean": [0.0], "std": [1.0]},
-           "store": "s.zarr"}
-    out.update(over)
-    return out
-
-
-def data(**over):
-    return {"path": "x", "image_size": 32, "channels": 1, "mean": [0.0], "std": [1.0], **over}
+from tests.test_config_validation import data, raw  # the same minimal configs
 
 
 @dataclasses.dataclass

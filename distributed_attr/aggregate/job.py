@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..io.store import AttributionStore, Keys, StoreError, outputs_dir
-from .outputs import write_plots, write_aggregates_group, write_tables
+from .outputs import write_aggregates_group, write_plots, write_tables
 from .plan import (
     READ_BYTES,
     THREADS,
@@ -39,11 +39,10 @@ from .plan import (
     reader_note,
 )
 from .reader import aggregate_units
+from .results import Results, Scope, ScopeResult
 from .schedule import aggregate_on_ray, local_cpus, plan_groups
 from .spectra import hf_fraction_from_spectrum, loglog_slope
-from .results import Results, Scope, ScopeResult
 from .stats import Moments, MomentsResult
-
 
 __all__ = ["run_aggregation", "aggregate_units", "plan_groups", "PartialAggregate", "READ_BYTES"]
 

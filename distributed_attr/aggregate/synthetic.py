@@ -58,8 +58,12 @@ def write_synthetic_store(
     (their maps and spectra are NaN, as a worker writes them)."""
     import torch
 
-    from ..spectral import high_frequency_fraction_from_spectrum, radial_bin_counts, radial_frequencies
-    from ..spectral import spectra_by_cutoff
+    from ..spectral import (
+        high_frequency_fraction_from_spectrum,
+        radial_bin_counts,
+        radial_frequencies,
+        spectra_by_cutoff,
+    )
 
     path = Path(path)
     if path.exists():

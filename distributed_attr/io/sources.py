@@ -24,10 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .storage import describe_error, filesystem, is_remote, local_path, scheme
-
 from ..config import DataConfig
 from ..registry import Registry
+from .storage import describe_error, filesystem, is_remote, local_path, scheme
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -585,8 +584,6 @@ class NumpySource(Source):
 
     def labels_all(self) -> np.ndarray | None:
         return None if self.labels is None else np.asarray(self.labels, dtype=np.int64)
-
-
 
 
 def open_source(cfg: DataConfig, storage_options: dict[str, Any] | None = None,

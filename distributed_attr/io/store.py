@@ -293,7 +293,7 @@ class AttributionStore:
                                     zarr_format=3)
         except Exception as exc:
             raise StoreError(f"{path!r} is not a readable Zarr v3 store: {exc}") from None
-        _check_usable(path, group)
+        _check_readable(path, group)
         return cls(path, group, storage_options)
 
     @classmethod
@@ -309,7 +309,7 @@ class AttributionStore:
         path = str(path)
         if not _is_ours(dict(group.attrs)):
             raise StoreError(f"no attribution store at {path!r}: it is {KIND_WORDS['foreign']}")
-        _check_usable(path, group)
+        _check_readable(path, group)
         return cls(path, group, storage_options)
 
     # -- facts -----------------------------------------------------------------------------------
@@ -454,7 +454,7 @@ class AttributionStore:
         self.group.attrs.update(attrs)
 
 
-def _check_usable(path: str, group: zarr.Group) -> None:
+def _check_readable(path: str, group: zarr.Group) -> None:
     """Raise ``StoreError`` unless the store was fully created and has a schema this version reads."""
     if not group.attrs.get("ready"):
         raise StoreError(f"{path!r} was not fully created (interrupted); rerun with --overwrite")

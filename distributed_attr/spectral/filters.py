@@ -267,9 +267,9 @@ def spectra_by_cutoff(
     x = as_maps(maps, allow_channels=True)
     freqs, raw = radial_spectrum(x)
     out = torch.empty((x.shape[0], len(cutoffs), freqs.numel()), dtype=raw.dtype, device=raw.device)
+    unfiltered = [k for k, c in enumerate(cutoffs) if math.isinf(c)]
     finite = [k for k, c in enumerate(cutoffs) if not math.isinf(c)]
-    out[:, [k for k in range(len(cutoffs)) if k not in finite]] = raw[:, None]
+    out[:, unfiltered] = raw[:, None]
     if finite:
         out[:, finite] = cutoff_sweep_spectra(x, [cutoffs[k] for k in finite], kind=kind, order=order)[1]
     return freqs, out
-
