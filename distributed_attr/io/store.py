@@ -392,8 +392,11 @@ class AttributionStore:
     def verify(self, *, decode: bool = True, arrays: Iterable[str] | None = None,
                units: Iterable[int] | None = None) -> dict[int, str]:
         """Check that every done unit's block of every per-image array (or of ``arrays``) exists
-        and, with ``decode``, reads back (checksums, codecs). Returns {unit: reason} for the bad
-        ones, reasons naming the array. Nothing is changed: see ``mark_not_done``."""
+        and, with ``decode``, reads back (checksums, codecs) and is the unit's own: ``image`` holds
+        the unit's range of global indices, and (1.3) each block's CRC32C equals the one its
+        commit recorded (``units/checksum``), so a shard swapped with another unit's or replaced
+        is found. Returns {unit: reason} for the bad ones, reasons naming the array(s). Nothing is
+        changed: see ``mark_not_done``."""
         names = list(arrays) if arrays is not None else self.per_image_arrays()
         todo = [int(u) for u in (units if units is not None else self.done_units())]
         bad: dict[int, str] = {}
@@ -451,8 +454,9 @@ class AttributionStore:
         return np.asarray(arr[:]), {str(name): i for i, name in enumerate(arr.attrs.get("arrays", []))}
 
     def require_intact(self, arrays: Iterable[str] | None = None) -> None:
-        """Raise ``StoreError`` when any done unit has a missing or unreadable shard (of ``arrays``),
-        so that no aggregate is ever computed over fill values."""
+        """Raise ``StoreError`` when any done unit has a missing, unreadable or (1.3) swapped or
+        replaced shard (of ``arrays``), so that no aggregate is ever computed over fill values or
+        another unit's data."""
         bad = self.verify(decode=True, arrays=arrays)
         if bad:
             raise StoreError(damaged_message(self.path, bad))
