@@ -167,3 +167,24 @@ def test_a_store_without_checksums_still_verifies_and_its_image_range_is_checked
     assert AttributionStore.open(store, "r").verify() == {}  # not detectable without checksums
     _swap(store, "image")
     assert sorted(AttributionStore.open(store, "r").verify()) == [0, 1]
+
+
+def test_the_writer_fills_a_unit_without_ok_images_and_refuses_one_with_ok_images_but_missing_arrays(tmp_path):
+    import math
+
+    from distributed_attr.io.store import AttributionStore, Keys, StorePlan, UnitWriter, block_checksum
+
+    plan = StorePlan(n_images=5, unit_size=4, image_shape=(1, 4, 4), methods=["saliency"],
+                     frequencies=[0.0, 0.25, 0.5], cutoffs=[math.inf, 2.0])
+    AttributionStore.create(tmp_path / "s.zarr", plan)
+    writer = UnitWriter(str(tmp_path / "s.zarr"))
+    facts = {Keys.IMAGE: np.arange(4, 5), Keys.LABEL: np.array([3]), Keys.SOURCE_KEY: np.array(["b/zzz.png"])}
+    with pytest.raises(ValueError, match=r"unit 1: 1 image\(s\) are ok but no values were computed for .*maps/saliency"):
+        writer.write(1, {**facts, Keys.OK: np.array([True])})
+    checksums = writer.write(1, {**facts, Keys.OK: np.array([False])})  # the last, short unit, all failed
+    assert sorted(checksums) == plan.checksummed_arrays()
+    g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    for name, crc in checksums.items():
+        assert block_checksum(g[name][4:5]) == crc, name
+    assert np.isnan(g["maps/saliency"][4]).all() and np.isnan(g["spectra/saliency"][4]).all()
+    assert g["target"][4] == -1 and g["label"][4] == 3 and g["source_key"][4] == "b/zzz.png"
