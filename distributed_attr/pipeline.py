@@ -39,6 +39,9 @@ class UnitResult:
     failures: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
     worker: str = ""
+    #: {array: CRC32C} of the unit's blocks as written (``UnitWriter.write``); the driver records
+    #: them at commit (``units/checksum``)
+    checksums: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,7 +102,7 @@ class UnitStages:
             fut, res = writing
             writing = None
             try:
-                fut.result()
+                res.checksums = fut.result()
             except Exception as exc:
                 exc.unit = res.unit  # type: ignore[attr-defined]
                 raise
@@ -414,12 +417,12 @@ class UnitProcessor:
                 try:
                     loaded = self._read(unit, inline=True)
                     arrays, failures = self._compute(loaded)
-                    self._write(unit, arrays)
+                    checksums = self._write(unit, arrays)
                 except Exception as exc:
                     exc.unit = unit  # type: ignore[attr-defined]  (the caller names the failing unit)
                     raise
                 yield UnitResult(unit=unit, images=len(loaded.labels), failures=failures,
-                                 seconds=time.perf_counter() - loaded.t0)
+                                 seconds=time.perf_counter() - loaded.t0, checksums=checksums)
             return
         yield from self.stages.run(self, list(units))
 
@@ -482,10 +485,13 @@ class UnitProcessor:
                        Keys.OK: ok, Keys.SOURCE_KEY: np.asarray(loaded.keys, dtype=str)})
         return arrays, failures
 
-    def _write(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
+    def _write(self, unit: int, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+        """Write the unit's blocks; returns their checksums. A unit none of whose images decoded
+        computed only ``image``, ``label``, ``ok`` and ``source_key``: the writer fills its other
+        arrays, so that every done unit has every shard."""
         if self._writer is None:
             self._writer = UnitWriter(self.cfg.store, self.cfg.storage_options)
-        self._writer.write(unit, arrays)
+        return self._writer.write(unit, arrays)
 
     @property
     def num_classes(self) -> int:

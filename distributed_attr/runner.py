@@ -304,7 +304,7 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
     def commit(res: UnitResult) -> None:
         t = time.perf_counter()
         lease.check()  # never mark work done in a store another driver has taken over
-        store.commit_unit(res.unit, res.seconds, res.failures)
+        store.commit_unit(res.unit, res.seconds, res.failures, checksums=res.checksums)
         state["driver_seconds"] += time.perf_counter() - t
         state["unit_workers"][res.unit] = res.worker
         state["images"] += res.images

@@ -36,6 +36,10 @@ def test_actors_write_the_same_store_as_the_in_process_loop(tmp_path, parquet_di
     a, b = _arrays(tmp_path / "local.zarr"), _arrays(tmp_path / "ray.zarr")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # the actors' results carry the checksums of what they wrote, and the commit records them
+    checksums = [zarr.open_group(str(tmp_path / p), mode="r")["units/checksum"][:] for p in ("local.zarr", "ray.zarr")]
+    assert (checksums[1] >= 0).all()
+    np.testing.assert_array_equal(*checksums)
 
 
 def test_a_killed_actor_loses_nothing_and_writes_every_image_once(tmp_path, parquet_dir, make_config, local_ray):

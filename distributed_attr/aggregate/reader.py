@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ..io.store import Keys, StoreError, open_group
+from ..io.store import SWAPPED, Keys, StoreError, block_checksum, open_group
 from .plan import PartialAggregate, ReadPlan, arrays_read, damaged_shard_message
 from .spectra import hf_fraction_from_spectrum, loglog_slope
 from .stats import GroupedMoments
@@ -122,6 +122,42 @@ def _reduce_method(plan: ReadPlan, stats: dict[str, GroupedMoments], method: str
             got[Keys.hf_fraction(method)][keep], keys, skip_nan=True)
 
 
+class RecordedChecksums:
+    """(1.3) What the commits recorded of the units a task reads (``units/checksum``), to compare
+    each block read with: a shard swapped with another unit's, or replaced, is refused before it
+    is averaged. Nothing for a store written before checksums (or a unit without them)."""
+
+    def __init__(self, root: Any, units: list[int]):
+        self.first = min(units) if units else 0
+        self.columns: dict[str, int] = {}
+        self.table = np.empty((0, 0), dtype=np.int64)
+        if units and Keys.UNITS_CHECKSUM in root:
+            arr = root[Keys.UNITS_CHECKSUM]
+            self.columns = {str(n): i for i, n in enumerate(arr.attrs.get("arrays", []))}
+            self.table = np.asarray(arr[self.first:max(units) + 1])
+
+    def check(self, plan: ReadPlan, got: dict[str, np.ndarray], block: tuple[int, int]) -> None:
+        """Raise ``StoreError`` naming the units and arrays of ``block`` (first and last unit, read
+        into ``got``) whose content is not what their commit recorded."""
+        if not self.columns:
+            return
+        start = block[0] * plan.unit_size
+        wrong: dict[int, list[str]] = {}
+        for name, values in got.items():
+            col = self.columns.get(name)
+            if col is None:
+                continue
+            for u in range(block[0], block[1] + 1):
+                want = self.table[u - self.first, col]
+                a, b = u * plan.unit_size - start, min(plan.n_images, (u + 1) * plan.unit_size) - start
+                if want >= 0 and block_checksum(values[a:b]) != want:
+                    wrong.setdefault(u, []).append(name)
+        if wrong:
+            raise StoreError(damaged_shard_message(
+                plan.store, {u: f"{', '.join(names)}: content does not match the unit's checksum {SWAPPED}"
+                             for u, names in sorted(wrong.items())}))
+
+
 def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
     """Read ``units`` (done units) of the store and return their partial statistics.
 
@@ -130,6 +166,7 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
     t0 = time.perf_counter()
     root = open_group(plan.store, "r", plan.storage_options)
     arrays: dict[str, Any] = {name: root[name] for name in arrays_read(plan)}
+    recorded = RecordedChecksums(root, units)
     per_unit = plan.unit_size * sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in arrays.values())
     # blocks of about read_bytes, never more than a quarter of this task's units (so that reading
     # the next block overlaps with reducing this one for most of the task)
@@ -157,6 +194,7 @@ def aggregate_units(plan: ReadPlan, units: list[int]) -> PartialAggregate:
                                                                       f"{exc})"[:300] for u in range(u0, u1 + 1)},
                                                       units_word="among units")) from None
             pending = reader.submit(blocks[i + 1], (i + 1) % 2) if i + 1 < len(blocks) else None
+            recorded.check(plan, got, blocks[i])  # while the next block is read (into the other buffers)
             part.bytes_read += sum(v.nbytes for v in got.values())
             part.units += u1 - u0 + 1
             keep = np.flatnonzero(np.asarray(got[Keys.OK], dtype=bool))

@@ -84,6 +84,7 @@ def write_synthetic_store(
     store = AttributionStore.create(path, plan)
     writer = UnitWriter(str(path))
     failed_set = {int(i) for i in failed}
+    checksums: dict[int, dict[str, int]] = {}  # what each unit's write returns, recorded at commit
     yy, xx = np.mgrid[:height, :width]
     blobs = np.stack([np.exp(-(((yy - height * (0.2 + 0.6 * (c % 3) / 2)) / (0.15 * height)) ** 2
                                + ((xx - width * (0.2 + 0.6 * (c // 3 % 3) / 2)) / (0.15 * width)) ** 2))
@@ -113,8 +114,8 @@ def write_synthetic_store(
                 hf = high_frequency_fraction_from_spectrum(torch.from_numpy(freqs), torch.from_numpy(spec),
                                                            counts, hf_cutoff)
                 block[Keys.hf_fraction(m)] = hf.numpy().astype(np.float32)
-        writer.write(u, block)
+        checksums[u] = writer.write(u, block)
     for u in (range(plan.n_units) if done_units is None else sorted({int(u) for u in done_units})):
-        store.commit_unit(u, float("nan"), {})  # no time was spent: seconds stay at the fill value
+        store.commit_unit(u, float("nan"), {}, checksums=checksums[u])  # no time was spent: seconds stay NaN
     store.set_attrs(failures={str(i): "synthetic failure" for i in sorted(failed_set)})  # flushes the commits
     return str(path)

@@ -12,6 +12,7 @@ Layout (``docs/store.md`` is the public, versioned schema):
       metrics/<metric>/<output>/<method>   (image, cutoff, *trailing)
       source_key                  (image,)  where each image came from (file:row, relative path, tar:key)
       units/done, units/seconds   (unit,)   bookkeeping, written by the driver only
+      units/checksum              (unit, array)  (1.3) CRC32C of each unit's block of each per-image array
       lease/                      the driver that holds the store (io/lease.py), while a job runs
 
 Concurrency rules, because Zarr silently loses data when two writers touch one shard:
@@ -40,14 +41,19 @@ from .storage import StorageError, describe_error, is_remote, local_path, object
 
 #: 1.1 adds ``source_key``, the ``producer`` attribute, and writes every shard of a done unit even
 #: when it holds only fill values (so a missing shard always means a lost one). Readers of 1.x
-#: read 1.0 stores too.
-SCHEMA_VERSION = "1.2"
+#: read 1.0 stores too. 1.3 adds ``units/checksum`` (the content of each unit's shards, recorded
+#: at commit) and writes every per-image array of a unit whose images all failed.
+SCHEMA_VERSION = "1.3"
 #: the root attribute that marks a Zarr group as one of our stores (written first at creation)
 PRODUCER = "distributed_attr"
 #: the runtime configuration every writer uses: write a shard even when it holds only fill values
 WRITE_CONFIG = {"write_empty_chunks": True}
 #: the driver writes its batched commits at most this long after the first of a batch
 COMMIT_SECONDS = 1.0
+#: how ``units/checksum`` is computed (``block_checksum``), recorded in that array's attributes
+CHECKSUM_ALGORITHM = "crc32c"
+#: the words of a unit whose content is not what its commit recorded
+SWAPPED = "(swapped or replaced shard?)"
 
 
 class Keys:
@@ -73,6 +79,9 @@ class Keys:
     UNITS = "units"
     UNITS_DONE = "units/done"
     UNITS_SECONDS = "units/seconds"
+    #: (1.3) (unit, array) int64: CRC32C of each unit's block of each per-image array as written
+    #: (``block_checksum``); -1 = not recorded. The array's attribute ``arrays`` names the columns.
+    UNITS_CHECKSUM = "units/checksum"
     FREQUENCY = "spectra/frequency"
     SPECTRA_CUTOFF = "spectra/cutoff"
     HF_FRACTION_CUTOFF = "hf_fraction/cutoff"
@@ -151,6 +160,10 @@ class StorePlan:
     def n_units(self) -> int:
         return (self.n_images + self.unit_size - 1) // self.unit_size
 
+    def checksummed_arrays(self) -> list[str]:
+        """The columns of ``units/checksum``: every per-image array, in sorted path order."""
+        return sorted(spec.path for spec in self.arrays())
+
     def arrays(self) -> list[ArraySpec]:
         n, (_, h, w) = self.n_images, self.image_shape
         specs = [
@@ -190,6 +203,22 @@ def inner_chunk(unit_size: int, bytes_per_image: int, target: int = 1 << 18) -> 
     return best
 
 
+def block_checksum(block: np.ndarray) -> int:
+    """CRC32C of one unit's block of an array, as stored (after the cast to the array's dtype):
+    numbers and flags over their little-endian bytes in C order; strings over each value's UTF-8
+    bytes, each preceded by its length (4 bytes, little-endian). The worker computes it over what
+    it writes, ``verify`` and the aggregation's readers over what they read back."""
+    import google_crc32c
+
+    if block.dtype.kind in "UOT":
+        parts = []
+        for value in block.ravel().tolist():
+            data = str(value).encode("utf-8")
+            parts += [len(data).to_bytes(4, "little"), data]
+        return int(google_crc32c.value(b"".join(parts)))
+    return int(google_crc32c.value(np.ascontiguousarray(block, dtype=block.dtype.newbyteorder("<"))))
+
+
 def _fill(dtype: str) -> Any:
     if dtype == "str":
         return ""
@@ -209,6 +238,8 @@ class AttributionStore:
         self.storage_options = storage_options
         self._arrays: dict[str, Any] = {}
         self._pending: dict[int, float] = {}  # unit -> seconds, committed but not yet written
+        self._pending_checksums: dict[int, dict[str, int]] = {}  # unit -> {array: CRC32C}, likewise
+        self._has_checksums: bool | None = None  # whether the store has ``units/checksum`` (1.3)
         self._pending_failures: dict[str, str] = {}
         self._pending_since = 0.0
 
@@ -261,6 +292,11 @@ class AttributionStore:
                           dimension_names=["unit"])
         root.create_array(Keys.UNITS_SECONDS, shape=(plan.n_units,), chunks=(unit_chunk,), dtype="float32",
                           fill_value=float("nan"), dimension_names=["unit"])
+        columns = plan.checksummed_arrays()
+        root.create_array(Keys.UNITS_CHECKSUM, shape=(plan.n_units, len(columns)),
+                          chunks=(unit_chunk, len(columns)), dtype="int64", fill_value=-1,
+                          dimension_names=["unit", "array"],
+                          attributes={"arrays": columns, "algorithm": CHECKSUM_ALGORITHM})
         attrs = dict(plan.attrs)
         attrs.update(
             schema_version=SCHEMA_VERSION,
@@ -356,8 +392,11 @@ class AttributionStore:
     def verify(self, *, decode: bool = True, arrays: Iterable[str] | None = None,
                units: Iterable[int] | None = None) -> dict[int, str]:
         """Check that every done unit's block of every per-image array (or of ``arrays``) exists
-        and, with ``decode``, reads back (checksums, codecs). Returns {unit: reason} for the bad
-        ones, reasons naming the array. Nothing is changed: see ``mark_not_done``."""
+        and, with ``decode``, reads back (checksums, codecs) and is the unit's own: ``image`` holds
+        the unit's range of global indices, and (1.3) each block's CRC32C equals the one its
+        commit recorded (``units/checksum``), so a shard swapped with another unit's or replaced
+        is found. Returns {unit: reason} for the bad ones, reasons naming the array(s). Nothing is
+        changed: see ``mark_not_done``."""
         names = list(arrays) if arrays is not None else self.per_image_arrays()
         todo = [int(u) for u in (units if units is not None else self.done_units())]
         bad: dict[int, str] = {}
@@ -366,6 +405,9 @@ class AttributionStore:
         # Before 1.1, shards holding only fill values were not written: absence proves nothing
         # except for ``image`` (``Keys.IMAGE``), which never holds its fill value.
         check_presence = self.schema_version >= (1, 1)
+        # (1.3) what each unit's commit recorded of its blocks; {} for older stores
+        recorded, columns = self.recorded_checksums() if decode else (None, {})
+        content: dict[int, list[str]] = {}  # unit -> arrays whose content is not the unit's
         for name in names:
             arr = self.group[name]
             if check_presence or name == Keys.IMAGE:
@@ -385,14 +427,36 @@ class AttributionStore:
                         continue
                     start, stop = self.unit_range(u)
                     try:
-                        arr[start:stop]
+                        block = arr[start:stop]
                     except Exception as exc:  # a codec or checksum error: the shard is damaged
                         bad[u] = f"{name}: shard for images {start}-{stop - 1} is unreadable ({type(exc).__name__}: {exc})"[:300]
+                        continue
+                    if name == Keys.IMAGE and not np.array_equal(block, np.arange(start, stop)):
+                        # each image's global index: a shard of another unit holds another range
+                        held = np.asarray(block)
+                        bad[u] = (f"image: holds images {held.min()}-{held.max()}, not this unit's {start}-{stop - 1} "
+                                  f"{SWAPPED}")
+                        continue
+                    col = columns.get(name)
+                    if col is not None and recorded[u, col] >= 0 and block_checksum(block) != recorded[u, col]:
+                        content.setdefault(u, []).append(name)
+        for u, wrong in content.items():
+            if u not in bad:
+                bad[u] = f"{', '.join(wrong)}: content does not match the unit's checksum {SWAPPED}"
         return dict(sorted(bad.items()))
 
+    def recorded_checksums(self) -> tuple[np.ndarray | None, dict[str, int]]:
+        """(1.3) ``units/checksum`` as (table (unit, array) int64, -1 where not recorded; {array
+        path: column}); ``(None, {})`` for a store written before checksums were recorded."""
+        if Keys.UNITS_CHECKSUM not in self.group:
+            return None, {}
+        arr = self.group[Keys.UNITS_CHECKSUM]
+        return np.asarray(arr[:]), {str(name): i for i, name in enumerate(arr.attrs.get("arrays", []))}
+
     def require_intact(self, arrays: Iterable[str] | None = None) -> None:
-        """Raise ``StoreError`` when any done unit has a missing or unreadable shard (of ``arrays``),
-        so that no aggregate is ever computed over fill values."""
+        """Raise ``StoreError`` when any done unit has a missing, unreadable or (1.3) swapped or
+        replaced shard (of ``arrays``), so that no aggregate is ever computed over fill values or
+        another unit's data."""
         bad = self.verify(decode=True, arrays=arrays)
         if bad:
             raise StoreError(damaged_message(self.path, bad))
@@ -402,15 +466,23 @@ class AttributionStore:
         return {int(k): v for k, v in dict(self.group.attrs.get("failures", {})).items()}
 
     # -- driver-only writes ----------------------------------------------------------------------
-    def commit_unit(self, unit: int, seconds: float, failures: dict[int, str]) -> None:
+    def commit_unit(self, unit: int, seconds: float, failures: dict[int, str],
+                    checksums: dict[str, int] | None = None) -> None:
         """Record a unit whose data are already durable. Commits are batched: written by
         ``flush``, at most ``COMMIT_SECONDS`` after the first unbatched one (each write is a
         metadata round trip, ~5 ms locally and more on object storage, which one driver feeding
         hundreds of actors cannot pay per unit). A driver killed before a flush loses only the
-        done flags: those units are recomputed on resume, and rewrite the same shards."""
+        done flags: those units are recomputed on resume, and rewrite the same shards.
+
+        ``checksums``: ``{array: CRC32C}`` of the unit's blocks as its worker wrote them
+        (``UnitWriter.write``), recorded in ``units/checksum`` (1.3 stores; dropped for older ones).
+        A unit that ran twice (an actor lost after writing, a retry) wrote the same bytes both
+        times (the results are deterministic), so the checksums of the result that is committed
+        are those of the durable write."""
         if not self._pending:
             self._pending_since = time.monotonic()
         self._pending[int(unit)] = float(seconds)
+        self._pending_checksums[int(unit)] = dict(checksums or {})
         self._pending_failures.update({str(k): v for k, v in failures.items()})
         if time.monotonic() - self._pending_since >= COMMIT_SECONDS:
             self.flush()
@@ -426,9 +498,26 @@ class AttributionStore:
         units = np.fromiter(sorted(self._pending), dtype=np.int64)
         seconds = np.asarray([self._pending[int(u)] for u in units], dtype=np.float32)
         self._bookkeeping(Keys.UNITS_SECONDS).set_orthogonal_selection((units,), seconds)
+        self._flush_checksums(units)
         self._bookkeeping(Keys.UNITS_DONE).set_orthogonal_selection((units,), np.ones(len(units), dtype=np.uint8))
         self._pending.clear()
         self._pending_failures.clear()
+        self._pending_checksums.clear()
+
+    def _flush_checksums(self, units: np.ndarray) -> None:
+        """(1.3) The committed units' rows of ``units/checksum``, before their done flags; -1 for an
+        array a unit's result did not report."""
+        if self._has_checksums is None:  # looked up once
+            self._has_checksums = Keys.UNITS_CHECKSUM in self.group
+        if not self._has_checksums:
+            return  # a store of an older schema: nothing to record them in
+        arr = self._bookkeeping(Keys.UNITS_CHECKSUM)
+        columns = list(arr.attrs.get("arrays", []))
+        rows = np.full((len(units), len(columns)), -1, dtype=np.int64)
+        for i, u in enumerate(units.tolist()):
+            got = self._pending_checksums.get(int(u), {})
+            rows[i] = [got.get(name, -1) for name in columns]
+        arr.set_orthogonal_selection((units, slice(None)), rows)
 
     def _bookkeeping(self, name: str) -> Any:
         arr = self._arrays.get(name)
@@ -445,6 +534,10 @@ class AttributionStore:
         done = self.group[Keys.UNITS_DONE]
         for u in reasons:
             done[int(u)] = 0
+        if Keys.UNITS_CHECKSUM in self.group:  # (1.3) what was recorded no longer describes the unit
+            checksum = self.group[Keys.UNITS_CHECKSUM]
+            for u in reasons:
+                checksum[int(u)] = -1
         invalid = {str(k): v for k, v in self.group.attrs.get("invalid_units", {}).items()}
         invalid.update({str(u): why for u, why in reasons.items()})
         self.group.attrs["invalid_units"] = invalid
@@ -657,6 +750,9 @@ class UnitWriter:
         # arrays a newer version computes but an older store has no place for (a 1.0 store being
         # resumed has no ``source_key``): not written, rather than failing the unit
         self.absent = {name for name in (Keys.SOURCE_KEY,) if name not in self.group}
+        #: every per-image array of the store: a unit's write covers each of them
+        self.per_image = [name for name, arr in walk_arrays(self.group)
+                          if (arr.metadata.dimension_names or ("",))[0] == "image"]
 
     def _array(self, name: str):
         arr = self._arrays.get(name)
@@ -664,13 +760,44 @@ class UnitWriter:
             arr = self._arrays[name] = self.group[name].with_config(WRITE_CONFIG)
         return arr
 
-    def write(self, unit: int, arrays: dict[str, np.ndarray]) -> None:
+    def write(self, unit: int, arrays: dict[str, np.ndarray]) -> dict[str, int]:
+        """Write the unit's block of every per-image array of the store and return the CRC32C of
+        each block as written (``block_checksum``), for the driver to record at commit.
+
+        A unit none of whose images could be attributed computed only its per-image facts
+        (``image``, ``label``, ``ok``, ``source_key``): its other arrays are written with their
+        fill values (NaN, -1, false), so that a done unit is always complete. A unit with ok
+        images must bring every array: one missing is an error, not a block of fill values."""
         start = unit * self.unit_size
         stop = min(self.n_images, start + self.unit_size)
-        for name, value in arrays.items():
+        checksums: dict[str, int] = {}
+        for name, value in self._complete(unit, arrays, stop - start).items():
             if name in self.absent:
                 continue
             arr = self._array(name)
             if value.shape[0] != stop - start:
                 raise ValueError(f"{name}: unit {unit} holds {stop - start} images, got {value.shape[0]}")
-            arr[start:stop] = value if value.dtype.kind in "UOT" else value.astype(arr.dtype, copy=False)
+            stored = value if value.dtype.kind in "UOT" else value.astype(arr.dtype, copy=False)
+            arr[start:stop] = stored
+            checksums[name] = block_checksum(stored)
+        return checksums
+
+    def _complete(self, unit: int, arrays: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """``arrays`` with a block of fill values for each per-image array of the store it lacks,
+        when no image of the unit is ok; ``ValueError`` when some are."""
+        missing = [name for name in self.per_image if name not in arrays and name not in self.absent]
+        if not missing:
+            return arrays
+        ok = arrays.get(Keys.OK)
+        if ok is not None and np.asarray(ok).any():
+            raise ValueError(f"unit {unit}: {int(np.asarray(ok).sum())} image(s) are ok but no values were computed "
+                             f"for {missing}")
+        filled = dict(arrays)
+        for name in missing:
+            arr = self._array(name)
+            fill = arr.fill_value
+            if arr.dtype.kind in "UOT":
+                filled[name] = np.full((rows, *arr.shape[1:]), "" if fill is None else str(fill), dtype=str)
+            else:
+                filled[name] = np.full((rows, *arr.shape[1:]), fill, dtype=arr.dtype)
+        return filled
