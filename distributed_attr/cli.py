@@ -201,6 +201,22 @@ def _user_message(exc: BaseException) -> str:
     return msg
 
 
+#: arguments that name local paths: ``~`` in them is the home folder even where the shell left it
+#: as it is (quoted, or after ``=`` as in ``--out=~/x``)
+_PATH_ARGS = ("config", "store", "out", "data", "companions")
+
+
+def _expand_paths(args: argparse.Namespace) -> None:
+    from .config import home_expanded
+
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, list):
+            setattr(args, name, [home_expanded(v) for v in value])
+        elif isinstance(value, str):
+            setattr(args, name, home_expanded(value))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error (bad config, data, model, store or path) prints one
     ``error: ...`` line on stderr and returns 2; ``--debug`` re-raises it with its traceback.
@@ -214,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
 
     user_errors = (ConfigError, SourceError, ModelError, StoreError, JobError, LeaseError, *_PATH_ERRORS)
     args = build_parser().parse_args(argv)
+    _expand_paths(args)
     try:
         return int(args.func(args) or 0)
     except user_errors as exc:

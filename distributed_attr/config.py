@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,13 @@ class DataConfig:
     #: images whose width x height exceeds this are refused (a per-image failure) before they are
     #: decoded: a few-KB PNG can declare 10^10 pixels (a decompression bomb)
     max_pixels: int = 64_000_000
+    #: turn an image as its EXIF orientation tag says (a photo taken with the camera held
+    #: sideways), as every viewer shows it; false: use the pixels as stored
+    exif_orientation: bool = True
+    #: the colour that transparent parts of an image (RGBA, LA, a palette or a PNG with a
+    #: transparent colour) are composited on: a grey level or an RGB colour in [0, 1] pixel
+    #: values (before mean/std); white by default
+    alpha_background: list[float] = field(default_factory=lambda: [1.0])
 
     def validate(self) -> None:
         from .io.sources import SOURCES  # (the sources import torch: not before a config is read)
@@ -74,6 +82,9 @@ class DataConfig:
             raise ValueError("limit must be >= 1")
         if self.max_pixels < 1:
             raise ValueError("max_pixels must be >= 1")
+        if len(self.alpha_background) not in (1, 3) or not all(0 <= v <= 1 for v in self.alpha_background):
+            raise ValueError(f"alpha_background must be a grey level or an RGB colour (1 or 3 values) in [0, 1], "
+                             f"got {self.alpha_background}")
         if self.mask_column is not None and self.format != "parquet":
             raise ValueError(f"mask_column is read from Parquet data only; format is {self.format!r}")
 
@@ -317,6 +328,7 @@ class Config:
         storage_options = dict(_mapping(raw.get("storage_options", {}), "storage_options"))
         cfg = cls(data=data, store=raw["store"], model=model, methods=methods, spectra=spectra,
                   filters=filters, metrics=metrics, evaluators=evaluators, run=run, storage_options=storage_options)
+        cfg.expand_home()
         cfg.check_locations()
         # Store every parameter with its default filled in, so that a default changed between
         # versions shows up in the resume check and the hash instead of silently mixing results.
@@ -368,6 +380,15 @@ class Config:
         except RegistryError as exc:
             msg = str(exc)
             raise ConfigError(msg if msg.startswith(("methods.", "metrics.")) else f"methods/metrics: {msg}") from None
+
+    def expand_home(self) -> None:
+        """``~`` (or ``~user``) at the start of a local path is the home folder, as a shell would
+        expand it (``store: ~/x`` must not make a folder named ``~``). URLs are left alone."""
+        self.store = home_expanded(self.store)
+        self.data.path = home_expanded(self.data.path)
+        self.data.labels_path = home_expanded(self.data.labels_path)
+        for m in [self.model, *self.evaluators.values()]:
+            m.weights = home_expanded(m.weights)
 
     def check_locations(self) -> None:
         """Every URL has a known scheme and its optional package is installed (fails now, with the
@@ -458,6 +479,12 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping of keys to values, got {value!r}")
     return value
+
+
+def home_expanded(p: str | None) -> str | None:
+    """``os.path.expanduser`` for a path that starts with ``~``; anything else (a URL, a relative or
+    absolute path) as it is, and never through ``Path`` (``Path("s3://b/x")`` is ``s3:/b/x``)."""
+    return os.path.expanduser(p) if isinstance(p, str) and p.startswith("~") else p
 
 
 def _relative_to(p: str, base: Path) -> str:

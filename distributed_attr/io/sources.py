@@ -11,11 +11,13 @@ decoding happens in ``decode_image`` so that a corrupt image fails alone, with i
 from __future__ import annotations
 
 import bisect
+import functools
 import glob
 import io
 import os
 import posixpath
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
@@ -402,7 +404,8 @@ class ParquetSource(OffsetSource):
 @register_source
 class FolderSource(OffsetSource):
     """An image folder: one subfolder per class (labels = sorted subfolder order), or a flat folder
-    (labels -1). Files sorted by path."""
+    (labels -1). Files sorted by path. A link to a directory anywhere below the folder is refused
+    (``_refuse_directory_links``); links to files are read as the files they name."""
 
     name: ClassVar[str] = "folder"
 
@@ -411,6 +414,8 @@ class FolderSource(OffsetSource):
         root = cfg.path.rstrip("/") if self.io.remote else cfg.path
         if not self.io.isdir(root):
             raise SourceError(f"data.path {cfg.path!r} is not a directory")
+        if not self.io.remote:
+            _refuse_directory_links(root, cfg.path)  # before anything is listed
         self.classes = self.io.subfolders(root)
         join = posixpath.join if self.io.remote else os.path.join
         if self.classes:
@@ -443,6 +448,47 @@ class FolderSource(OffsetSource):
             yield Record(i, payload, self.labels[i], self.paths[i], self.relname(i))
 
 
+def _refuse_directory_links(root: str, path: str) -> None:
+    """Raise ``SourceError`` naming the first link to a directory below ``root`` (sorted walk).
+
+    An image folder is never read through such a link: one back to the folder (``zz_loop -> .``)
+    would read every image again as a class of its own, one to a folder inside it would read those
+    images twice, and one out of it would silently add images (and, at the top level, a class)
+    from elsewhere. ``root`` itself may be a link."""
+    real_root = os.path.realpath(root)
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except PermissionError:  # as Path.rglob, which lists the files: unreadable folders are skipped
+            continue
+        below = []
+        for e in entries:
+            if not e.is_dir():  # (follows links: a link to a directory is a directory here)
+                continue
+            if e.is_symlink():
+                target = os.path.realpath(e.path)
+                rel = os.path.relpath(e.path, root)
+                if target == real_root or real_root.startswith(target.rstrip(os.sep) + os.sep):
+                    what = "it leads back to the data folder (a loop: every image would be read again)"
+                elif target.startswith(real_root + os.sep):
+                    what = "it leads to a folder inside the data folder (its images would be read twice)"
+                else:
+                    what = "it leads outside the data folder (its images would silently join the dataset)"
+                raise SourceError(
+                    f"data.path {path!r}: {rel!r} is a link to a directory ({target!r}); {what}. Image folders "
+                    "are read without following links to directories: remove the link, or put the folder "
+                    "itself there")
+            below.append(e.path)
+        stack.extend(reversed(below))
+
+
+#: the members that hold a WebDataset sample's label (the first present is read), as text
+WDS_LABEL_MEMBERS = ("cls", "label", "cls.txt", "label.txt")
+
+
 def _wds_key(member_name: str) -> tuple[str, str]:
     """WebDataset convention: the key is the path up to the first dot of the file name."""
     directory, _, base = member_name.rpartition("/")
@@ -453,7 +499,10 @@ def _wds_key(member_name: str) -> tuple[str, str]:
 @register_source
 class WebDatasetSource(OffsetSource):
     """WebDataset ``.tar`` shards: files grouped into samples by key; the image is the first
-    member with an image extension, the label a ``cls``/``label``/``cls.txt`` member."""
+    member with an image extension, the label a ``cls``/``label``/``cls.txt``/``label.txt``
+    member holding an integer >= 0 as text. When any sample of the dataset has a label member,
+    every sample must have a valid one: a sample without one is a failed image naming the
+    reason. A dataset with no label member at all is read unlabelled (labels -1)."""
 
     name: ClassVar[str] = "webdataset"
 
@@ -462,17 +511,36 @@ class WebDatasetSource(OffsetSource):
         self.root = self.io.root(cfg.path)
         self.files = self.io.expand(cfg.path, (".tar",))
         self.keys: list[list[str]] = []
+        self.has_label = False
         for f in self.files:
             try:
                 with self.io.open(f) as fh, tarfile.open(fileobj=fh) as tar:
-                    keys = list(dict.fromkeys(_wds_key(m.name)[0] for m in tar.getmembers() if m.isfile()))
+                    named = [_wds_key(m.name) for m in tar.getmembers() if m.isfile()]
             except (tarfile.TarError, OSError) as exc:
                 raise SourceError(f"cannot read tar shard {f!r}: {exc}") from None
-            self.keys.append(keys)
+            self.keys.append(list(dict.fromkeys(key for key, _ in named)))
+            self.has_label = self.has_label or any(ext in WDS_LABEL_MEMBERS for _, ext in named)
         self.counts = [len(k) for k in self.keys]
         self.setup_offsets()
 
-    PLANNED = ("keys",)
+    PLANNED = ("keys", "has_label")
+
+    def _label(self, key: str, parts: dict[str, bytes]) -> tuple[int, SourceError | None]:
+        """(label, None), or (-1, the reason the sample has no valid label)."""
+        if not self.has_label:
+            return -1, None
+        member = next((m for m in WDS_LABEL_MEMBERS if m in parts), None)
+        if member is None:
+            return -1, SourceError(f"sample {key!r} has no label (no {', '.join(WDS_LABEL_MEMBERS[:-1])} or "
+                                   f"{WDS_LABEL_MEMBERS[-1]} member), while other samples of the dataset have one")
+        text = parts[member].decode("utf-8", "replace").strip()
+        try:
+            label = int(text)
+        except ValueError:
+            return -1, SourceError(f"sample {key!r}: label {text[:40]!r} (member {member}) is not an integer")
+        if label < 0:
+            return -1, SourceError(f"sample {key!r}: label {label} (member {member}) is not a class index (>= 0)")
+        return label, None
 
     def read(self, start: int, stop: int) -> Iterator[Record]:
         for f, lo, hi in self.files_for(start, stop):
@@ -489,15 +557,9 @@ class WebDatasetSource(OffsetSource):
             for i, key in enumerate(self.keys[f][lo:hi]):
                 parts = samples.get(key, {})
                 image = next((v for e, v in parts.items() if "." + e.split(".")[-1] in IMAGE_EXTENSIONS), None)
-                label = -1
-                for lk in ("cls", "label", "cls.txt", "label.txt"):
-                    if lk in parts:
-                        try:
-                            label = int(parts[lk].decode().strip())
-                        except ValueError:
-                            pass
-                        break
-                payload: Any = image if image is not None else SourceError(f"sample {key!r} has no image member")
+                label, bad_label = self._label(key, parts)
+                payload: Any = (SourceError(f"sample {key!r} has no image member") if image is None
+                                else bad_label or image)
                 yield Record(self.offsets[f] + lo + i, payload, label, f"{self.files[f]}:{key}", f"{self.relname(f)}:{key}")
 
 
@@ -607,11 +669,208 @@ def _check_pixels(w: int, h: int, max_pixels: int | None) -> None:
                          "possible decompression bomb")
 
 
-def _to_float_chw(payload: Any, channels: int, max_pixels: int | None = None) -> torch.Tensor:
+#: the EXIF tag that says how to turn the stored pixels to show the image upright (1: as stored)
+EXIF_ORIENTATION = 0x0112
+#: 16-bit grey modes (PNG and TIFF), read with their byte order and divided by 65535
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+#: modes PIL converts to RGB by exact formulas (bilevel, padding, other 8-bit colour spaces)
+_MODES_TO_RGB = {"1": "L", "RGBX": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB", "CMYK": "RGB"}
+#: modes with an alpha channel (``La``, ``RGBa``: premultiplied); ``PA`` and palettes become RGBA first
+_MODES_ALPHA = ("RGBA", "LA", "La", "RGBa")
+#: ITU-R 601-2 luma, PIL's RGB -> L, for images composited in float
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _orientation(im: Any) -> int:
+    """The image's EXIF orientation (2..8), or 1 when it has none or an invalid one (viewers
+    ignore those too)."""
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception as exc:  # a damaged EXIF block: the orientation is unknown
+        raise ValueError(f"cannot read the image's EXIF orientation (data.exif_orientation is true): "
+                         f"{type(exc).__name__}: {exc}") from None
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
+#: embedded profiles up to this size are looked up in ``_is_srgb_profile``'s cache (sRGB profiles
+#: are 0.5-61 KB; larger ones, such as CMYK printer profiles, are applied without a look-up)
+_PROFILE_CACHED_BYTES = 128 * 1024
+
+
+@functools.lru_cache(maxsize=32)
+def _is_srgb_profile(icc: bytes) -> bool:
+    """An embedded ICC profile that describes sRGB itself (its description starts with "sRGB"):
+    converting with it would change nothing, so it is skipped. Any other profile is applied."""
+    try:
+        from PIL import ImageCms
+
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.getProfileDescription(profile).strip().lower().startswith("srgb")
+    except Exception:  # cannot be read: not known to be sRGB (applying it then fails, naming it)
+        return False
+
+
+def _foreign_profile(im: Any) -> bytes | None:
+    """The image's embedded ICC profile when it is not sRGB's, else None."""
+    icc = im.info.get("icc_profile")
+    if not icc or (len(icc) <= _PROFILE_CACHED_BYTES and _is_srgb_profile(bytes(icc))):
+        return None
+    return bytes(icc)
+
+
+#: per decode thread, the last few sRGB transforms built (LittleCMS objects are not shared between
+#: threads): building one takes about as long as applying it to a 500 x 375 image
+_TRANSFORMS = threading.local()
+_TRANSFORMS_KEPT = 8
+
+
+def _to_srgb(im: Any, icc: bytes) -> Any:
+    """``im`` (L, RGB, CMYK or 16-bit grey) converted from its embedded ICC profile to sRGB (RGB,
+    8 bits) by LittleCMS, with ImageCms's default (perceptual) rendering intent."""
+    try:
+        from PIL import ImageCms
+    except ImportError:
+        raise ValueError("the image carries an ICC colour profile and this Pillow has no LittleCMS "
+                         "(PIL.ImageCms): it cannot be converted to sRGB") from None
+    cache = _TRANSFORMS.__dict__.setdefault("transforms", {})
+    transform = cache.get((icc, im.mode))
+    if transform is None:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        except Exception as exc:
+            raise ValueError(f"the image's ICC colour profile cannot be read ({exc}); it cannot be converted "
+                             "to sRGB") from None
+        try:
+            transform = ImageCms.buildTransform(source, ImageCms.createProfile("sRGB"), im.mode, "RGB")
+        except Exception as exc:
+            name = ImageCms.getProfileDescription(source).strip() or "unnamed"
+            raise ValueError(f"cannot convert the image (mode {im.mode!r}) from its ICC colour profile "
+                             f"{name!r} to sRGB: {exc}") from None
+        while len(cache) >= _TRANSFORMS_KEPT:
+            cache.pop(next(iter(cache)))
+        cache[(icc, im.mode)] = transform
+    return ImageCms.applyTransform(im, transform)
+
+
+def _high_depth(im: Any) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grey image as float32 (H, W) in [0, 1], or a
+    ``ValueError`` naming the mode and the range it holds.
+
+    16-bit: divided by 65535. 32-bit integers (``I``): read as 16-bit, the range PNG and TIFF
+    writers store there, so values must lie in 0..65535. Float (``F``): values must lie in [0, 1]."""
+    a = np.asarray(im)
+    if im.mode in _MODES_16BIT:
+        return a.astype(np.float32) / np.float32(65535)
+    if im.mode == "I":
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"image mode 'I' (32-bit integers) holds values {lo}..{hi}; such images are "
+                             "read as 16-bit (0..65535, as PNG and TIFF writers store 16-bit images), and "
+                             "other ranges have no known scale")
+        return a.astype(np.float32) / np.float32(65535)
+    if not np.isfinite(a).all():
+        raise ValueError("image mode 'F' (32-bit float) holds NaN or infinite values")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0 or hi > 1:
+        raise ValueError(f"image mode 'F' (32-bit float) holds values {lo:g}..{hi:g}; float images are "
+                         "read as pixel values in [0, 1], and other ranges have no known scale")
+    return a.astype(np.float32, copy=True)
+
+
+def _chw(arr: np.ndarray) -> torch.Tensor:
+    """8-bit (H, W) or (H, W, C) -> contiguous float32 (C, H, W) in [0, 1]."""
+    hwc = torch.from_numpy(arr)
+    # channels first before the float conversion: one pass writes a contiguous float tensor
+    chw = hwc.unsqueeze(0) if hwc.ndim == 2 else hwc.permute(2, 0, 1)
+    return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+
+
+def _decode_pil(im: Any, channels: int, exif_orientation: bool, background: list[float] | None) -> torch.Tensor:
+    """An opened PIL image -> float32 (``channels``, H, W) in [0, 1], faithfully or not at all.
+
+    - EXIF orientation applied (``exif_orientation``).
+    - 8-bit L / RGB without transparency or a colour profile other than sRGB: PIL's pixels / 255
+      (the fast path, bit for bit as before); PIL's RGB -> L for one channel.
+    - 16-bit, 32-bit integer and float grey: scaled by their range (``_high_depth``).
+    - Transparency (alpha, a palette's transparent entries, a PNG's transparent colour):
+      composited on ``background`` in float.
+    - An embedded ICC profile other than sRGB (and CMYK with one): converted to sRGB by LittleCMS;
+      CMYK without one by PIL's formula (R = (255 - C)(255 - K) / 255, ...).
+    - ``background`` None (a mask: values, not colours): alpha dropped, profiles ignored.
+    - Anything else: a ``ValueError`` naming the mode."""
+    if exif_orientation and _orientation(im) != 1:
+        from PIL import ImageOps
+
+        im = ImageOps.exif_transpose(im)
+    target = "L" if channels == 1 else "RGB"
+    icc = _foreign_profile(im) if background is not None else None
+    if im.mode in ("L", "RGB") and icc is None and "transparency" not in im.info:
+        if im.mode != target:
+            im = im.convert(target)
+        return _chw(np.array(im, dtype=np.uint8))  # 8 bits: finite
+    alpha = None
+    if im.mode in _MODES_16BIT or im.mode in ("I", "F"):
+        if icc is not None:
+            if im.mode not in _MODES_16BIT:
+                raise ValueError(f"image mode {im.mode!r} carries an ICC colour profile, which cannot be "
+                                 "applied to 32-bit pixels")
+            im, icc = _to_srgb(im, icc), None  # 8-bit RGB: within the 8-bit copy's quantisation
+        else:
+            grey = _high_depth(im)
+            t = torch.from_numpy(grey)[None]
+            transparent = im.info.get("transparency")
+            if background is not None and isinstance(transparent, int):
+                a = torch.from_numpy((np.asarray(im) != transparent).astype(np.float32))[None]
+                bg = torch.tensor(background, dtype=torch.float32).view(-1, 1, 1)
+                t = t * a + bg * (1 - a)  # (1 or 3, H, W)
+            return _channels(t, channels)
+    if im.mode == "P":
+        has_alpha = "transparency" in im.info or (im.palette is not None and im.palette.mode == "RGBA")
+        im = im.convert("RGBA" if has_alpha else "RGB")
+    elif im.mode == "PA" or (im.mode in ("L", "RGB", "1") and "transparency" in im.info):
+        im = im.convert("RGBA")
+    if im.mode in _MODES_ALPHA:
+        if im.mode in ("La", "RGBa"):  # premultiplied
+            im = im.convert("RGBA")
+        if background is not None:
+            alpha = np.array(im.getchannel("A"), dtype=np.uint8)
+        im = im.convert("L" if im.mode == "LA" else "RGB")  # the colour values, alpha dropped
+    if im.mode in _MODES_TO_RGB and not (im.mode == "CMYK" and icc is not None):
+        im = im.convert(_MODES_TO_RGB[im.mode])  # CMYK without a profile: PIL's formula
+    if icc is not None:  # L, RGB or CMYK; a profile of another colour space fails, naming it
+        im = _to_srgb(im, icc)
+    if im.mode not in ("L", "RGB"):
+        raise ValueError(f"image mode {im.mode!r} cannot be converted faithfully to {target} "
+                         "(modes read: 1, L, P, RGB, RGBX, CMYK, YCbCr, LAB, HSV, with or without alpha; "
+                         "I;16, I and F grey)")
+    if alpha is None:
+        if im.mode != target:
+            im = im.convert(target)
+        return _chw(np.array(im, dtype=np.uint8))
+    rgb = _chw(np.array(im.convert("RGB"), dtype=np.uint8))
+    a = _chw(alpha)
+    bg = torch.tensor(background, dtype=torch.float32).view(-1, 1, 1)
+    return _channels(rgb * a + bg * (1 - a), channels)
+
+
+def _channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """(1 or 3, H, W) float -> (``channels``, H, W): grey repeated, or RGB's luma (ITU-R 601-2)."""
+    if t.shape[0] == channels:
+        return t.contiguous()
+    if channels == 1:
+        return (t[0] * _LUMA[0] + t[1] * _LUMA[1] + t[2] * _LUMA[2])[None].contiguous()
+    return t.expand(3, -1, -1).contiguous()
+
+
+def _to_float_chw(payload: Any, channels: int, max_pixels: int | None = None, *, exif_orientation: bool = True,
+                  background: list[float] | None = None) -> torch.Tensor:
     """Decode a payload into float32 (C, H, W) in [0, 1] with ``channels`` channels.
 
     An image of more than ``max_pixels`` pixels is refused (``ValueError``) from its header,
-    before anything is decoded: PIL alone only warns up to 2x ``Image.MAX_IMAGE_PIXELS``."""
+    before anything is decoded: PIL alone only warns up to 2x ``Image.MAX_IMAGE_PIXELS``. Encoded
+    images are decoded faithfully or refused (``_decode_pil``); ``background``: the colour that
+    transparent parts are composited on. None: a mask, whose values are read as they are stored
+    (transparency and colour profiles ignored)."""
     if isinstance(payload, BaseException):
         raise payload
     if payload is None:
@@ -625,30 +884,25 @@ def _to_float_chw(payload: Any, channels: int, max_pixels: int | None = None) ->
             raise ValueError(f"{exc} (data.max_pixels is {max_pixels}); possible decompression bomb") from None
         with opened as im:
             _check_pixels(im.size[0], im.size[1], max_pixels)
-            im = im.convert("L" if channels == 1 else "RGB")
-            arr = np.array(im, dtype=np.uint8)  # one writable copy
-        # channels first before the float conversion: one pass writes a contiguous float tensor
-        hwc = torch.from_numpy(arr)
-        chw = hwc.unsqueeze(0) if hwc.ndim == 2 else hwc.permute(2, 0, 1)
-        return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)  # 8 bits: finite
+            return _decode_pil(im, channels, exif_orientation, background)
+    # a raw array (NumPy sources)
+    arr = np.asarray(payload)
+    if arr.ndim == 2:
+        _check_pixels(arr.shape[1], arr.shape[0], max_pixels)
+    elif arr.ndim == 3:
+        channels_last = arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3)
+        h, w = arr.shape[:2] if channels_last else arr.shape[1:]
+        _check_pixels(w, h, max_pixels)
+    if arr.dtype == np.uint8:
+        t = torch.from_numpy(arr.astype(np.float32) / 255.0)
     else:
-        arr = np.asarray(payload)
-        if arr.ndim == 2:
-            _check_pixels(arr.shape[1], arr.shape[0], max_pixels)
-        elif arr.ndim == 3:
-            channels_last = arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3)
-            h, w = arr.shape[:2] if channels_last else arr.shape[1:]
-            _check_pixels(w, h, max_pixels)
-        if arr.dtype == np.uint8:
-            t = torch.from_numpy(arr.astype(np.float32) / 255.0)
-        else:
-            t = torch.from_numpy(arr.astype(np.float32))
-        if t.ndim == 2:
-            t = t.unsqueeze(0)
-        elif t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3):
-            t = t.permute(2, 0, 1)
-        if t.shape[0] == 4:
-            t = t[:3]
+        t = torch.from_numpy(arr.astype(np.float32))
+    if t.ndim == 2:
+        t = t.unsqueeze(0)
+    elif t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3):
+        t = t.permute(2, 0, 1)
+    if t.shape[0] == 4:
+        t = t[:3]
     if not torch.isfinite(t).all():
         raise ValueError("image holds NaN or infinite values")
     if t.shape[0] != channels:
@@ -671,12 +925,15 @@ def decode_image(payload: Any, cfg: DataConfig, device: torch.device | str | Non
 
     ``device`` (a CUDA device): a JPEG payload is decoded there by nvJPEG and resized there; the
     result lies on that device. nvJPEG is not guaranteed to decode bit for bit as libjpeg does, so
-    such maps equal the CPU path's only within tolerance. Other payloads decode on the CPU."""
+    such maps equal the CPU path's only within tolerance. Other payloads decode on the CPU, and so do
+    JPEGs that need more than nvJPEG does (``_nvjpeg_can_decode``: an EXIF orientation, CMYK, a
+    colour profile other than sRGB)."""
     if device is not None and torch.device(device).type == "cuda" and isinstance(payload, (bytes, bytearray)) \
-            and bytes(payload[:3]) == JPEG_MAGIC:
+            and bytes(payload[:3]) == JPEG_MAGIC and _nvjpeg_can_decode(bytes(payload), cfg):
         t = _jpeg_on_device(bytes(payload), cfg, torch.device(device))
     else:
-        t = _to_float_chw(payload, cfg.channels, cfg.max_pixels)
+        t = _to_float_chw(payload, cfg.channels, cfg.max_pixels, exif_orientation=cfg.exif_orientation,
+                          background=cfg.alpha_background)
     return _resize_normalise(t, cfg)
 
 
@@ -686,7 +943,7 @@ def decode_mask(payload: Any, cfg: DataConfig) -> torch.Tensor:
     that it stays aligned with the image's pixels. Raises when missing or corrupt."""
     if payload is None:
         raise ValueError(f"the image has no mask (data.mask_column {cfg.mask_column!r} is empty)")
-    t = _to_float_chw(payload, 1, cfg.max_pixels)
+    t = _to_float_chw(payload, 1, cfg.max_pixels, exif_orientation=cfg.exif_orientation, background=None)
     t = (t > 0).float()
     return _resize_normalise(t, cfg, normalise=False)[0] >= 0.5
 
@@ -702,6 +959,21 @@ def decode_sample(payload: Any, mask: Any, cfg: DataConfig, device: torch.device
     except Exception as exc:  # say that it is the mask, not the image, that failed
         raise ValueError(f"ground-truth mask (data.mask_column {cfg.mask_column!r}): "
                          f"{type(exc).__name__}: {exc}") from exc
+
+
+def _nvjpeg_can_decode(payload: bytes, cfg: DataConfig) -> bool:
+    """Whether nvJPEG's decode gives this JPEG's pixels as ``_decode_pil`` would: 8-bit L or RGB
+    (not CMYK), no colour profile other than sRGB, and no EXIF orientation to apply (nvJPEG
+    applies none). Reads the header only; a header PIL cannot read is left to the CPU path,
+    which names the error."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(payload)) as im:
+            return (im.mode in ("L", "RGB") and _foreign_profile(im) is None
+                    and not (cfg.exif_orientation and _orientation(im) != 1))
+    except Exception:
+        return False
 
 
 def _jpeg_on_device(payload: bytes, cfg: DataConfig, device: torch.device) -> torch.Tensor:
