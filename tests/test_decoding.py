@@ -361,6 +361,22 @@ def test_webdataset_sample_without_a_valid_label_is_a_failure_with_its_reason(tm
             decode_image(recs[key].payload, cfg)
 
 
+def test_parquet_row_with_a_null_label_is_a_failure_with_its_reason(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image": [{"bytes": _png(v), "path": f"{v}.png"} for v in (10, 20, 30)],
+                      "label": pa.array([3, None, 5], pa.int64())})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    cfg = _cfg(size=8, format="parquet", path=str(tmp_path))
+    recs = list(open_source(cfg).read(0, 3))
+    assert [r.label for r in (recs[0], recs[2])] == [3, 5]
+    decode_image(recs[0].payload, cfg)
+    assert recs[1].label == -1
+    with pytest.raises(SourceError, match=r"row 1 of part-0\.parquet: the label column 'label' is null"):
+        decode_image(recs[1].payload, cfg)  # before: label -1, decoded as an ok image
+
+
 def test_webdataset_without_any_labels_reads_unlabelled(tmp_path):
     _tar(tmp_path / "shard.tar", {"a": {"png": _png(10)}, "b": {"png": _png(20), "json": b"{}"}})
     cfg = _cfg(size=8, format="webdataset", path=str(tmp_path / "shard.tar"))

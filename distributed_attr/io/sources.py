@@ -390,7 +390,12 @@ class ParquetSource(OffsetSource):
                     img = img.get("bytes")
                 if isinstance(mask, dict):
                     mask = mask.get("bytes")
-                yield Record(base + i, img, -1 if label is None else int(label), name, f"{rel}:{lo + i}", mask)
+                if self.has_label and label is None:
+                    # a row without a label is a recorded failure, never a silent -1 (an unlabelled
+                    # dataset has no label column at all)
+                    img, label = SourceError(f"row {lo + i} of {rel}: the label column "
+                                             f"{self.cfg.label_column!r} is null"), -1
+                yield Record(base + i, img, int(label), name, f"{rel}:{lo + i}", mask)
 
     def labels_all(self) -> np.ndarray | None:
         """Every label (one column read per file), for checks before the job starts."""
