@@ -455,3 +455,30 @@ def test_tilde_is_expanded_in_cli_paths(tmp_path, monkeypatch, capsys):
     assert main(["report", "~/missing.zarr", "--out", "~/rep"]) == 2
     assert repr(str(tmp_path / "missing.zarr")) in capsys.readouterr().err
     assert not (tmp_path / "~").exists()
+
+
+# -- raw arrays (NumPy sources) ----------------------------------------------------------------------
+
+
+def test_raw_arrays_are_scaled_by_their_dtype_composited_and_range_checked(tmp_path):
+    rng = np.random.default_rng(0)
+    rgb8 = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    cfg1, cfg3 = _cfg(1, size=8, format="numpy"), _cfg(3, size=8, format="numpy")
+    # uint16 is divided by 65535 (before: cast unscaled, values up to 65535)
+    torch.testing.assert_close(decode_image(rgb8.astype(np.uint16) * 257, cfg3), decode_image(rgb8, cfg3))
+    # grey from colour is PIL's luma, as for an image file (before: the channel mean)
+    torch.testing.assert_close(decode_image(rgb8, cfg1), decode_image(_encode(Image.fromarray(rgb8), "PNG"), cfg1),
+                               atol=1 / 255, rtol=0)
+    # alpha is composited on data.alpha_background (before: dropped), as for an RGBA PNG
+    rgba = np.concatenate([rgb8, rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)], -1)
+    for bg in ([1.0], [0.0, 0.5, 1.0]):
+        cfg = _cfg(3, size=8, format="numpy", alpha_background=bg)
+        torch.testing.assert_close(decode_image(rgba, cfg), decode_image(_encode(Image.fromarray(rgba), "PNG"), cfg),
+                                   atol=1e-5, rtol=0)
+    # floats outside [0, 1] are a failed image naming the range (before: read as they are)
+    with pytest.raises(ValueError, match=r"float image holds values \d+\.\.\d+, outside \[0, 1\]"):
+        decode_image(rgb8.astype(np.float32), cfg3)
+    # integer types without an agreed range are refused when the source opens
+    np.save(tmp_path / "x.npy", np.zeros((2, 8, 8), np.int64))
+    with pytest.raises(SourceError, match=r"uint8 \(0\.\.255\), uint16 \(0\.\.65535\) or float \(0\.\.1\), got dtype int64"):
+        open_source(_cfg(1, size=8, format="numpy", path=str(tmp_path / "x.npy")))

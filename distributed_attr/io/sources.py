@@ -570,8 +570,9 @@ class WebDatasetSource(OffsetSource):
 
 @register_source
 class NumpySource(Source):
-    """A ``.npy`` array of images (N, H, W), (N, H, W, C) or (N, C, H, W); uint8 (0..255) or float
-    (0..1). Memory-mapped: a worker reads only its rows. ``labels_path``: a ``.npy`` of N integer
+    """A ``.npy`` array of images (N, H, W), (N, H, W, C) or (N, C, H, W); uint8 (0..255), uint16
+    (0..65535) or float (0..1; an image outside is a failed image). C = 2 or 4: the last channel is
+    alpha, composited on ``data.alpha_background`` as for image files. Memory-mapped: a worker reads only its rows. ``labels_path``: a ``.npy`` of N integer
     labels. Never unpickles anything: an object array is refused."""
 
     name: ClassVar[str] = "numpy"
@@ -580,9 +581,10 @@ class NumpySource(Source):
         self.cfg = cfg
         self.io = Files(cfg.path, storage_options)
         self.array = self._load(cfg.path, "data.path")
-        if self.array.dtype.kind not in "biuf":
-            raise SourceError(f"data.path {cfg.path!r}: expected a numeric image array (uint8 or float), "
-                              f"got dtype {self.array.dtype}")
+        if self.array.dtype not in RAW_IMAGE_DTYPES and self.array.dtype.kind != "f":
+            # other integer types have no agreed range: scaling them would be a guess
+            raise SourceError(f"data.path {cfg.path!r}: expected an image array of dtype uint8 (0..255), "
+                              f"uint16 (0..65535) or float (0..1), got dtype {self.array.dtype}")
         if self.array.ndim not in (3, 4):
             raise SourceError(f"{cfg.path!r}: expected images (N,H,W[,C]) or (N,C,H,W), got shape {self.array.shape}")
         self.labels = None
@@ -898,27 +900,47 @@ def _to_float_chw(payload: Any, channels: int, max_pixels: int | None = None, *,
         channels_last = arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3)
         h, w = arr.shape[:2] if channels_last else arr.shape[1:]
         _check_pixels(w, h, max_pixels)
-    if arr.dtype == np.uint8:
-        t = torch.from_numpy(arr.astype(np.float32) / 255.0)
-    else:
+    if arr.dtype in RAW_IMAGE_DTYPES:
+        t = torch.from_numpy(arr.astype(np.float32) / RAW_IMAGE_DTYPES[arr.dtype])
+    elif arr.dtype.kind == "f":
         t = torch.from_numpy(arr.astype(np.float32))
+        if not torch.isfinite(t).all():
+            raise ValueError("image holds NaN or infinite values")
+        lo, hi = float(t.min()), float(t.max())
+        if lo < 0.0 or hi > 1.0:  # the same rule as a float ('F') image file
+            raise ValueError(f"float image holds values {lo:g}..{hi:g}, outside [0, 1]: scale it to [0, 1] "
+                             "(float arrays are read as they are)")
+    else:
+        raise ValueError(f"raw image of dtype {arr.dtype}: expected uint8 (0..255), uint16 (0..65535) "
+                         "or float (0..1)")
     if t.ndim == 2:
         t = t.unsqueeze(0)
     elif t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3):
         t = t.permute(2, 0, 1)
-    if t.shape[0] == 4:
-        t = t[:3]
-    if not torch.isfinite(t).all():
-        raise ValueError("image holds NaN or infinite values")
+    if t.shape[0] in (2, 4):  # grey or colour with alpha: composited as image files are
+        if background is None:  # a mask: values as stored, the alpha ignored
+            t = t[:-1]
+        else:
+            alpha, t = t[-1:], t[:-1]
+            bg = torch.tensor(background, dtype=t.dtype).reshape(-1, 1, 1)
+            if bg.shape[0] != t.shape[0]:
+                bg = bg.mean(0, keepdim=True).expand(t.shape[0], 1, 1)
+            t = t * alpha + bg * (1 - alpha)
     if t.shape[0] != channels:
         if channels == 1:
-            t = t.mean(0, keepdim=True)
+            # ITU-R 601-2 luma, as PIL's convert("L") computes it for image files
+            t = (t * _LUMA.reshape(3, 1, 1)).sum(0, keepdim=True) if t.shape[0] == 3 else t.mean(0, keepdim=True)
         elif t.shape[0] == 1:
             t = t.expand(3, -1, -1)
         else:
             raise ValueError(f"cannot convert {t.shape[0]} channels to {channels}")
     return t.contiguous()
 
+
+#: raw image arrays (NumPy sources) of these integer dtypes are divided by their range
+RAW_IMAGE_DTYPES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
+#: the weights of R, G, B in grey (ITU-R 601-2 luma, PIL's convert("L"))
+_LUMA = torch.tensor([0.299, 0.587, 0.114])
 
 #: the first bytes of every JPEG file (start-of-image marker, then a marker's first byte)
 JPEG_MAGIC = b"\xff\xd8\xff"
