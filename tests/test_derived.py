@@ -243,3 +243,16 @@ def test_aggregates_of_an_older_version_are_read_and_said_to_be_of_unknown_state
     assert main(["inspect", store]) == 0
     first = _first_line(capsys)
     assert first.startswith("warning:") and "older version" in first, first
+
+
+def test_a_new_aggregate_replaces_the_previous_files_as_a_whole(tmp_path):
+    """A figure of an earlier aggregate that this one does not draw (plots switched off) would be
+    shown beside the new tables as if it were current: the set is replaced as a whole."""
+    store = _store(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spectra.png").write_bytes(b"an earlier aggregate's figure")
+    (out / "notes.txt").write_text("not ours: kept")
+    run_aggregation(store, num_workers=0, out_dir=str(out), plots=False)
+    assert not (out / "spectra.png").exists() and (out / "notes.txt").read_text() == "not ours: kept"
+    assert json.loads((out / "aggregate.json").read_text())["files_written"] == ["spectra.parquet", "summary.parquet"]

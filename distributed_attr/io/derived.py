@@ -306,7 +306,8 @@ class FilesAside:
     """Write a set of files (``kind``: aggregate or evaluation) into the outputs folder ``out``
     atomically as seen by ``report``: ``path(name)`` is where to write a file; ``commit(manifest)``
     moves them into place between two manifest writes (``complete: false``, then ``true`` with
-    the store state and the file names). ``abort()`` removes the files written aside."""
+    the store state and the file names), and removes the files of the set's previous write that
+    this one did not make. ``abort()`` removes the files written aside."""
 
     def __init__(self, out: Path, kind: str):
         self.out, self.kind = Path(out), kind
@@ -328,6 +329,12 @@ class FilesAside:
         _write_json(self.manifest, {**manifest, "complete": False})
         for name in names:
             os.replace(self.aside / name, self.out / name)
+        # the set is replaced as a whole: a file of the previous write that this one did not make
+        # (a metric no longer in the store, plots switched off) would be shown as current
+        patterns = OUTPUT_SETS[self.kind][1]
+        for old in self.out.iterdir():
+            if old.is_file() and _belongs(old.name, patterns) and old.name not in names:
+                old.unlink()
         _write_json(self.manifest, {**manifest, "files_written": names, "complete": True})
         shutil.rmtree(self.aside, ignore_errors=True)
         return self.manifest
