@@ -256,3 +256,25 @@ def test_a_new_aggregate_replaces_the_previous_files_as_a_whole(tmp_path):
     run_aggregation(store, num_workers=0, out_dir=str(out), plots=False)
     assert not (out / "spectra.png").exists() and (out / "notes.txt").read_text() == "not ours: kept"
     assert json.loads((out / "aggregate.json").read_text())["files_written"] == ["spectra.parquet", "summary.parquet"]
+
+
+def test_a_unit_committed_while_a_partial_aggregate_reads_counts_neither_way(tmp_path, capsys, monkeypatch):
+    """The job commits unit 2 while ``aggregate --partial`` is reading (here: right after the
+    aggregation read the done flags): the aggregate covers the units it read as done, records
+    them, and shows as out of date afterwards, instead of refusing as "the store changed"."""
+    store = _store(tmp_path, done_units=[0, 1])
+    checked = AttributionStore.verify
+
+    def verify_while_the_driver_commits(self, **kw):
+        found = checked(self, **kw)
+        driver = AttributionStore.open(store, "r+")
+        driver.commit_unit(2, 1.0, {})
+        driver.flush()
+        return found
+
+    monkeypatch.setattr(AttributionStore, "verify", verify_while_the_driver_commits)
+    result = run_aggregation(store, num_workers=0, out_dir=str(tmp_path / "out"), plots=False, partial=True)
+    monkeypatch.undo()
+    assert result["images"] == 16 and result["units_done"] == 2 and result["partial"] is True
+    assert main(["inspect", store]) == 0
+    assert "out of date" in _first_line(capsys)

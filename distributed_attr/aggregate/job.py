@@ -134,6 +134,10 @@ def run_aggregation(
     if missing:
         raise StoreError(damaged_shard_message(store, missing))
     usable = handle.usable()
+    # only the units read as done above: a job still writing (--partial) may commit more meanwhile
+    read = np.zeros(handle.n_units, dtype=bool)
+    read[done] = True
+    usable &= np.repeat(read, handle.unit_size)[: handle.n_images]
     expected_images = int(usable.sum())
     if plan.read_maps:
         plan.class_maps = _count_classes(handle, usable) <= class_maps
