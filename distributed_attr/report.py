@@ -90,7 +90,8 @@ class _Section:
 
     @classmethod
     def of(cls, store: str, out_dir: str | Path | None = None) -> "_Section":
-        return cls(store, Path(out_dir) if out_dir else outputs_dir(store), describe_store(store))
+        out = Path(out_dir) if out_dir else outputs_dir(store)
+        return cls(store, out, describe_store(store, out_dir=out))
 
     @property
     def model(self) -> str:
