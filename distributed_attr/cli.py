@@ -45,7 +45,10 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
     from .aggregate import run_aggregation
 
     result = run_aggregation(args.store, address=args.address, num_workers=args.workers, out_dir=args.out,
-                             threads=args.threads, read_maps=not args.no_maps, class_maps=args.class_maps)
+                             threads=args.threads, read_maps=not args.no_maps, class_maps=args.class_maps,
+                             partial=args.partial)
+    if not args.json:
+        _print_partial(result, "aggregated")
     print(json.dumps(result, indent=2, default=str) if args.json else _short(result))
     return 0
 
@@ -53,15 +56,26 @@ def _cmd_aggregate(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import run_evaluation
 
-    result = run_evaluation(args.store, out_dir=args.out)
+    result = run_evaluation(args.store, out_dir=args.out, partial=args.partial)
+    _print_partial(result, "evaluated")
     print(_short(result))
     return 0
 
 
+def _print_partial(result: dict, verb: str) -> None:
+    """The summary's first line, for outputs of a store that was not complete (``--partial``)."""
+    if result.get("partial"):
+        print(f"partial: {verb} {result['units_done']} of {result['n_units']} units (--partial); every output "
+              "is marked partial")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import report_warnings, write_report
 
     path = write_report(args.store, out_dir=args.out, companions=args.companions)
+    warning = report_warnings(args.store, out_dir=args.out, companions=args.companions)
+    if warning:
+        print(warning)
     print(f"report: {path}")
     return 0
 
@@ -109,6 +123,11 @@ def _short(result: object) -> str:
     return str(result)
 
 
+#: ``aggregate --partial`` and ``evaluate --partial``
+PARTIAL_HELP = ("use a store that is not complete (or that a job is still writing): the units done so far; "
+                "recorded and shown in every output. Without it such a store is refused")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distributed-attr", description=__doc__)
     p.add_argument("--debug", action="store_true",
@@ -143,12 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--class-maps", type=int, default=100,
                    help="mean/std maps per class only up to this many classes (default 100)")
     a.add_argument("--out", default=None, help="folder for tables and plots (default: <store>-outputs)")
+    a.add_argument("--partial", action="store_true", help=PARTIAL_HELP)
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=_cmd_aggregate)
 
     e = sub.add_parser("evaluate", help="metric tables, best cutoffs, rankings over a store")
     e.add_argument("store")
     e.add_argument("--out", default=None)
+    e.add_argument("--partial", action="store_true", help=PARTIAL_HELP)
     e.set_defaults(func=_cmd_evaluate)
 
     rp = sub.add_parser("report", help="write the HTML and Markdown report of a store")

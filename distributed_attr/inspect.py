@@ -1,18 +1,23 @@
 """``distributed-attr inspect``: what a store holds, how far its job got, which images failed."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .io.derived import output_statuses, store_state, warning_line
 from .io.lease import StoreLease, lease_info
-from .io.store import AttributionStore, Keys, walk_arrays
+from .io.store import AttributionStore, Keys, outputs_dir, walk_arrays
 
 
-def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
+def describe_store(path: str, verify: bool = False, out_dir: str | Path | None = None) -> dict[str, Any]:
     """What a store holds and how far its job got. ``verify``: read back every done unit's shard
     of every per-image array; units with a missing or unreadable shard are marked not done (with
-    the reason, in ``invalid_units``), so that ``run --resume`` recomputes them."""
+    the reason, in ``invalid_units``), so that ``run --resume`` recomputes them.
+    ``outputs`` says how each derived output (the ``aggregates`` group, the aggregate and
+    evaluation tables in ``out_dir``, default the store's outputs folder) stands against the
+    store now, and ``warning`` is the line to show first when any is not current."""
     store = AttributionStore.open(path, mode="r")
     invalid: dict[int, str] | None = None
     if verify:
@@ -23,7 +28,10 @@ def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
                 store = AttributionStore.open(path, mode="r+")
                 store.mark_not_done(invalid)
     a = store.attrs
+    generation = store.generation  # before the done flags (io/derived.py)
     done = store.done_units()
+    state = store_state(store, path, done=done)
+    outputs = output_statuses(store, Path(out_dir) if out_dir else outputs_dir(path), state)
     seconds = store.group[Keys.UNITS_SECONDS][:]
     arrays = {}
     for name, arr in sorted(walk_arrays(store.group)):
@@ -32,7 +40,9 @@ def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
     images_done = sum(store.unit_range(int(u))[1] - store.unit_range(int(u))[0] for u in done)
     return {
         "store": path,
+        "warning": warning_line(outputs),
         "schema_version": a.get("schema_version"),
+        "generation": generation,
         "created": a.get("created"),
         "images": store.n_images,
         "units": store.n_units,
@@ -54,6 +64,7 @@ def describe_store(path: str, verify: bool = False) -> dict[str, Any]:
         "invalid_units": invalid if invalid is not None else {},
         "lease": (lambda li: li and {"host": li.host, "pid": li.pid, "started": li.started, "alive": li.alive()})(
             lease_info(path)),
+        "outputs": [o.to_dict() for o in outputs],
         "arrays": arrays,
     }
 
@@ -64,12 +75,17 @@ def format_description(info: dict[str, Any]) -> str:
         f"progress    {info['units_done']}/{info['units']} units, {info['images_done']}/{info['images']} images"
         f" ({'complete' if info['complete'] else 'incomplete: rerun with --resume'})",
         f"ok images   {info['images_ok']}   failed: {len(info['failures'])}",
+        f"generation  {info.get('generation', 0)} (advanced by every commit and every --verify invalidation)",
         f"model       {info['model']}",
         f"            fingerprint {str(info['model_fingerprint'])[:16]}  config {info['config_hash']}",
         f"data        {info['data'].get('format')} at {info['data'].get('path')}" if info.get("data") else "data        ?",
         f"methods     {', '.join(info['methods'])}",
         f"metrics     {', '.join(info['metrics']) or '-'}   evaluators: {', '.join(info['evaluators']) or '-'}",
     ]
+    for o in info.get("outputs") or []:
+        lines.append(f"outputs     {o['what']} ({o['where']}): {o['state']}")
+    if info.get("warning"):
+        lines.insert(0, info["warning"])
     if info.get("lease"):
         le = info["lease"]
         lines.append(f"driver      pid {le['pid']} on {le['host']} since {le['started']}"

@@ -6,6 +6,12 @@ aggregation and evaluation jobs wrote into that store's outputs folder, so new a
 the report without changes here. Images are embedded as data URIs: the HTML file stands alone.
 The page fits a 1,400-px window: figures shrink to the text width and wide tables scroll inside
 their own box instead of widening the page.
+
+Outputs that are not current (computed from a store that has changed since, or from some of its
+units only with ``--partial``, or by an older version that recorded no store state) are named in a
+banner at the top of the page and on the command's first line; a half-written output (an
+``aggregates`` group without its completion marker, a set of tables whose switch did not finish)
+is refused (``StoreError``: one ``error:`` line from the CLI). ``io/derived.py`` says how.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from .inspect import describe_store
-from .io.store import outputs_dir
+from .io.derived import OutputStatus, output_statuses, require_whole, warning_line
+from .io.store import AttributionStore, outputs_dir
 
 #: the order a reader wants: what the maps look like, their spectra, the filter's effect, the
 #: rankings, then the details; anything else follows alphabetically
@@ -42,7 +49,9 @@ STYLE = ("body{font-family:sans-serif;max-width:min(1200px,100% - 2em);margin:2e
          "th{background:#f0f0f0}.scroll{overflow-x:auto;max-width:100%;margin:1em 0}"
          "img{max-width:100%;height:auto;border:1px solid #ddd;margin:0.5em 0}"
          "figcaption{font-size:12px;color:#555;max-width:60em}figure{margin:1em 0}"
-         "h2{border-bottom:1px solid #ccc}nav li{margin:0.2em 0}")
+         "h2{border-bottom:1px solid #ccc}nav li{margin:0.2em 0}"
+         ".banner{background:#fff3cd;border:2px solid #c98a00;color:#5c3d00;padding:0.6em 1em;margin:0 0 1em 0;"
+         "font-weight:bold}.banner li{margin:0.2em 0}")
 
 
 def _reading_order(path: Path) -> tuple[int, str]:
@@ -81,7 +90,8 @@ class _Section:
 
     @classmethod
     def of(cls, store: str, out_dir: str | Path | None = None) -> "_Section":
-        return cls(store, Path(out_dir) if out_dir else outputs_dir(store), describe_store(store))
+        out = Path(out_dir) if out_dir else outputs_dir(store)
+        return cls(store, out, describe_store(store, out_dir=out))
 
     @property
     def model(self) -> str:
@@ -186,6 +196,35 @@ def markdown_to_html(text: str) -> str:
     return "\n".join(out)
 
 
+def _statuses(store: str, out_dir: str | Path | None) -> list[OutputStatus]:
+    """How a store's derived outputs (its ``aggregates`` group, the tables in its outputs folder)
+    stand against the store now."""
+    return output_statuses(AttributionStore.open(store, mode="r"), Path(out_dir) if out_dir else outputs_dir(store))
+
+
+def _all_statuses(store: str, out_dir: str | Path | None, companions: Sequence[str]) -> list[OutputStatus]:
+    found = _statuses(store, out_dir)
+    for c in companions:
+        found += _statuses(c, None)
+    return found
+
+
+def report_warnings(store: str, out_dir: str | None = None, companions: Sequence[str] = ()) -> str | None:
+    """The line ``report`` prints first when an output it shows is out of date, partial or of
+    unknown state (None when every one is current)."""
+    return warning_line(_all_statuses(store, out_dir, companions))
+
+
+def _banner(statuses: list[OutputStatus]) -> tuple[str, list[str]]:
+    """The warning banner at the top of the page, as HTML and Markdown ("" and [] when none)."""
+    problems = [s.message for s in statuses if s.state != "current"]
+    if not problems:
+        return "", []
+    html_banner = ("<div class='banner' role='alert'>Some results below are not current:<ul>"
+                   + "".join(f"<li>{html.escape(m)}</li>" for m in problems) + "</ul></div>")
+    return html_banner, ["> **Some results below are not current:**", ">"] + [f"> - {m}" for m in problems] + [""]
+
+
 def write_report(store: str, out_dir: str | None = None, max_rows: int = 60,
                  companions: Sequence[str] = (), preface: str = "") -> Path:
     """Write ``report.html`` and ``report.md`` into the outputs folder and return the HTML path.
@@ -197,13 +236,17 @@ def write_report(store: str, out_dir: str | None = None, max_rows: int = 60,
     """
     main = _Section.of(store, out_dir)
     others = [_Section.of(c) for c in companions]
+    statuses = _all_statuses(store, out_dir, companions)
+    require_whole(statuses)  # a half-written output is refused, never shown
+    banner, banner_md = _banner(statuses)
     out = main.outputs
     out.mkdir(parents=True, exist_ok=True)
     h = ["<!doctype html><html><head><meta charset='utf-8'>"
          "<meta name='viewport' content='width=device-width, initial-scale=1'>"
          f"<title>distributed_attr report</title><style>{STYLE}</style></head><body>",
+         *([banner] if banner else []),
          "<h1>Attribution report</h1>"]
-    md = ["# Attribution report", ""]
+    md = [*banner_md, "# Attribution report", ""]
     if preface:
         h.append(markdown_to_html(preface))
         md += ["#" + line if line.startswith("#") else line for line in preface.splitlines()] + [""]

@@ -1,7 +1,7 @@
 """Ray job entrypoint for the aggregation job.
 
     ray job submit --working-dir . -- python jobs/aggregate.py STORE [--out DIR] [--workers N]
-        [--threads T] [--no-maps]
+        [--threads T] [--no-maps] [--partial]
 
 Joins the cluster the job was submitted to (``ray job submit`` sets RAY_ADDRESS) and runs the same
 code as ``distributed-attr aggregate`` (``distributed_attr.aggregate.run_aggregation``): reader

@@ -14,7 +14,7 @@ from distributed_attr.aggregate.synthetic import write_synthetic_store
 from distributed_attr.spectral import radial_bin_counts
 
 UNIT = 16
-DONE = [0, 1, 3, 4]  # unit 2 unfinished: its images must not count
+DONE = [0, 1, 3, 4]  # unit 2 unfinished: its images must not count (so: ``partial=True``)
 FAILED = [3, 20, 40, 66]  # ok=False (40 is in the unfinished unit anyway)
 
 
@@ -115,9 +115,10 @@ def _check(result, store, expected, out_dir):
 
 def test_in_process_aggregation_equals_numpy(store, tmp_path):
     expected = _expected(store)
-    result = run_aggregation(store, num_workers=0, out_dir=str(tmp_path / "out"))
+    result = run_aggregation(store, num_workers=0, out_dir=str(tmp_path / "out"), partial=True)
     _check(result, store, expected, tmp_path / "out")
     assert result["spectra_source"] == "store"
+    assert result["partial"] is True and (result["units_done"], result["n_units"]) == (len(DONE), 5)
 
 
 def test_ray_aggregation_equals_numpy(store, tmp_path):
@@ -128,7 +129,8 @@ def test_ray_aggregation_equals_numpy(store, tmp_path):
              configure_logging=False)
     try:
         # one unit per task: 4 tasks over 2 workers, merged in completion order
-        result = run_aggregation(store, num_workers=2, out_dir=str(tmp_path / "ray-out"), units_per_task=1)
+        result = run_aggregation(store, num_workers=2, out_dir=str(tmp_path / "ray-out"), units_per_task=1,
+                                 partial=True)
         assert ray.is_initialized()  # a Ray it did not start is left running
     finally:
         ray.shutdown()
@@ -219,12 +221,14 @@ def test_class_maps_only_up_to_a_number_of_classes(store, tmp_path):
     """Per-class mean maps cost a map per class in every task's state: above ``class_maps``
     classes only the overall mean/std map is kept (and is still exact); spectra stay per class."""
     expected = _expected(store)
-    result = run_aggregation(store, num_workers=0, out_dir=str(tmp_path / "o"), plots=False, class_maps=3)
+    result = run_aggregation(store, num_workers=0, out_dir=str(tmp_path / "o"), plots=False, class_maps=3,
+                             partial=True)
     assert result["class_maps"] is False  # the store's maps explain 4 classes
     a = zarr.open_group(store, mode="r")["aggregates/saliency"]
     assert "class_map_mean" not in a and "class_spectrum_mean" in a
     np.testing.assert_allclose(a["map_mean"][:], expected["saliency"]["all"]["map_mean"], rtol=1e-5, atol=1e-6)
-    result = run_aggregation(store, num_workers=0, out_dir=str(tmp_path / "o"), plots=False, class_maps=4)
+    result = run_aggregation(store, num_workers=0, out_dir=str(tmp_path / "o"), plots=False, class_maps=4,
+                             partial=True)
     assert result["class_maps"] is True
     a = zarr.open_group(store, mode="r")["aggregates/saliency"]
     classes = a["class"][:].tolist()

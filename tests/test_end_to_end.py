@@ -88,6 +88,12 @@ def test_aggregate_evaluate_and_report(full_store, tmp_path):
     assert "<table" in html and "soundness_saliency" in html and "forgrad_protocol" in html
     assert (out / "report.md").exists()
     assert list(out.glob("*.parquet")), "aggregation and evaluation wrote no tables"
+    # a complete store, aggregated and evaluated after its job: current, no banner
+    import json
+
+    assert "class='banner'" not in html
+    manifest = json.loads((out / "evaluation.json").read_text())
+    assert manifest["complete"] is True and manifest["partial"] is False and manifest["units_done"] == 2
 
 
 def test_stored_spectra_obey_parseval_and_match_the_filter(full_store):

@@ -125,6 +125,10 @@ def test_the_job_reads_and_writes_s3_is_resumed_and_equals_the_local_job(s3, s3_
     assert len(written) > 10
     for name, arr in written:
         np.testing.assert_array_equal(a[f"aggregates/{name}"][...], arr[...], err_msg=name)
+    # written in place on object storage, its completion marker last: whole and current
+    assert a["aggregates"].attrs["complete"] is True and a["aggregates"].attrs["units_done"] == 6
+    assert main(["inspect", url]) == 0
+    assert capsys.readouterr().out.startswith("store ")  # no warning line first
 
 
 def test_xarray_opens_the_store_by_url(s3, s3_data, make_config):

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..io.derived import FilesAside, store_state
 from ..io.store import AttributionStore, Keys, StoreError, outputs_dir
 from .outputs import write_aggregates_group, write_plots, write_tables
 from .plan import (
@@ -95,6 +96,7 @@ def run_aggregation(
     plots: bool = True,
     threads: int | None = None,
     class_maps: int = CLASS_MAPS,
+    partial: bool = False,
 ) -> dict:
     """Aggregate a store; returns a summary dict (paths, counts, timings, headline numbers).
 
@@ -109,7 +111,11 @@ def run_aggregation(
     reducing this one); each task reserves that many CPUs from Ray (capped at the largest node's),
     and the default ``num_workers`` is the cluster's CPUs divided by it. 1 = strictly one core
     per task. ``class_maps``: mean/std maps per class when the maps explain at most this many
-    classes (counted by the driver from ``target``), else the overall mean/std map only."""
+    classes (counted by the driver from ``target``), else the overall mean/std map only.
+    ``partial``: aggregate a store that is not complete (or that a job is still writing) over the
+    units done so far; without it such a store is refused (``StoreError``). Every output records
+    the store state it read (``io/derived.py``: generation, units done, partial), and a partial
+    one says so in its plots' titles; the outputs are written aside and switched into place."""
     t_start = time.perf_counter()
     store = str(store)
     handle = AttributionStore.open(store, mode="r")
@@ -119,12 +125,19 @@ def run_aggregation(
     if plan.threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     done = handle.done_units()
+    state = store_state(handle, store, done=done)  # the generation was read before the done flags
+    state.require_complete(partial, "aggregate")
+    record = state.record()
     # A missing shard reads as fill values (NaN maps, ok=False): refuse before averaging over it.
     # Damaged shards fail their checksum or codec while being read (below).
     missing = handle.verify(decode=False, arrays=arrays_read(plan))
     if missing:
         raise StoreError(damaged_shard_message(store, missing))
     usable = handle.usable()
+    # only the units read as done above: a job still writing (--partial) may commit more meanwhile
+    read = np.zeros(handle.n_units, dtype=bool)
+    read[done] = True
+    usable &= np.repeat(read, handle.unit_size)[: handle.n_images]
     expected_images = int(usable.sum())
     if plan.read_maps:
         plan.class_maps = _count_classes(handle, usable) <= class_maps
@@ -145,11 +158,24 @@ def run_aggregation(
 
     results = _finalise(plan, partial)
     out = Path(out_dir) if out_dir else _default_out_dir(store)
-    out.mkdir(parents=True, exist_ok=True)
     t_write = time.perf_counter()
-    write_aggregates_group(store, plan, results, done)
-    tables = write_tables(out, plan, results)
-    figures = write_plots(out, plan, results) if plots and results else []
+    # Everything is written aside, then switched into place: a failure (a full disk) leaves the
+    # previous outputs as they were, and no reader ever sees half of them (io/derived.py).
+    group = write_aggregates_group(store, plan, results, done, record)
+    files = None
+    try:
+        files = FilesAside(out, "aggregate")
+        tables = {k: str(out / Path(v).name) for k, v in write_tables(files.aside, plan, results, record).items()}
+        figures = [str(out / Path(f).name) for f in
+                   (write_plots(files.aside, plan, results, record) if plots and results else [])]
+        group.commit()
+        files.commit({**record, "store": store, "units_aggregated": int(partial.units), "images": int(partial.images),
+                      "methods": list(results), "tables": tables, "plots": figures})
+    except BaseException:
+        group.abort()
+        if files is not None:
+            files.abort()
+        raise
     write_seconds = time.perf_counter() - t_write
     headline = {
         m: {
@@ -161,6 +187,10 @@ def run_aggregation(
     }
     return {
         "store": store,
+        "partial": record["partial"],
+        "units_done": record["units_done"],
+        "n_units": record["n_units"],
+        "store_generation": record["store_generation"],
         "out_dir": str(out),
         "workers": workers,
         "threads_per_worker": plan.threads,

@@ -7,13 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.store import Keys, open_group
+from ..io.derived import GroupAside, title_note, write_parquet
+from ..io.store import Keys
 from .plan import ReadPlan
 from .results import Results, ScopeResult
 
 
-def write_aggregates_group(store: str, plan: ReadPlan, results: Results, done: np.ndarray) -> None:
-    """The ``aggregates/`` group, rewritten as a whole by the driver (the single writer).
+def write_aggregates_group(store: str, plan: ReadPlan, results: Results, done: np.ndarray,
+                           record: dict | None = None) -> GroupAside:
+    """The ``aggregates/`` group, rewritten as a whole by the driver (the single writer), aside:
+    the returned ``GroupAside`` writes its attributes last and puts it in place on ``commit()``
+    (``io/derived.py``), so that no reader sees half of it; ``abort()`` drops it. ``record``: the store state the aggregates were computed from
+    (``StoreState.record``), written into the group's attributes with ``complete: true`` last.
 
     The group and its coordinates are paths of ``io.store.Keys`` (``AGGREGATES``,
     ``AGGREGATES_CUTOFF``, ``AGGREGATES_FREQUENCY``, ``aggregates(method)``); the arrays inside
@@ -21,20 +26,41 @@ def write_aggregates_group(store: str, plan: ReadPlan, results: Results, done: n
     prefix "" (all images) and "class_" (a leading ``class`` dimension) ``n_images``,
     ``spectrum_{mean,std,ci95}``, ``slope``, ``hf_fraction``, ``<quantity>_{mean,std,ci95}`` per
     ``ScopeResult.PER_IMAGE`` quantity, and ``map_{mean,std}`` when the maps were read."""
-    root = open_group(store, "r+", plan.storage_options)
-    agg = root.create_group(Keys.AGGREGATES, overwrite=True)
+    aside = GroupAside(store, Keys.AGGREGATES, plan.storage_options)
+    try:
+        _fill_aggregates(aside.group, plan, results)
+    except BaseException:
+        aside.abort()
+        raise
+    aside.attrs = dict(
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        units_aggregated=int(done.size),
+        hf_cutoff=plan.hf_cutoff,
+        methods=list(results),
+        spectra_source="store" if plan.have_spectra else "computed from maps",
+        **(record or {}),
+    )
+    return aside
+
+
+def _inside(path: str) -> str:
+    """A path of ``Keys`` under ``aggregates/``, relative to that group."""
+    return path[len(Keys.AGGREGATES) + 1:]
+
+
+def _fill_aggregates(agg, plan: ReadPlan, results: Results) -> None:
     cutoffs = np.asarray(plan.cutoffs, dtype=np.float64)
     freqs = np.asarray(plan.frequencies, dtype=np.float64)
-    root.create_array(Keys.AGGREGATES_CUTOFF, data=cutoffs, dimension_names=["cutoff"],
-                      attributes={"units": "cycles per image; inf = unfiltered"})
-    root.create_array(Keys.AGGREGATES_FREQUENCY, data=freqs, dimension_names=["frequency"],
-                      attributes={"units": "cycles per pixel"})
+    agg.create_array(_inside(Keys.AGGREGATES_CUTOFF), data=cutoffs, dimension_names=["cutoff"],
+                     attributes={"units": "cycles per image; inf = unfiltered"})
+    agg.create_array(_inside(Keys.AGGREGATES_FREQUENCY), data=freqs, dimension_names=["frequency"],
+                     attributes={"units": "cycles per pixel"})
 
     def put(group, name, data, dims, **attrs):
         group.create_array(name, data=np.asarray(data), dimension_names=list(dims), attributes=attrs)
 
     for m, scopes in results.items():
-        g = root.create_group(Keys.aggregates(m))
+        g = agg.create_group(_inside(Keys.aggregates(m)))
         classes = sorted(k for k in scopes if k != "all")
         put(g, "class", np.asarray(classes, dtype=np.int64), ["class"], meaning="target class the maps explain")
         for prefix, keys, lead in (("", ["all"], []), ("class_", classes, ["class"])):
@@ -60,21 +86,14 @@ def write_aggregates_group(store: str, plan: ReadPlan, results: Results, done: n
             if all(scopes[k].map is not None for k in keys):
                 put(g, f"{prefix}map_mean", stack(lambda s: s.map.mean, np.float32), lead + ["y", "x"])
                 put(g, f"{prefix}map_std", stack(lambda s: s.map.std, np.float32), lead + ["y", "x"])
-    agg.attrs.update(
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        units_aggregated=int(done.size),
-        hf_cutoff=plan.hf_cutoff,
-        methods=list(results),
-        spectra_source="store" if plan.have_spectra else "computed from maps",
-    )
 
 
-def write_tables(out: Path, plan: ReadPlan, results: Results) -> dict[str, str]:
+def write_tables(out: Path, plan: ReadPlan, results: Results, record: dict | None = None) -> dict[str, str]:
     """``spectra.parquet`` (a row per method, scope, cutoff and frequency) and ``summary.parquet``
     (a row per method, scope and cutoff), built column-wise: with 1,000 classes that is ~0.7 M
-    spectrum rows, which row-by-row Python would take seconds to assemble."""
+    spectrum rows, which row-by-row Python would take seconds to assemble. ``record``: the store
+    state, in each table's schema metadata (``io.derived.PARQUET_KEY``)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     image_size = min(plan.image_shape[1:])
     cutoffs = np.asarray(plan.cutoffs, dtype=np.float64)
@@ -130,8 +149,8 @@ def write_tables(out: Path, plan: ReadPlan, results: Results) -> dict[str, str]:
         return pa.table(arrays)
 
     paths = {"spectra": str(out / "spectra.parquet"), "summary": str(out / "summary.parquet")}
-    pq.write_table(table(spectra_cols), paths["spectra"])
-    pq.write_table(table(summary_cols), paths["summary"])
+    write_parquet(table(spectra_cols), Path(paths["spectra"]), record or {})
+    write_parquet(table(summary_cols), Path(paths["summary"]), record or {})
     return paths
 
 
@@ -141,7 +160,9 @@ def _positive_band(mean: np.ndarray, ci: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.maximum(mean - ci, floor), mean + ci
 
 
-def write_plots(out: Path, plan: ReadPlan, results: Results) -> list[str]:
+def write_plots(out: Path, plan: ReadPlan, results: Results, record: dict | None = None) -> list[str]:
+    """``spectra.png`` and ``filter_effect.png``; a partial aggregate (``record``) says so in
+    their titles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,7 +187,8 @@ def write_plots(out: Path, plan: ReadPlan, results: Results) -> list[str]:
     ax.axvline(plan.hf_cutoff, color="0.5", linestyle=":", linewidth=1)
     ax.set_xlabel("spatial frequency (cycles per pixel)")
     ax.set_ylabel("power |F|² / (H W)")
-    ax.set_title("Mean radial power spectrum of the maps (95% CI band)")
+    note = title_note(record or {})
+    ax.set_title("Mean radial power spectrum of the maps (95% CI band)" + note)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside, not over, the curves
     paths.append(str(out / "spectra.png"))
     fig.savefig(paths[-1], dpi=130, bbox_inches="tight")
@@ -223,7 +245,7 @@ def write_plots(out: Path, plan: ReadPlan, results: Results) -> list[str]:
                      title="high-frequency panel", title_fontsize=8, frameon=False)
     for ax in axes.ravel()[len(methods) + 1:]:
         ax.axis("off")
-    fig.suptitle(f"Low-pass filter ({plan.filter_kind}) effect on the mean spectrum")
+    fig.suptitle(f"Low-pass filter ({plan.filter_kind}) effect on the mean spectrum{note}")
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the title above the panels
     paths.append(str(out / "filter_effect.png"))
     fig.savefig(paths[-1], dpi=130)

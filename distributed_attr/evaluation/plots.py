@@ -18,9 +18,10 @@ def _pyplot():
 
 
 def plot_cutoff_curves(curves: pd.DataFrame, best: pd.DataFrame, metric: str, higher_is_better: bool,
-                       path: Path) -> Path:
+                       path: Path, note: str = "") -> Path:
     """Mean score against cutoff (log axis) per method with its 95% band; the unfiltered mean
-    as a dashed line of the same colour, the validation-chosen cutoff as a star."""
+    as a dashed line of the same colour, the validation-chosen cutoff as a star. ``note``: added
+    to the title (a partial evaluation's " [PARTIAL: ...]")."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # tab10 repeats after ten methods (saliency and RISE shared a colour): tab20 and line styles
@@ -55,7 +56,7 @@ def plot_cutoff_curves(curves: pd.DataFrame, best: pd.DataFrame, metric: str, hi
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("low-pass cutoff (cycles per image); dotted: unfiltered; star: chosen cutoff")
     ax.set_ylabel(f"mean {metric} ({'higher' if higher_is_better else 'lower'} is better)")
-    ax.set_title(f"{metric}: score against filter cutoff")
+    ax.set_title(f"{metric}: score against filter cutoff{note}")
     # beside the axes, never over the curves ("best" still covered the bands of 13 methods)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
@@ -64,7 +65,7 @@ def plot_cutoff_curves(curves: pd.DataFrame, best: pd.DataFrame, metric: str, hi
     return path
 
 
-def plot_rank_table(ranks: pd.DataFrame, path: Path) -> Path:
+def plot_rank_table(ranks: pd.DataFrame, path: Path, note: str = "") -> Path:
     """Heat map of ranks: methods x (metric, condition), rank and 95% interval in each cell."""
     plt = _pyplot()
     methods = list(dict.fromkeys(ranks["method"]))
@@ -83,14 +84,14 @@ def plot_rank_table(ranks: pd.DataFrame, path: Path) -> Path:
             ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7, color="k" if light else "w")
     ax.set_xticks(range(len(cols)), [f"{m}\n{c}" for m, c in cols], fontsize=7, rotation=45, ha="right")
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
-    ax.set_title("rank (1 = best) with bootstrap 95% interval")
+    ax.set_title(f"rank (1 = best) with bootstrap 95% interval{note}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_cross_architecture(matrix: pd.DataFrame, path: Path) -> Path:
+def plot_cross_architecture(matrix: pd.DataFrame, path: Path, note: str = "") -> Path:
     """One heat map per (method, keep level): explaining model x evaluator accuracy."""
     plt = _pyplot()
     panels = list(dict.fromkeys(zip(matrix["method"], matrix["keep"])))
@@ -112,7 +113,7 @@ def plot_cross_architecture(matrix: pd.DataFrame, path: Path) -> Path:
         ax.set_title(f"{method}, keep {keep:g}", fontsize=8)
     for ax in axes.ravel()[len(panels):]:
         ax.axis("off")
-    fig.suptitle("feature detection accuracy: explaining model (rows) x evaluator (columns)", fontsize=9)
+    fig.suptitle(f"feature detection accuracy: explaining model (rows) x evaluator (columns){note}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,7 +12,12 @@ Files written to ``out_dir`` (default ``<store parent>/<store name>-outputs/``):
     cutoff_curves_<metric>.png   one figure per metric
     rankings.png                 the rank table
     cross_architecture.png       (with feature_detection)
-    evaluation.json              the summary ``run_evaluation`` returns
+    evaluation.json              the summary ``run_evaluation`` returns, with the store state it
+                                 read (io/derived.py); written last: the set's manifest
+
+Every table records the store state in its Parquet schema metadata, a partial evaluation says so in
+its figures' titles, and the files are written aside and switched into place
+(``io.derived.FilesAside``), so that ``report`` never shows half of them.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 
-from ..io.store import StoreError, outputs_dir
-from .data import metric_names, open_store, store_path, usable_positions
+from ..io.derived import FilesAside, store_state, title_note, write_parquet
+from ..io.store import AttributionStore, StoreError, outputs_dir
+from .data import _handle, metric_names, store_path, usable_positions
 from .plots import plot_cross_architecture, plot_cutoff_curves, plot_rank_table
 from .rankings import NotScalarError, best_cutoffs, cross_architecture_matrix, cutoff_statistics, rank_methods
 
@@ -48,19 +54,44 @@ def run_evaluation(
     n_boot: int = 1000,
     select_on: str | None = None,
     plots: bool = True,
+    partial: bool = False,
 ) -> dict[str, Any]:
     """Cutoff statistics for every metric, method rankings, the cross-architecture matrix;
     Parquet tables and (unless ``plots`` is False) PNG figures in ``out_dir``. Returns a summary
-    (also ``evaluation.json``)."""
-    import pandas as pd
-
-    group = open_store(store)
+    (also ``evaluation.json``). ``partial``: evaluate a store that is not complete (or that a job
+    is still writing) over the units done so far; without it such a store is refused
+    (``StoreError``)."""
+    if isinstance(store, (str, Path)):
+        handle = AttributionStore.open(str(store), mode="r")
+        path = str(store)
+    else:
+        handle = _handle(store)
+        path = str(store_path(store) or "<store>")
+    group = handle.group
     names = metric_names(group)
     if not names:
-        raise StoreError(f"the store {str(store)!r} holds no metrics, so there is nothing to evaluate: add a "
+        raise StoreError(f"the store {path!r} holds no metrics, so there is nothing to evaluate: add a "
                          "'metrics' section to the job config (e.g. metrics: {deletion: {}}) and run it into a new store")
+    state = store_state(handle, path)  # the generation first, then the done flags
+    state.require_complete(partial, "evaluate")
+    record = state.record()
     out = Path(out_dir) if out_dir is not None else default_out_dir(store)
-    out.mkdir(parents=True, exist_ok=True)
+    aside = FilesAside(out, "evaluation")
+    try:
+        return _evaluate(group, out, aside, record, validation_fraction, seed, n_boot, select_on, plots)
+    except BaseException:
+        aside.abort()
+        raise
+
+
+def _evaluate(group: Any, out: Path, aside: FilesAside, record: dict[str, Any], validation_fraction: float,
+              seed: int, n_boot: int, select_on: str | None, plots: bool) -> dict[str, Any]:
+    """``run_evaluation``'s work: every file written aside (``aside.path``), listed by the path it
+    will have (``out``), switched into place at the end."""
+    import pandas as pd
+
+    names = metric_names(group)
+    note = title_note(record)
     files: list[str] = []
 
     scalar = []
@@ -73,14 +104,15 @@ def run_evaluation(
         stats.append(s)
         scalar.append(metric)
         if plots:
-            files.append(str(plot_cutoff_curves(s.curves, s.best, metric, s.higher_is_better,
-                                                out / f"cutoff_curves_{metric}.png")))
+            plot_cutoff_curves(s.curves, s.best, metric, s.higher_is_better, aside.path(f"cutoff_curves_{metric}.png"),
+                               note)
+            files.append(str(out / f"cutoff_curves_{metric}.png"))
     curves = pd.concat([s.curves.assign(metric=s.metric, output=s.output) for s in stats], ignore_index=True)
     curves = curves[["metric", "output"] + [c for c in curves.columns if c not in ("metric", "output")]]
     best = pd.concat([s.best.assign(metric=s.metric) for s in stats], ignore_index=True)
     best = best[["metric"] + [c for c in best.columns if c != "metric"]]
-    curves.to_parquet(out / "cutoff_curves.parquet", index=False)
-    best.to_parquet(out / "best_cutoffs.parquet", index=False)
+    write_parquet(curves, aside.path("cutoff_curves.parquet"), record)
+    write_parquet(best, aside.path("best_cutoffs.parquet"), record)
     files += [str(out / "cutoff_curves.parquet"), str(out / "best_cutoffs.parquet")]
 
     # Rank on what the model says (faithfulness); map-only statistics (sparseness, complexity)
@@ -89,12 +121,14 @@ def run_evaluation(
 
     faithful = [m for m in scalar if m not in METRICS or METRICS.get(m).needs_model] or scalar
     ranks = rank_methods(group, faithful, validation_fraction, seed, n_boot, select_on=select_on)
-    ranks.to_parquet(out / "rankings.parquet", index=False)
+    write_parquet(ranks, aside.path("rankings.parquet"), record)
     files.append(str(out / "rankings.parquet"))
     if plots:
-        files.append(str(plot_rank_table(ranks, out / "rankings.png")))
+        plot_rank_table(ranks, aside.path("rankings.png"), note)
+        files.append(str(out / "rankings.png"))
 
     summary: dict[str, Any] = {
+        **record,
         "out_dir": str(out),
         "n_images": int(len(usable_positions(group))),
         "metrics": scalar,
@@ -112,11 +146,13 @@ def run_evaluation(
     }
     if "feature_detection" in names:
         matrix = cross_architecture_matrix(group)
-        matrix.to_parquet(out / "cross_architecture.parquet", index=False)
+        write_parquet(matrix, aside.path("cross_architecture.parquet"), record)
         files.append(str(out / "cross_architecture.parquet"))
         if plots:
-            files.append(str(plot_cross_architecture(matrix, out / "cross_architecture.png")))
+            plot_cross_architecture(matrix, aside.path("cross_architecture.png"), note)
+            files.append(str(out / "cross_architecture.png"))
     summary["files"] = files
-    (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=float))
+    # the manifest, written last (complete: true once every file is in place)
+    aside.commit(json.loads(json.dumps(summary, default=float)))
     summary["files"].append(str(out / "evaluation.json"))
     return summary

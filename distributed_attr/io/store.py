@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -308,6 +309,9 @@ class AttributionStore:
             metrics=list(plan.metric_outputs),
             created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             failures={},
+            # derived results record both, and are out of date when either differs (io/derived.py)
+            generation=0,
+            store_id=uuid.uuid4().hex,
         )
         # Written last: a store without ``ready`` was interrupted while being created.
         attrs["ready"] = True
@@ -373,6 +377,13 @@ class AttributionStore:
     def schema_version(self) -> tuple[int, int]:
         major, _, minor = str(self.group.attrs.get("schema_version", "1.0")).partition(".")
         return int(major), int(minor or 0)
+
+    @property
+    def generation(self) -> int:
+        """The store's generation: 0 at creation, advanced by every ``flush`` that commits units
+        and every ``mark_not_done``. A store written before the counter existed reads as 0. As
+        read when this handle was opened: readers take it before they read ``units/done``."""
+        return int(self.group.attrs.get("generation", 0))
 
     def done_units(self) -> np.ndarray:
         self.flush()
@@ -503,6 +514,7 @@ class AttributionStore:
         self._pending.clear()
         self._pending_failures.clear()
         self._pending_checksums.clear()
+        self._advance_generation()
 
     def _flush_checksums(self, units: np.ndarray) -> None:
         """(1.3) The committed units' rows of ``units/checksum``, before their done flags; -1 for an
@@ -541,6 +553,13 @@ class AttributionStore:
         invalid = {str(k): v for k, v in self.group.attrs.get("invalid_units", {}).items()}
         invalid.update({str(u): why for u, why in reasons.items()})
         self.group.attrs["invalid_units"] = invalid
+        self._advance_generation()
+
+    def _advance_generation(self) -> None:
+        """One step of ``generation``, after the done flags changed (never before: a reader that
+        read the generation first and ``units/done`` second then records an older generation than
+        the flags it read, and its outputs show as out of date, never as current)."""
+        self.group.attrs["generation"] = self.generation + 1
 
     def set_attrs(self, **attrs: Any) -> None:
         self.flush()
