@@ -70,7 +70,7 @@ def test_guided_backprop_on_a_model_without_relus_is_refused_naming_its_activati
     monkeypatch.syspath_prepend(SUPPORT)
     job, store = _job(tmp_path, parquet_dir, methods={"guided_backprop": {}},
                       model={"kind": "callable", "name": "probe_models:gelu_cnn"})
-    _refused(capsys, job, store, "methods.guided_backprop:", "gelu x 1", "silu x 1", "modules: GELU x 1, SiLU x 1")
+    _refused(capsys, job, store, "methods.guided_backprop:", "gelu x 1", "silu x 1", "activation modules: GELU x 1, SiLU x 1")
 
 
 def test_layers_a_randomisation_test_cannot_reinitialise_are_refused(tmp_path, parquet_dir, capsys):

@@ -292,7 +292,7 @@ def layer_candidates(model: nn.Module, layer: str, shown: int = 8) -> str:
         return f"{part} ({'the last' if last else 'the first'} {shown} of {len(items)})"
 
     parts = []
-    near = difflib.get_close_matches(layer, names, n=5, cutoff=0.6)
+    near = difflib.get_close_matches(layer, names, n=3, cutoff=0.8)
     if near:
         parts.append(f"nearest names: {near}")
     parent = layer

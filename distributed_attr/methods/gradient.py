@@ -450,10 +450,11 @@ class GuidedBackprop(Method):
         if count.guided or not (count.plain_relus or count.others):
             return
         found = [f"{name} x {k}" for name, k in sorted(count.others.items())]
+        modules = ""
         if model is not None:
             kinds = Counter(type(m).__name__ for m in model.modules() if isinstance(m, _RECTIFIER_MODULES))
             if kinds:
-                found.append("modules: " + ", ".join(f"{k} x {v}" for k, v in sorted(kinds.items())))
+                modules = ". The model's activation modules: " + ", ".join(f"{k} x {v}" for k, v in sorted(kinds.items()))
         if count.plain_relus:
             found.insert(0, f"functional relu x {count.plain_relus} (guided by relu='all' only)")
         covers = ("nn.ReLU modules and F.relu/torch.relu/Tensor.relu calls" if self.params.relu == "all"
@@ -461,7 +462,7 @@ class GuidedBackprop(Method):
         raise ValueError(
             f"{self.name}: the model's forward ran no ReLU it can guide (relu={self.params.relu!r}: {covers}); "
             f"it ran {', '.join(found)}. Guided backpropagation changes the backward pass of ReLUs only, "
-            "so on this model it would return the plain input gradient"
+            f"so on this model it would return the plain input gradient{modules}"
         )
 
     def attribute_full(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
