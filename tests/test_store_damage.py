@@ -155,7 +155,7 @@ def test_a_full_disk_under_the_store_is_one_error_line_and_the_rerun_replaces_wh
     with _tmpfs(tmp_path / "disk", "size=2m") as disk:
         store = disk / "s.zarr"
         job = _job(tmp_path, parquet_dir, store)
-        _fill(disk, leave=12 * 1024)  # the lease fits, the store does not
+        _fill(disk, leave=3 * os.sysconf("SC_PAGE_SIZE"))  # the lease fits, the store does not
         assert main(["run", job, "--quiet"]) == 2
         _one_error_line(capsys, "No space left on device")
         assert store.exists() and not zarr.open_group(str(store), mode="r").attrs.get("ready")
