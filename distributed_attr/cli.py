@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -211,6 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
 _PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+#: OSErrors that mean the disk or folder cannot take what we write (full, read-only, over quota):
+#: the user's machine, not a bug of ours, whichever of our writes met it
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
+def _disk_message(exc: OSError) -> str:
+    """One line for a write the disk refused: what it said, the file, and what to do."""
+    what = exc.strerror or os.strerror(exc.errno or 0)
+    where = f": {str(exc.filename)!r}" if exc.filename is not None else ""
+    todo = {errno.ENOSPC: "free some space or write elsewhere (another --out or store path), then run the command "
+                          "again (run: with --resume)",
+            errno.EDQUOT: "free some of your quota or write elsewhere, then run the command again",
+            errno.EROFS: "choose a writable folder (--out, or the store path)"}.get(exc.errno, "")
+    return f"{what}{where}" + (f"; {todo}" if todo else "")
+
+
 def _user_message(exc: BaseException) -> str:
     """The error as one line: ``strerror: 'path'`` for path errors, newlines folded otherwise."""
     if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
@@ -258,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {_user_message(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if args.debug or exc.errno not in _DISK_ERRNOS:
+            raise
+        print(f"error: {_user_message(RuntimeError(_disk_message(exc)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.debug:

@@ -18,6 +18,18 @@ import torch
 from torch import Tensor, nn
 
 
+class ModelCheckError(ValueError):
+    """A parameter of a method or metric that names a part of the model (a layer, the module kinds a
+    method rewrites) does not fit the model: raised by their ``check_model`` on the driver's probe,
+    before the store exists. ``param`` is the parameter's name (None when no single parameter is
+    at fault: the model itself cannot be explained this way), so the message can name the config
+    key, e.g. ``methods.gradcam.layer``."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class SampleBudget:
     """The most samples one forward/backward pass may hold (steps x images, masks x images, ...):
     the configured size, lowered for good when a pass of that size runs out of device memory, so

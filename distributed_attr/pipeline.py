@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .commons import SampleBudget
+from .commons import SampleBudget, forward_probabilities
 from .config import Config
 from .io.models import load_model
 from .io.sources import decode_image, decode_sample, open_source
@@ -279,10 +279,10 @@ class UnitProcessor:
         return self._references
 
     def targets(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(target, prediction, probability of the target) for a batch."""
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.ctx.autocast or torch.float32,
-                                             enabled=self.ctx.autocast is not None):
-            probs = torch.softmax(self.model(x).float(), dim=1)
+        """(target, prediction, probability of the target) for a batch. The forward pass runs in
+        chunks of the sample budget: an out-of-memory error halves the chunk and lowers the budget
+        for the methods after it (``commons.forward_probabilities``), as in every other pass."""
+        probs = forward_probabilities(self.model, x, self.ctx)
         prediction = probs.argmax(dim=1)
         t = self.cfg.run.target
         if t == "prediction":

@@ -133,7 +133,9 @@ def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
     if kind in ("file", "foreign"):
         raise StoreError(f"store {cfg.store!r} is {KIND_WORDS[kind]}; nothing there was changed. "
                          "Choose a path that does not exist yet (or an empty folder) for the store.")
-    if kind == "store" and not overwrite:
+    #: why a store that holds no finished unit is replaced without --overwrite (None: it is not)
+    replace = _replace_unfinished(cfg, attrs, n_images, resume) if kind == "store" and not overwrite else None
+    if kind == "store" and not overwrite and replace is None:
         # Refuse early, without taking the lease, when the store cannot be resumed anyway.
         store = AttributionStore.open(path, storage_options=so)
         _check_resumable(store, cfg, attrs, n_images, resume)
@@ -142,6 +144,13 @@ def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
     except LeaseError as exc:
         raise StoreError(str(exc)) from None
     try:
+        if replace is not None:
+            # again, now that we hold it: a driver may have finished a unit in between
+            replace = _replace_unfinished(cfg, attrs, n_images, resume)
+            if replace is None:
+                raise StoreError(f"the store {cfg.store!r} changed while this job started; run the command again")
+            print(f"run: replacing the store {cfg.store!r}: {replace}", file=sys.stderr)
+            overwrite = True
         if kind == "store" and not overwrite:
             store = AttributionStore.open(path, storage_options=so)
             _check_resumable(store, cfg, attrs, n_images, resume)  # again, now that we hold it
@@ -184,6 +193,25 @@ def _check_resumable(store: AttributionStore, cfg: Config, attrs: dict[str, Any]
             f"the store {cfg.store!r} exists with {done}/{store.n_units} units done. "
             "Pass --resume to finish it, or --overwrite to start over."
         )
+
+
+def _replace_unfinished(cfg: Config, attrs: dict[str, Any], n_images: int, resume: bool) -> str | None:
+    """Why the store at ``cfg.store`` is replaced without ``--overwrite``, or None: a store that holds
+    no finished unit (its job failed, or was stopped, before the first commit; its creation was
+    interrupted) loses nothing when replaced, so the corrected rerun need not ask. A store this
+    job can use as it is (the same config) is kept; one with any finished unit is never replaced."""
+    from .io.store import unfinished_store
+
+    why = unfinished_store(cfg.store, cfg.storage_options)
+    if why is None:
+        return None
+    try:
+        store = AttributionStore.open(cfg.store, storage_options=cfg.storage_options)
+        _check_resumable(store, cfg, attrs, n_images, resume)
+    except StoreError as exc:
+        made = "it was made with a different config or dataset" if "different config" in str(exc) else str(exc)
+        return f"{why}, and {made}" if why.startswith("its job") else why
+    return None
 
 
 def _refuse_store_holding_inputs(store: Path, cfg: Config, inputs: list[str]) -> None:
@@ -247,6 +275,38 @@ def validate_inputs(cfg: Config, probe: UnitProcessor) -> None:
             if bad.size:
                 raise JobError(f"run.target is 'label' but {bad.size} label(s) are not classes of the model "
                                f"(0..{classes - 1}), e.g. {sorted(set(bad.tolist()))[:5]}; check data.label_column")
+    check_model_parameters(cfg, probe, x)
+
+
+def check_model_parameters(cfg: Config, probe: UnitProcessor, x: torch.Tensor) -> None:
+    """Every method's and metric's ``check_model`` on the probe model and one real image ``x``
+    (1, C, H, W): parameters that name parts of the model (a CAM layer, the ReLUs guided
+    backpropagation rewrites, the layers a randomisation test re-initialises) are checked here,
+    before the store exists, instead of failing the first unit. The error names the config key
+    (``methods.gradcam.layer``) and says what the model offers."""
+    from .commons import ModelCheckError
+    from .methods import Context, resolve_layer
+    from .pipeline import AUTOCAST
+
+    layer = None
+    if any(m.needs_layer for m in probe.methods):
+        # the layer the job's context will carry (UnitProcessor._compute_batch): the first one a
+        # method names, else the automatic choice; a failure is each CAM method's own to report
+        name = next((m.params.layer for m in probe.methods if getattr(m.params, "layer", None)), None)
+        try:
+            layer = resolve_layer(probe.model, name, x[:1])
+        except ValueError:
+            layer = None
+    ctx = Context(seed=cfg.run.seed, budget=cfg.run.max_batch, autocast=AUTOCAST[cfg.run.autocast], layer=layer,
+                  indices=torch.zeros(1, dtype=torch.int64))
+    checks = [("methods", m, lambda m=m: m.check_model(probe.model, x[:1], ctx)) for m in probe.methods]
+    checks += [("metrics", m, lambda m=m: m.check_model(probe.model, x[:1])) for m in probe.metrics]
+    for section, item, check in checks:
+        try:
+            check()
+        except ModelCheckError as exc:
+            key = f"{section}.{item.name}" + (f".{exc.param}" if exc.param else "")
+            raise JobError(f"{key}: {exc}"[:1200]) from None
 
 
 def _software() -> dict[str, str]:

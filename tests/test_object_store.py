@@ -166,6 +166,25 @@ def test_the_store_on_s3_has_one_driver_at_a_time(s3):
     assert lease_info(url) is None
 
 
+def test_clearing_a_store_on_s3_deletes_its_nodes_and_keeps_other_objects(s3):
+    import boto3
+    import obstore
+
+    from distributed_attr.io.storage import object_store
+    from distributed_attr.io.store import AttributionStore, StorePlan, classify_path, clear_store, unfinished_store
+
+    url = f"s3://{BUCKET}/clear/s.zarr"
+    AttributionStore.create(url, StorePlan(n_images=4, unit_size=2, image_shape=(1, 4, 4), methods=["saliency"]))
+    client = boto3.client("s3")
+    client.put_object(Bucket=BUCKET, Key="clear/s.zarr/notes.txt", Body=b"mine")
+    assert classify_path(url) == "store" and unfinished_store(url) is not None  # no unit done
+    AttributionStore.open(url)  # every node readable and present
+    assert clear_store(url) == ["notes.txt"]
+    left = [o["path"] for batch in obstore.list(object_store(url)) for o in batch]
+    assert left == ["notes.txt"]
+    assert client.get_object(Bucket=BUCKET, Key="clear/s.zarr/notes.txt")["Body"].read() == b"mine"
+
+
 def test_bad_locations_fail_before_any_work_and_change_nothing(s3, s3_data, make_config, tmp_path, monkeypatch,
                                                               capsys):
     import boto3

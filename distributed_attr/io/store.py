@@ -334,6 +334,7 @@ class AttributionStore:
         except Exception as exc:
             raise StoreError(f"{path!r} is not a readable Zarr v3 store: {exc}") from None
         _check_readable(path, group)
+        check_nodes(path, group)
         return cls(path, group, storage_options)
 
     @classmethod
@@ -569,10 +570,92 @@ class AttributionStore:
 def _check_readable(path: str, group: zarr.Group) -> None:
     """Raise ``StoreError`` unless the store was fully created and has a schema this version reads."""
     if not group.attrs.get("ready"):
-        raise StoreError(f"{path!r} was not fully created (interrupted); rerun with --overwrite")
+        raise StoreError(f"{path!r} was not fully created (interrupted); rerun its job to replace it")
     version = str(group.attrs.get("schema_version", "?"))
     if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise StoreError(f"{path!r} has schema {version}; this version reads {SCHEMA_VERSION.split('.')[0]}.x")
+
+
+#: what a store whose nodes are damaged can do
+_DAMAGED_HINT = ("the store cannot be read as it is: rerun its job with `--overwrite` (or into a new store) to "
+                 "recompute it")
+
+
+def check_nodes(path: str, group: zarr.Group) -> None:
+    """Raise ``StoreError`` (one line, naming the node) when a node of the store cannot be read
+    (its ``zarr.json`` truncated or not Zarr metadata), or a node every store has is missing (the
+    bookkeeping group ``units``, the per-image facts, a method's maps): what would otherwise end
+    in a ``KeyError`` or a JSON error deep in a reader. The lease and the aggregation's output
+    group (``aggregates``, rewritten by ``aggregate``) are not looked at. Reads every node's
+    metadata once (concurrently; one listing per group)."""
+    skip = {LEASE_NAME, Keys.AGGREGATES}
+    try:
+        names = {name for name, _ in group.members(max_depth=None)}
+    except Exception:
+        names = None
+    if names is None:  # find the node that fails, level by level
+        names = set()
+        todo: list[tuple[str, zarr.Group]] = [("", group)]
+        while todo:
+            prefix, g = todo.pop()
+            for child in sorted(_child_names(g)):
+                if not prefix and child in skip:
+                    continue
+                try:
+                    member = g[child]
+                except KeyError:
+                    continue  # a folder without zarr.json: not a node (anything a user left there)
+                except Exception as exc:
+                    raise StoreError(
+                        f"{path!r} is damaged: the metadata of {prefix + child!r} cannot be read "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {_DAMAGED_HINT}"
+                    ) from None
+                names.add(prefix + child)
+                if isinstance(member, zarr.Group):
+                    todo.append((prefix + child + "/", member))
+    attrs = dict(group.attrs)
+    required = [Keys.UNITS_DONE, Keys.UNITS_SECONDS, Keys.IMAGE, Keys.OK, Keys.LABEL, Keys.TARGET,
+                Keys.PREDICTION, Keys.PROBABILITY, *(Keys.maps(m) for m in attrs.get("methods") or [])]
+    missing = [k for k in required if k not in names]
+    if missing:
+        raise StoreError(f"{path!r} is damaged: {', '.join(repr(k) for k in missing[:5])}"
+                         f"{' and more' if len(missing) > 5 else ''} missing; {_DAMAGED_HINT}")
+
+
+def _child_names(group: zarr.Group) -> list[str]:
+    """The names directly below ``group`` in its store (nodes or not), from one listing."""
+    from zarr.core.sync import sync
+
+    store, prefix = group.store_path.store, group.store_path.path.rstrip("/")
+
+    async def collect() -> list[str]:
+        return [k async for k in store.list_dir(prefix)]
+
+    return [n.rstrip("/") for n in sync(collect()) if n.rstrip("/") != "zarr.json"]
+
+
+def unfinished_store(path: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    """Why the store at ``path`` holds no finished unit, so that replacing it loses nothing (its
+    creation or its deletion by ``--overwrite`` was interrupted, or its job stopped before the
+    first unit was committed), or None: it holds one, once held one (``inspect --verify`` marked
+    units not done, or failures were recorded), or this cannot be told (damaged metadata)."""
+    try:
+        group = zarr.open_group(store=zarr_store(path, storage_options, read_only=True), mode="r", zarr_format=3)
+        attrs = dict(group.attrs)
+    except Exception:
+        return None
+    if not _is_ours(attrs):
+        return None
+    if not attrs.get("ready"):
+        return "it was not fully created (or its deletion was interrupted)"
+    if attrs.get("invalid_units") or attrs.get("failures"):
+        return None
+    try:
+        if np.asarray(group[Keys.UNITS_DONE][:]).any():
+            return None
+    except Exception:
+        return None
+    return "its job stopped before the first unit was finished"
 
 
 def _is_ours(attrs: dict[str, Any]) -> bool:
@@ -697,30 +780,78 @@ def clear_store(path: str | Path, storage_options: dict[str, Any] | None = None)
     if is_remote(path):
         return _clear_remote(path, entries, storage_options)
     root = Path(local_path(path))
+    # First the root is marked not fully created, so that a deletion stopped half-way (an error, a
+    # kill) leaves a store every reader refuses and any rerun replaces, never one still "ready".
+    if "zarr.json" in entries:
+        _write_atomically(root / "zarr.json", _incomplete_root(_read_or_none(root / "zarr.json")))
     kept = []
-    for entry in sorted(entries):
-        p = root / entry
-        if entry == LEASE_NAME:
-            continue
-        if entry == "zarr.json":
-            p.unlink()
-        elif p.is_dir() and (p / "zarr.json").exists():
-            shutil.rmtree(p)  # a Zarr node of the store (array or group)
-        else:
-            kept.append(entry)
+    entry = ""
+    try:
+        for entry in sorted(entries):
+            p = root / entry
+            if entry in (LEASE_NAME, "zarr.json"):
+                continue
+            if p.is_symlink():
+                # never followed: a link to a Zarr node goes, what it points to stays (a link to
+                # anything else is kept, as any other entry that is not part of the store)
+                if (p / "zarr.json").exists():
+                    p.unlink()
+                else:
+                    kept.append(entry)
+            elif p.is_dir() and (p / "zarr.json").exists():
+                shutil.rmtree(p)  # a Zarr node (array or group); links inside it are unlinked, not followed
+            elif p.is_dir() and not any(p.iterdir()):
+                p.rmdir()  # an empty folder (a node whose creation stopped before its zarr.json): holds nothing
+            else:
+                kept.append(entry)
+        entry = "zarr.json"
+        if "zarr.json" in entries:
+            (root / "zarr.json").unlink()  # last: until here the folder is still recognised as our store
+    except OSError as exc:
+        raise StoreError(f"deleting the store {path!r} stopped at {entry!r} ({exc.strerror or exc}"
+                         f"{': ' + repr(str(exc.filename)) if exc.filename else ''}); the store is marked not fully "
+                         "created: rerun the job to replace it once that is fixed") from None
     return kept
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _incomplete_root(meta: bytes | None) -> bytes:
+    """The root ``zarr.json`` of a store being deleted: its attributes without ``ready`` (a
+    metadata that cannot be parsed becomes a bare group marked as ours)."""
+    try:
+        raw = json.loads(meta) if meta is not None else None
+    except ValueError:
+        raw = None
+    if not (isinstance(raw, dict) and isinstance(raw.get("attributes", {}), dict)):
+        raw = {"zarr_format": 3, "node_type": "group", "attributes": {"producer": PRODUCER}}
+    raw = dict(raw)
+    raw["attributes"] = {k: v for k, v in (raw.get("attributes") or {}).items() if k != "ready"}
+    raw["attributes"].setdefault("producer", PRODUCER)
+    return json.dumps(raw, indent=2).encode()
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # replaces a link itself, never its target
 
 
 def _clear_remote(url: str, entries: list[str], storage_options: dict[str, Any] | None) -> list[str]:
     import obstore
 
     store = object_store(url, storage_options)
+    if "zarr.json" in entries:  # marked not fully created first, deleted last (see clear_store)
+        meta = bytes(obstore.get(store, "zarr.json").bytes())
+        obstore.put(store, "zarr.json", _incomplete_root(meta))
     kept, doomed = [], []
     for entry in sorted(entries):
-        if entry == LEASE_NAME:
-            continue
-        if entry == "zarr.json":
-            doomed.append("zarr.json")
+        if entry in (LEASE_NAME, "zarr.json"):
             continue
         try:
             obstore.head(store, f"{entry}/zarr.json")
@@ -731,6 +862,8 @@ def _clear_remote(url: str, entries: list[str], storage_options: dict[str, Any] 
             doomed += [o["path"] for o in batch]
     for i in range(0, len(doomed), 1000):  # the S3 batch-delete limit
         obstore.delete(store, doomed[i:i + 1000])
+    if "zarr.json" in entries:
+        obstore.delete(store, "zarr.json")
     return kept
 
 

@@ -55,6 +55,7 @@ from .base import (
     GridLayout,
     GroupedMethod,
     Method,
+    ModelCheckError,
     autocast_ctx,
     grid_layout,
     register,
@@ -431,6 +432,25 @@ class AttentionMethod(GroupedMethod):
 
     def layout(self, tokens: int, size: Sequence[int]) -> GridLayout:
         return token_layout(tokens, self.params.prefix_tokens, size, self.name)
+
+    def check_model(self, model: nn.Module, example: Tensor, ctx: Context) -> None:
+        """Every attention module found runs and gives one square probability matrix per head,
+        and its tokens map to the patch grid with ``prefix_tokens``: one forward of ``example``
+        (a model without attention is refused before, by ``unsupported_reason``)."""
+        sites, _ = find_attention(model)
+        if not sites:
+            return
+        with recording_attention(model, sites) as calls:
+            with torch.no_grad(), autocast_ctx(ctx, example.device):
+                model(example.detach().to(working_dtype(example)))
+        try:
+            probs = check_calls(calls, sites, example.shape[0], self.name)
+        except ValueError as exc:
+            raise ModelCheckError(str(exc)) from None
+        try:
+            self.layout(probs[-1].shape[-1], tuple(example.shape[-2:]))
+        except ValueError as exc:
+            raise ModelCheckError(str(exc), "prefix_tokens") from None
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..commons import (  # noqa: F401  (re-exported: the helpers methods share with metrics)
     BatchContext,
+    ModelCheckError,
     autocast_ctx,
     for_each_chunk,
     forward_probabilities,
@@ -93,6 +94,16 @@ class Method(Configurable):
     def unsupported_reason(cls, model: nn.Module) -> str | None:
         """Why the method cannot run on ``model`` (read from its modules, no forward), or None:
         every model, unless the method applies to some architectures only (attention methods)."""
+        return None
+
+    def check_model(self, model: nn.Module, example: Tensor, ctx: Context) -> None:
+        """Check, before any work starts, that this method's parameters fit ``model``: a layer it
+        names exists and gives what the method needs, the model has the modules the method
+        rewrites. ``example`` is one preprocessed image (1, C, H, W) of the dataset (at most a
+        forward and a backward pass of it); ``ctx`` is the job's context for it (``ctx.layer``: the
+        CAM layer the job resolved, when one is needed). Raises ``ModelCheckError`` naming the
+        parameter at fault. The driver calls it on its probe model before it creates the store, so
+        a mistake costs no store and no ``--overwrite``. Default: nothing to check."""
         return None
 
     def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
@@ -266,6 +277,46 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.lower().endswith("norm")
 
 
+def layer_candidates(model: nn.Module, layer: str, shown: int = 8) -> str:
+    """What a user who named the missing module ``layer`` may have meant, for an error message: the
+    names nearest it, the children of its deepest existing parent, and the last convolutional and
+    normalisation layers (where CAM layers usually are), each list cut to ``shown`` names."""
+    import difflib
+
+    names = [n for n, _ in model.named_modules() if n]
+
+    def cut(items: list[str], last: bool = False) -> str:
+        if len(items) <= shown:
+            return str(items)
+        part = items[-shown:] if last else items[:shown]
+        return f"{part} ({'the last' if last else 'the first'} {shown} of {len(items)})"
+
+    parts = []
+    near = difflib.get_close_matches(layer, names, n=3, cutoff=0.8)
+    if near:
+        parts.append(f"nearest names: {near}")
+    parent = layer
+    while "." in parent:
+        parent = parent.rpartition(".")[0]
+        try:
+            found = model.get_submodule(parent)
+        except AttributeError:
+            continue
+        kids = [f"{parent}.{k}" for k, _ in found.named_children()]
+        parts.append(f"{parent!r} has {cut(kids)}" if kids else f"{parent!r} has no submodules")
+        break
+    else:
+        parts.append(f"the model's top-level modules: {cut([k for k, _ in model.named_children()])}")
+    convs = [n for n, m in model.named_modules() if n and isinstance(m, nn.modules.conv._ConvNd)]
+    if convs:
+        parts.append(f"convolutional layers: {cut(convs, last=True)}")
+    else:
+        norms = [n for n, m in model.named_modules() if n and _is_norm(m)]
+        if norms:
+            parts.append(f"normalisation layers: {cut(norms, last=True)}")
+    return "; ".join(parts)
+
+
 def resolve_layer(model: nn.Module, layer: str | None, example: Tensor | None = None) -> nn.Module:
     """The module CAM methods hook: ``layer`` by dotted name, or else found by one forward pass of
     ``example`` (one image) among the modules whose output maps to a grid (``grid_layout`` with
@@ -288,10 +339,7 @@ def resolve_layer(model: nn.Module, layer: str | None, example: Tensor | None = 
         try:
             return model.get_submodule(layer)
         except AttributeError:
-            names = [n for n, m in model.named_modules() if n and isinstance(m, nn.Conv2d)]
-            raise ValueError(
-                f"layer {layer!r} is not a submodule of the model; convolutional layers: {names}"
-            ) from None
+            raise ValueError(f"layer {layer!r} is not a submodule of the model; {layer_candidates(model, layer)}") from None
     if example is None:
         raise ValueError("resolving the CAM layer automatically needs an example input")
     size = tuple(example.shape[-2:])

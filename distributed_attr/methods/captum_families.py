@@ -69,6 +69,7 @@ from .base import (
     BatchContext,
     Context,
     Method,
+    ModelCheckError,
     NoisySampleParams,
     autocast_ctx,
     image_seed,
@@ -281,13 +282,26 @@ def check_deeplift_model(model: nn.Module, example: Tensor, ctx: Context, name: 
         )
 
 
+class _DeepLiftChecks:
+    """``check_model`` of the DeepLIFT methods: the probe of ``check_deeplift_model`` run on the
+    driver (its warnings shown when the job starts; a nonlinear module run twice refused)."""
+
+    name: ClassVar[str]
+
+    def check_model(self, model: nn.Module, example: Tensor, ctx: Context) -> None:
+        try:
+            check_deeplift_model(model, example.detach().to(working_dtype(example)), ctx, self.name)
+        except ValueError as exc:
+            raise ModelCheckError(f"{self.name}: {exc}") from None
+
+
 # --------------------------------------------------------------------------------------------
 # Gradient family
 # --------------------------------------------------------------------------------------------
 
 
 @register
-class DeepLift(Method):
+class DeepLift(_DeepLiftChecks, Method):
     """DeepLIFT (Rescale rule) through Captum's DeepLift, summed over channels."""
 
     name = "deeplift"
@@ -323,7 +337,7 @@ class DeepLift(Method):
 
 
 @register
-class DeepLiftShap(Method):
+class DeepLiftShap(_DeepLiftChecks, Method):
     """DeepLIFT averaged over background images (Captum's DeepLiftShap), summed over channels."""
 
     name = "deeplift_shap"

@@ -34,6 +34,7 @@ from .base import (
     Context,
     GroupedMethod,
     Method,
+    ModelCheckError,
     autocast_ctx,
     layer_grid,
     register,
@@ -237,6 +238,35 @@ class GradCAM(GradientGroupMethod):
             if isinstance(self.reshape, int) and self.reshape < 0:
                 raise ValueError(f"reshape: a number of leading tokens must be >= 0, got {self.reshape}")
 
+    def check_model(self, model: nn.Module, example: Tensor, ctx: Context) -> None:
+        """The CAM layer (the ``layer`` parameter, else ``ctx.layer``, else the automatic choice)
+        exists, runs in the model's forward, outputs one tensor, and that tensor maps to
+        (N, K, h, w) feature maps with ``reshape``: one forward pass of ``example``."""
+        name = self.params.layer
+        try:
+            layer = self.layer_module(model, ctx) if name or ctx.layer is not None else resolve_layer(model, None, example)
+        except ValueError as exc:
+            raise ModelCheckError(str(exc) if name else f"no layer given, and none found automatically: {exc}",
+                                  "layer") from None
+        layer_name = _module_name(model, layer)
+        caught: list = []
+        handle = layer.register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            with torch.no_grad(), autocast_ctx(ctx, example.device):
+                model(example)
+        finally:
+            handle.remove()
+        if not caught:
+            raise ModelCheckError(f"layer {layer_name!r} ({type(layer).__name__}) does not run in the model's forward "
+                                  "pass, so it has no activation to weigh", "layer")
+        if not isinstance(caught[-1], Tensor):
+            raise ModelCheckError(f"layer {layer_name!r} ({type(layer).__name__}) outputs a {type(caught[-1]).__name__}, "
+                                  "not one tensor; name a module that outputs the feature maps", "layer")
+        try:
+            layer_grid(caught[-1], self.params.reshape, example.shape[-2:], layer_name)
+        except ValueError as exc:
+            raise ModelCheckError(str(exc), "reshape" if self.params.reshape != "auto" else "layer") from None
+
     def from_pass(self, p: GradientPass) -> Tensor:
         act, grad = self.feature_maps(p)
         weights = self.channel_weights(act, grad)
@@ -309,6 +339,11 @@ _OTHER_RECTIFIERS = frozenset(
     {"gelu", "silu", "mish", "elu", "celu", "selu", "leaky_relu", "prelu", "rrelu", "relu6", "hardtanh",
      "hardswish", "softplus"}
 )
+
+
+#: the activation modules of those rectifiers, named in the refusal by their class
+_RECTIFIER_MODULES = (nn.GELU, nn.SiLU, nn.Mish, nn.ELU, nn.CELU, nn.SELU, nn.LeakyReLU, nn.PReLU, nn.RReLU,
+                      nn.Hardtanh, nn.Hardswish, nn.Softplus)
 
 
 class _GuidedReLUMode(TorchFunctionMode):
@@ -395,13 +430,31 @@ class GuidedBackprop(Method):
     def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
         return self.attribute_full(model, x, target, ctx).sum(dim=1)
 
-    def check_guided(self, count: GuidedCount) -> None:
+    def check_model(self, model: nn.Module, example: Tensor, ctx: Context) -> None:
+        """The model's forward runs ReLUs this method guides (``check_guided``): one guided forward
+        pass of ``example``, no backward."""
+        with torch.no_grad(), autocast_ctx(ctx, example.device):
+            with guided_relus(model, self.params.relu) as count:
+                model(example)
+        try:
+            self.check_guided(count, model)
+        except ValueError as exc:
+            # relu='all' would guide functional ReLUs; no setting guides other rectifiers
+            raise ModelCheckError(str(exc), "relu" if count.plain_relus and not count.others else None) from None
+
+    def check_guided(self, count: GuidedCount, model: nn.Module | None = None) -> None:
         """Refuse a forward that guided no ReLU but ran ReLUs this setting leaves plain or other
         rectifiers (a GELU ViT): the map would silently be the plain gradient. A model with no
-        rectifier at all (linear, tanh) is left alone: there, the definition gives the gradient."""
+        rectifier at all (linear, tanh) is left alone: there, the definition gives the gradient.
+        ``model``: named in the message by the kinds of its activation modules."""
         if count.guided or not (count.plain_relus or count.others):
             return
         found = [f"{name} x {k}" for name, k in sorted(count.others.items())]
+        modules = ""
+        if model is not None:
+            kinds = Counter(type(m).__name__ for m in model.modules() if isinstance(m, _RECTIFIER_MODULES))
+            if kinds:
+                modules = ". The model's activation modules: " + ", ".join(f"{k} x {v}" for k, v in sorted(kinds.items()))
         if count.plain_relus:
             found.insert(0, f"functional relu x {count.plain_relus} (guided by relu='all' only)")
         covers = ("nn.ReLU modules and F.relu/torch.relu/Tensor.relu calls" if self.params.relu == "all"
@@ -409,7 +462,7 @@ class GuidedBackprop(Method):
         raise ValueError(
             f"{self.name}: the model's forward ran no ReLU it can guide (relu={self.params.relu!r}: {covers}); "
             f"it ran {', '.join(found)}. Guided backpropagation changes the backward pass of ReLUs only, "
-            "so on this model it would return the plain input gradient"
+            f"so on this model it would return the plain input gradient{modules}"
         )
 
     def attribute_full(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
@@ -422,7 +475,7 @@ class GuidedBackprop(Method):
                 with guided_relus(model, self.params.relu) as count:
                     out = model(xi)
                 score = select_scores(out, target[sl].to(out.device)).to(dtype).sum()
-            self.check_guided(count)
+            self.check_guided(count, model)
             (grad,) = torch.autograd.grad(score, xi)
             return grad.to(dtype)
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .base import Context, Method, autocast_ctx, register, run_in_chunks, working_dtype
+from .base import Context, Method, ModelCheckError, autocast_ctx, register, run_in_chunks, working_dtype
 
 COMPOSITES = ("epsilon_plus_flat", "epsilon_gamma_box", "alpha_beta")
 CANONIZERS = ("auto", "none", "sequential_merge_batchnorm", "vgg", "resnet", "digits_resnet")
@@ -287,6 +287,17 @@ class LRP(Method):
         rule = AlphaBeta(alpha=p.alpha, beta=p.beta, stabilizer=p.stabilizer)
         return EpsilonAlpha2Beta1(epsilon=p.epsilon, stabilizer=p.stabilizer,
                                   layer_map=[(Convolution, rule)], canonizers=canonizers)
+
+    def check_model(self, model: nn.Module, example: Tensor, ctx: Context) -> None:
+        """The whole method on ``example`` (one image, one pass): the model has rules for every
+        module, the canonizer fits it and keeps its output, no residual ``+`` is left."""
+        try:
+            with torch.no_grad():
+                target = model(example).argmax(dim=1)
+            self.attribute_full(model, example, target, ctx)
+        except ValueError as exc:
+            wrong_canonizer = "canonizer" in str(exc) and self.params.canonizer != "auto"
+            raise ModelCheckError(str(exc), "canonizer" if wrong_canonizer else None) from None
 
     def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
         return self.attribute_full(model, x, target, ctx).sum(dim=1)

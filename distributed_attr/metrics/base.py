@@ -126,6 +126,13 @@ class Metric(Configurable):
     ) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def check_model(self, model: nn.Module, example: Tensor) -> None:
+        """Check, before any work starts, that the parameters that name parts of ``model`` (layers
+        to re-initialise, ...) fit it; ``example``: one preprocessed image (1, C, H, W). Raises
+        ``ModelCheckError`` naming the parameter. Called on the driver's probe model before the
+        store exists (as ``Method.check_model``). Default: nothing to check."""
+        return None
+
     def cost(self) -> float:
         """Forward passes per image (for budgets and docs)."""
         return 0.0

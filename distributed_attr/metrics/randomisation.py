@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..commons import run_in_chunks
+from ..commons import ModelCheckError, run_in_chunks
 from .base import Metric, MetricContext, explain_rows, pearson, register, spearman
 
 SIMILARITIES = ("spearman", "pearson")
@@ -233,6 +233,13 @@ class ModelRandomisation(Metric):
     def cost(self) -> float:
         """Explanations per image (each costs what the method costs)."""
         return float(self.params.steps)
+
+    def check_model(self, model: nn.Module, example: Tensor) -> None:
+        """``layers`` names modules of the model that can be re-initialised (and some exist)."""
+        try:
+            self.schedule(model)
+        except ValueError as exc:
+            raise ModelCheckError(str(exc), "layers") from None
 
     def schedule(self, model: nn.Module) -> tuple[list[str], list[int]]:
         """The cascade's module names in randomisation order, and the number of them re-initialised
