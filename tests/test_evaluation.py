@@ -40,6 +40,9 @@ def write_store(path: Path, metrics: dict, *, n: int, unit_size: int = 10, metho
     root.create_array("ok", data=np.ones(n, bool) if ok is None else np.asarray(ok), dimension_names=["image"])
     root.create_array("units/done", data=np.ones(n_units, np.uint8) if done is None else np.asarray(done, np.uint8),
                       dimension_names=["unit"])
+    root.create_array("units/seconds", data=np.ones(n_units, np.float32), dimension_names=["unit"])
+    for method in methods:  # every store has its methods' maps (opening checks them)
+        root.create_array(f"maps/{method}", data=np.zeros((n, 2, 2), np.float16), dimension_names=["image", "y", "x"])
     root.create_array("metrics/cutoff", data=np.asarray(CUTOFFS), dimension_names=["cutoff"])
     for metric, outputs in metrics.items():
         for output, per_method in outputs.items():
