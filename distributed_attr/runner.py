@@ -301,17 +301,23 @@ def run(
                         # the job's own error is the one to report; flags not written are recomputed on resume
             finally:
                 lease.release()
-    except (JobError, LeaseError, StoreError):
-        raise
     except Exception as exc:
-        if not is_transient(exc):
-            raise
+        if not is_transient(exc) or _is_user_error(exc):
+            raise  # user errors (a missing bucket, a refused store) keep their own message
         # the driver's own reads and writes (commits, bookkeeping) outlasted the retry window
         raise JobError(f"object storage still failing after retrying for run.storage_retry_seconds="
                        f"{cfg.run.storage_retry_seconds:g} s: {describe_error(exc, cfg.store)}. The units committed so "
                        "far are kept: `run --resume` finishes the job once the store answers again.") from exc
     finally:
         set_retry_window(window)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from .config import ConfigError
+    from .io.models import ModelError
+    from .io.sources import SourceError
+
+    return isinstance(exc, (ConfigError, SourceError, ModelError, StoreError, JobError, LeaseError))
 
 
 def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease: StoreLease, t0: float,
@@ -811,7 +817,12 @@ class AttributionWorker:
         """Several units in one call (one driver round trip), through the actor's overlapped
         stages; each is written before the call returns. A failing unit's exception carries
         ``unit`` so the driver can name it."""
-        results = list(self.processor.process_units(units))
+        try:
+            results = list(self.processor.process_units(units))
+        except Exception as exc:
+            if is_transient(exc):
+                exc.transient = True  # type: ignore[attr-defined]  (its __cause__ does not reach the driver)
+            raise
         for res in results:
             res.worker = self.name
         return results

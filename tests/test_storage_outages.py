@@ -104,11 +104,12 @@ def assert_equal_to(reference, url):
 
 
 def test_a_server_frozen_for_10_s_mid_job_is_waited_for(s3, parquet_dir, reference, capsys):
-    """SIGSTOP for 10 s after the first commit: requests time out (2 s here) and are tried again,
-    the lease refresh fails for ~10 s of its 30 s life and is kept, and the job ends complete."""
+    """SIGSTOP for 10 s after the first commit: requests time out (after 1 s here) and are tried
+    again, the lease refresh (every 8 s) fails for ~10 s of the lease's 32 s life and the lease is
+    kept (the job would stop at 25.6 s), and the job ends complete."""
     url = f"s3://{BUCKET}/frozen.zarr"
-    cfg = saliency_only(parquet_dir, url, storage_retry_seconds=20, lease_seconds=30)
-    cfg["storage_options"] = {"client_options": {"timeout": "2s"}}  # AWS_ALLOW_HTTP still applies
+    cfg = saliency_only(parquet_dir, url, storage_retry_seconds=20, lease_seconds=32)
+    cfg["storage_options"] = {"client_options": {"timeout": "1s"}}  # AWS_ALLOW_HTTP still applies
     frozen: list[float] = []
 
     def freeze(unit):

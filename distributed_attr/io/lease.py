@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .storage import is_remote, local_path, object_store
+from .storage import call_with_retries, is_remote, local_path, object_store
 
 #: the lease group's name inside the store
 LEASE_NAME = "lease"
@@ -251,16 +251,19 @@ class StoreLease:
                          started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          heartbeat=time.time(), ttl=float(ttl))
         for _ in range(8):  # bounded: each round either wins, is refused, or lost a race to another taker
-            token = backend.create(info)
+            # a conditional write that timed out may have landed: tried again, it finds our own lease
+            token = call_with_retries(lambda: backend.create(info))
             if token is not None:
                 return cls(store, backend, info, token)
             current, their = backend.read()
             if current is None:
                 continue  # released between our two calls: try again
+            if current.owner == info.owner:  # ours: an earlier try landed although its answer was lost
+                return cls(store, backend, current, their)
             if current.alive():
                 raise LeaseError(f"the store {store!r} is in use by another {current.describe()}. "
                                  "Wait for that job to finish, or stop it first.")
-            token = backend.take_over(info, their)
+            token = call_with_retries(lambda: backend.take_over(info, their))
             if token is not None:
                 return cls(store, backend, info, token)
         raise LeaseError(f"could not take the lease of {store!r}: other drivers keep taking it")

@@ -139,25 +139,28 @@ def _obstore_kwargs(storage_options: dict[str, Any] | None) -> dict[str, Any]:
     return kwargs
 
 
-#: what obstore's messages say of a fault that may pass: no answer (refused, reset, timed out), or
-#: a server error (5xx, S3's SlowDown); after its retries it adds "after N retries"
-_TRANSIENT = re.compile(r"error sending request|timed? ?out|connection|broken pipe|reset by peer|"
-                        r"status code: 5\d\d|service unavailable|slow ?down|after \d+ retries", re.IGNORECASE)
+#: what the first part of obstore's messages (before its "Debug source:" dump, which names every
+#: setting, ``retry_timeout`` included) says of a fault that may pass: no answer (refused, reset, timed
+#: out, cut short), or a server error (5xx, S3's SlowDown); after retrying it adds "after N retries"
+_TRANSIENT = re.compile(r"error sending request|timed out|connection (refused|reset|closed|aborted)|broken pipe|"
+                        r"reset by peer|incomplete message|body error|status code: 5\d\d|service unavailable|"
+                        r"slow ?down|after \d+ retries", re.IGNORECASE)
 
 
 def is_transient(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is an object-store fault that may pass
     with time: the server unreachable, too slow, or failing on its side. A refusal (credentials,
-    a missing bucket or key, a failed precondition) is not."""
+    a missing bucket or key, a failed precondition) is not. ``exc.transient = True`` marks one
+    whose cause is lost on the way (Ray pickles an exception without its ``__cause__``)."""
     seen = 0
     while exc is not None and seen < 10:
-        if isinstance(exc, (ConnectionError, TimeoutError)):
+        if isinstance(exc, (ConnectionError, TimeoutError)) or getattr(exc, "transient", False) is True:
             return True
         try:
             from obstore.exceptions import GenericError
         except ImportError:
             GenericError = ()  # type: ignore[assignment,misc]  (no obstore: no object storage)
-        if GenericError and type(exc) is GenericError and _TRANSIENT.search(str(exc)):
+        if GenericError and type(exc) is GenericError and _TRANSIENT.search(str(exc).split("Debug source:")[0]):
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
