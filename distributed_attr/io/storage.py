@@ -44,8 +44,8 @@ _SECRET_WORDS = ("secret", "key", "token", "password", "sas", "credential", "ses
 DEFAULT_RETRY_SECONDS = 60.0
 _retry_seconds = DEFAULT_RETRY_SECONDS
 #: client settings that obstore reads from the environment but drops once ``client_options`` are
-#: given: carried over, so that setting a timeout does not lose ``AWS_ALLOW_HTTP``
-_CLIENT_FROM_ENV = {"allow_http": ("AWS_ALLOW_HTTP", "AZURE_ALLOW_HTTP", "GOOGLE_ALLOW_HTTP")}
+#: given (per extra: key -> variable): carried over, so that setting a timeout keeps ``AWS_ALLOW_HTTP``
+_CLIENT_FROM_ENV = {"s3": {"allow_http": "AWS_ALLOW_HTTP"}, "azure": {"allow_http": "AZURE_ALLOW_HTTP"}}
 
 
 class StorageError(ValueError):
@@ -124,16 +124,15 @@ def retry_config(seconds: float | None = None) -> dict[str, Any]:
                         "max_backoff": timedelta(seconds=min(5.0, max(0.1, seconds / 4))), "base": 2}}
 
 
-def _obstore_kwargs(storage_options: dict[str, Any] | None) -> dict[str, Any]:
+def _obstore_kwargs(storage_options: dict[str, Any] | None, location: str) -> dict[str, Any]:
     opts = dict(storage_options or {})
     client = opts.pop("client_options", None)
     kwargs: dict[str, Any] = {"config": opts} if opts else {}
     if client:
         client = dict(client)
-        for key, names in _CLIENT_FROM_ENV.items():
-            value = next((os.environ[n] for n in names if n in os.environ), None)
-            if key not in client and value is not None:
-                client[key] = value.strip().lower() in ("1", "true", "yes", "on")
+        for key, name in _CLIENT_FROM_ENV.get(SCHEMES.get(scheme(location), ""), {}).items():
+            if key not in client and name in os.environ:
+                client[key] = os.environ[name].strip().lower() in ("1", "true", "yes", "on")
         kwargs["client_options"] = client
     kwargs["retry_config"] = retry_config()
     return kwargs
@@ -193,7 +192,7 @@ def object_store(location: str, storage_options: dict[str, Any] | None = None) -
     from obstore.store import from_url
 
     try:
-        return from_url(str(location).rstrip("/"), **_obstore_kwargs(storage_options))
+        return from_url(str(location).rstrip("/"), **_obstore_kwargs(storage_options, location))
     except Exception as exc:
         raise StorageError(f"cannot open {location!r}: {type(exc).__name__}: {exc}") from None
 
@@ -216,7 +215,7 @@ def filesystem(location: str, storage_options: dict[str, Any] | None = None) -> 
     from obstore.fsspec import FsspecStore
 
     s = scheme(location)
-    kwargs = _obstore_kwargs(storage_options)
+    kwargs = _obstore_kwargs(storage_options, location)
     fs = FsspecStore(_FSSPEC_PROTOCOL[s], **kwargs)
     return fs, str(location).partition("://")[2].rstrip("/")
 
