@@ -224,6 +224,13 @@ class RunConfig:
     #: seconds the job waits for its actors to be placed and started (an autoscaler adding nodes,
     #: or no node offering what an actor asks for) before it fails, saying what is missing
     placement_timeout: float = _speed(900.0)
+    #: seconds a failed object-store request is retried (refused connections, timeouts, server
+    #: errors), with exponential backoff, before it fails; a unit whose writes still fail then
+    #: goes back to the queue (counted against ``max_retries``). Less than ``lease_seconds``
+    storage_retry_seconds: float = _speed(60.0)
+    #: life of the store's lease: another driver may take the store over once the driver's last
+    #: successful heartbeat is this old; the driver itself stops at 80% of it
+    lease_seconds: float = _speed(180.0)
 
     def validate(self) -> None:
         for name in ("batch_size", "unit_size", "max_batch", "units_in_flight", "references"):
@@ -241,6 +248,14 @@ class RunConfig:
         for name in ("actor_timeout", "placement_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 seconds")
+        for name in ("storage_retry_seconds", "lease_seconds"):
+            if getattr(self, name) <= 0:
+                raise FieldError(name, "must be > 0 seconds")
+        if self.storage_retry_seconds >= self.lease_seconds:
+            raise FieldError("storage_retry_seconds",
+                             f"{self.storage_retry_seconds:g} s must be less than run.lease_seconds "
+                             f"({self.lease_seconds:g} s): a request still being retried must not outlive "
+                             "the store's lease, or another driver could take the store over meanwhile")
 
 
 #: keys that change how fast a job runs but never what it writes: a resume may change them (the

@@ -23,7 +23,8 @@ import torch
 from .config import Config, diff_configs, load_config, upgrade_stored_config
 from .io.lease import LeaseError, StoreLease
 from .io.sources import decode_image, fingerprint_differences
-from .io.storage import is_remote, local_path
+from .io.storage import (call_with_retries, describe_error, is_remote, is_transient, local_path,
+                         set_retry_window)
 from .io.store import KIND_WORDS, AttributionStore, StoreError, StorePlan, classify_path, clear_store
 from .pipeline import UnitProcessor, UnitResult
 
@@ -140,7 +141,8 @@ def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
         store = AttributionStore.open(path, storage_options=so)
         _check_resumable(store, cfg, attrs, n_images, resume)
     try:
-        lease = StoreLease.acquire(path, storage_options=so)  # refused while another driver holds the store
+        # refused while another driver holds the store
+        lease = StoreLease.acquire(path, ttl=cfg.run.lease_seconds, storage_options=so)
     except LeaseError as exc:
         raise StoreError(str(exc)) from None
     try:
@@ -338,16 +340,44 @@ def run(
     cfg = load_config(config)
     t0 = time.perf_counter()
     inputs = [str(config)] if isinstance(config, (str, Path)) else []
-    store, probe, lease = prepare_store(cfg, resume=resume, overwrite=overwrite, inputs=inputs)
-    lease.start_heartbeat()
+    # every object store this job opens (store, lease, sources, weights) retries over the window
+    window = set_retry_window(cfg.run.storage_retry_seconds)
     try:
-        return _run_store(cfg, store, probe, lease, t0, address, progress, _after_dispatch, _after_commit)
-    finally:
+        store, probe, lease = prepare_store(cfg, resume=resume, overwrite=overwrite, inputs=inputs)
+        lease.start_heartbeat()
+        failed = True
         try:
-            if lease.lost is None:  # batched commits of units whose data are durable
-                store.flush()
+            summary = _run_store(cfg, store, probe, lease, t0, address, progress, _after_dispatch, _after_commit)
+            failed = False
+            return summary
         finally:
-            lease.release()
+            try:
+                if lease.lost is None and not lease.at_risk():  # batched commits of units whose data are durable
+                    try:
+                        call_with_retries(store.flush, before_retry=lease.check)
+                    except Exception:
+                        if not failed:
+                            raise
+                        # the job's own error is the one to report; flags not written are recomputed on resume
+            finally:
+                lease.release()
+    except Exception as exc:
+        if not is_transient(exc) or _is_user_error(exc):
+            raise  # user errors (a missing bucket, a refused store) keep their own message
+        # the driver's own reads and writes (commits, bookkeeping) outlasted the retry window
+        raise JobError(f"object storage still failing after retrying for run.storage_retry_seconds="
+                       f"{cfg.run.storage_retry_seconds:g} s: {describe_error(exc, cfg.store)}. The units committed so "
+                       "far are kept: `run --resume` finishes the job once the store answers again.") from exc
+    finally:
+        set_retry_window(window)
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from .config import ConfigError
+    from .io.models import ModelError
+    from .io.sources import SourceError
+
+    return isinstance(exc, (ConfigError, SourceError, ModelError, StoreError, JobError, LeaseError))
 
 
 def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease: StoreLease, t0: float,
@@ -364,7 +394,10 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
     def commit(res: UnitResult) -> None:
         t = time.perf_counter()
         lease.check()  # never mark work done in a store another driver has taken over
-        store.commit_unit(res.unit, res.seconds, res.failures, checksums=res.checksums)
+        # a commit that meets an object-store outage is tried again within run.storage_retry_seconds
+        # (the lease checked before each try); it rewrites the same flags, so repeating is harmless
+        call_with_retries(lambda: store.commit_unit(res.unit, res.seconds, res.failures, checksums=res.checksums),
+                          before_retry=lease.check)
         state["driver_seconds"] += time.perf_counter() - t
         state["unit_workers"][res.unit] = res.worker
         state["images"] += res.images
@@ -385,19 +418,7 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
     state["t_start"] = time.perf_counter()
     try:
         if workers == 0 or not pending:
-            results = probe.process_units(pending)
-            try:
-                for res in results:
-                    commit(res)
-            except (KeyboardInterrupt, LeaseError):
-                raise
-            except Exception as exc:  # the same message the Ray path gives for our own code's errors
-                unit = getattr(exc, "unit", None)
-                if unit is None:
-                    raise
-                raise JobError(f"unit {unit} failed: {type(exc).__name__}: {exc}") from exc
-            finally:
-                results.close()  # an interrupted run lets the write in progress end
+            _run_in_process(cfg, probe, pending, commit, state)
         else:
             from .ray_session import ray_session
 
@@ -434,6 +455,44 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
                               "driver_seconds": round(state["driver_seconds"], 3),
                               "units_per_worker": dict(Counter(state["unit_workers"].values()))})
     return summary
+
+
+def _run_in_process(cfg: Config, probe: UnitProcessor, pending: list[int], commit: Callable[[UnitResult], None],
+                    state: dict[str, Any]) -> None:
+    """The units one after another in the driver (``num_workers: 0``). A unit that fails with an
+    object-store fault that outlasted ``run.storage_retry_seconds`` goes back to the front of the
+    queue, as on Ray, counted against ``run.max_retries``; any other error fails the job."""
+    queue = deque(pending)
+    failed: dict[int, int] = {}
+    while queue:
+        results = probe.process_units(list(queue))
+        try:
+            for res in results:
+                commit(res)
+                queue.popleft()  # units come back in queue order
+        except (KeyboardInterrupt, LeaseError):
+            raise
+        except Exception as exc:  # the same message the Ray path gives for our own code's errors
+            unit = getattr(exc, "unit", None)
+            if unit is None:
+                raise
+            if not is_transient(exc):
+                raise JobError(f"unit {unit} failed: {type(exc).__name__}: {exc}") from exc
+            state["retries"] += 1
+            failed[unit] = failed.get(unit, 0) + 1
+            if failed[unit] > cfg.run.max_retries:
+                raise JobError(_storage_gave_up(unit, failed[unit], cfg, exc)) from exc
+            print(f"unit {unit}: object storage failed after run.storage_retry_seconds="
+                  f"{cfg.run.storage_retry_seconds:g} s; the unit goes back to the queue: "
+                  f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        finally:
+            results.close()  # an interrupted run lets the write in progress end
+
+
+def _storage_gave_up(unit: int, times: int, cfg: Config, exc: BaseException) -> str:
+    return (f"unit {unit} could not read or write object storage {times} times, each after retrying for "
+            f"run.storage_retry_seconds={cfg.run.storage_retry_seconds:g} s (run.max_retries={cfg.run.max_retries}); "
+            f"last error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):
@@ -497,8 +556,14 @@ def _run_on_ray(cfg: Config, pending: list[int], commit: Callable[[UnitResult], 
                 for unit in executing:
                     deaths[unit] = deaths.get(unit, 0) + 1
                     if deaths[unit] > cfg.run.max_retries:
+                        if is_transient(exc):
+                            raise JobError(_storage_gave_up(unit, deaths[unit], cfg, exc))
                         raise JobError(f"unit {unit} was running on an actor that died {deaths[unit]} "
                                        f"times (run.max_retries={cfg.run.max_retries}); last error: {exc}")
+                if executing and is_transient(exc):
+                    print(f"unit {executing[0]}: object storage failed after run.storage_retry_seconds="
+                          f"{cfg.run.storage_retry_seconds:g} s; the unit goes back to the queue: "
+                          f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
                 queue.extendleft(reversed(lost_units))  # lost units first, in their order
     finally:
         # all of the driver process's CPU time (its threads, Ray's client threads) while units ran
@@ -686,8 +751,16 @@ class _ActorPool:
                 # An exception in our own code is deterministic: retrying would fail again.
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 unit = getattr(cause, "unit", None)
+                call = next(u for r, u in self.held[i] if r == ref)
                 if unit is None:
-                    unit = next(u for r, u in self.held[i] if r == ref)[0]
+                    unit = call[0]
+                if is_transient(cause):
+                    # Object storage still failing after the retry window: the call's units go back
+                    # to the queue (those before ``unit`` were written, and rewrite the same shards);
+                    # ``unit`` counts as an execution that died. The actor itself is fine.
+                    self.held[i] = deque((r, u) for r, u in self.held[i] if r != ref)
+                    events.append((list(call), [unit], cause))
+                    continue
                 raise JobError(f"unit {unit} failed: {type(cause).__name__}: {cause}") from None
             except RayActorError as exc:
                 # The actor died (crash, OOM kill, node loss) while holding this call.
@@ -781,6 +854,7 @@ class AttributionWorker:
 
         torch.set_num_threads(threads)
         cfg = Config.from_dict(cfg_dict)
+        set_retry_window(cfg.run.storage_retry_seconds)  # for the source, the weights and the store
         in_ray = ray.is_initialized()
         gpu_ids = ray.get_gpu_ids() if in_ray else []
         self.device = worker_device(gpu_ids, torch.cuda.is_available())
@@ -804,7 +878,12 @@ class AttributionWorker:
         """Several units in one call (one driver round trip), through the actor's overlapped
         stages; each is written before the call returns. A failing unit's exception carries
         ``unit`` so the driver can name it."""
-        results = list(self.processor.process_units(units))
+        try:
+            results = list(self.processor.process_units(units))
+        except Exception as exc:
+            if is_transient(exc):
+                exc.transient = True  # type: ignore[attr-defined]  (its __cause__ does not reach the driver)
+            raise
         for res in results:
             res.worker = self.name
         return results

@@ -18,6 +18,12 @@ an expired lease is taken over by first renaming it aside (exactly one renamer w
 it gone and tries again). Object stores get the same protocol from conditional writes
 (``If-None-Match: *`` to create, ``If-Match: <etag>`` to refresh or take over), through obstore:
 exactly one creator wins, and a refresh or takeover based on a stale read fails.
+
+A refresh that fails (the server slow or unreachable, a full disk) is tried again every few
+seconds, and the lease is given up only when it is at risk: when the last successful heartbeat is
+``RISK_FRACTION`` of the ttl old, well before another driver could take the store over. A
+conditional PUT whose answer was lost may still have landed, so a refresh refused as stale reads
+the lease back: if it is still ours (our owner id), it is kept.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -33,13 +40,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .storage import is_remote, local_path, object_store
+from .storage import call_with_retries, is_remote, local_path, object_store
 
 #: the lease group's name inside the store
 LEASE_NAME = "lease"
 _META = "zarr.json"
 #: seconds without a heartbeat after which another driver may take the store over
-DEFAULT_TTL = 60.0
+#: (``run.lease_seconds``)
+DEFAULT_TTL = 180.0
+#: a driver whose last successful heartbeat is this fraction of the ttl old stops (``LeaseError``)
+RISK_FRACTION = 0.8
+#: most seconds between tries of a refresh that failed
+RETRY_EVERY = 2.0
 
 
 class LeaseError(RuntimeError):
@@ -224,6 +236,8 @@ class StoreLease:
         self.info = info
         self.token = token
         self.lost: str | None = None
+        #: the last refresh's error while refreshes fail (the lease is kept until it is at risk)
+        self.failing: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -237,16 +251,19 @@ class StoreLease:
                          started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                          heartbeat=time.time(), ttl=float(ttl))
         for _ in range(8):  # bounded: each round either wins, is refused, or lost a race to another taker
-            token = backend.create(info)
+            # a conditional write that timed out may have landed: tried again, it finds our own lease
+            token = call_with_retries(lambda: backend.create(info))
             if token is not None:
                 return cls(store, backend, info, token)
             current, their = backend.read()
             if current is None:
                 continue  # released between our two calls: try again
+            if current.owner == info.owner:  # ours: an earlier try landed although its answer was lost
+                return cls(store, backend, current, their)
             if current.alive():
                 raise LeaseError(f"the store {store!r} is in use by another {current.describe()}. "
                                  "Wait for that job to finish, or stop it first.")
-            token = backend.take_over(info, their)
+            token = call_with_retries(lambda: backend.take_over(info, their))
             if token is not None:
                 return cls(store, backend, info, token)
         raise LeaseError(f"could not take the lease of {store!r}: other drivers keep taking it")
@@ -257,21 +274,38 @@ class StoreLease:
         info = LeaseInfo(**{**asdict(self.info), "heartbeat": time.time()})
         token = self.backend.refresh(info, self.token)
         if token is None:
-            current, _ = self.backend.read()
+            current, their = self.backend.read()
+            if current is not None and current.owner == self.info.owner:
+                # still ours: an earlier refresh landed although its answer was lost (a timeout)
+                self.info, self.token = current, their
+                return
             self.lost = (f"another driver took the store over ({current.describe()})" if current
                          else "the lease was removed")
             return
         self.info, self.token = info, token
 
+    def at_risk(self) -> bool:
+        """Whether the last successful heartbeat is so old that another driver may soon take over."""
+        return self.info.age() >= RISK_FRACTION * self.info.ttl
+
     def start_heartbeat(self) -> "StoreLease":
         interval = max(0.05, self.info.ttl / 4)
 
         def beat() -> None:
-            while not self._stop.wait(interval):
+            wait = interval
+            while not self._stop.wait(wait):
                 try:
                     self.heartbeat()
-                except Exception as exc:  # a full or read-only disk, a network error: say why
-                    self.lost = f"the lease could not be refreshed: {type(exc).__name__}: {exc}"
+                    self.failing, wait = None, interval
+                except Exception as exc:  # a slow or unreachable server, a full disk: try again soon
+                    if self.failing is None:
+                        print(f"warning: the lease of the store {self.store!r} could not be refreshed "
+                              f"({type(exc).__name__}); trying again until it is at risk, "
+                              f"{RISK_FRACTION * self.info.ttl:.0f} s after the last heartbeat", file=sys.stderr)
+                    self.failing = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                    wait = min(interval, RETRY_EVERY)
+                    if self.at_risk():
+                        self.lost = self._at_risk_message()
                 if self.lost:
                     return
 
@@ -279,8 +313,16 @@ class StoreLease:
         self._thread.start()
         return self
 
+    def _at_risk_message(self) -> str:
+        return (f"the lease could not be refreshed for {self.info.age():.0f} s (it expires "
+                f"{self.info.ttl:.0f} s after the last heartbeat, run.lease_seconds)"
+                + (f"; last error: {self.failing}" if self.failing else ""))
+
     def check(self) -> None:
-        """Raise ``LeaseError`` if this driver no longer holds the store."""
+        """Raise ``LeaseError`` if this driver no longer holds the store, or may lose it any moment
+        (refreshes have failed for ``RISK_FRACTION`` of the ttl)."""
+        if self.lost is None and self._thread is not None and self.at_risk():
+            self.lost = self._at_risk_message()
         if self.lost:
             raise LeaseError(f"lost the lease of the store {self.store!r}: {self.lost}; "
                              "stopping so that two drivers never write one store")
@@ -290,7 +332,9 @@ class StoreLease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            self.backend.delete(self.token)
+            current, token = self.backend.read()
+            if current is not None and current.owner == self.info.owner:  # ours, whatever its version
+                self.backend.delete(token)
         except Exception:  # best effort: an unreleased lease expires after its ttl
             pass
 
