@@ -29,6 +29,12 @@ def _speed(default: Any) -> Any:
     return field(default=default, metadata={"speed": True})
 
 
+def _reporting(default: Any) -> Any:
+    """A run setting that changes what the job says (its warnings) but never the arrays it
+    writes: a resume may change it, and it is left out of the config hash (as ``_speed``)."""
+    return field(default=default, metadata={"speed": True})
+
+
 @dataclass
 class DataConfig:
     #: parquet (Hugging Face datasets layout), folder (one subfolder per class), webdataset (.tar),
@@ -213,6 +219,10 @@ class RunConfig:
     #: seconds the job waits for its actors to be placed and started (an autoscaler adding nodes,
     #: or no node offering what an actor asks for) before it fails, saying what is missing
     placement_timeout: float = _speed(900.0)
+    #: the job warns about a method (on its output and in the store's ``warnings`` attribute)
+    #: when more than this fraction of its maps are degenerate: all zero, constant or non-finite
+    #: (``degenerate/<method>``); 0 warns about any, 1 never
+    degenerate_warn_fraction: float = _reporting(0.05)
 
     def validate(self) -> None:
         for name in ("batch_size", "unit_size", "max_batch", "units_in_flight", "references"):
@@ -230,6 +240,8 @@ class RunConfig:
         for name in ("actor_timeout", "placement_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 seconds")
+        if not 0 <= self.degenerate_warn_fraction <= 1:
+            raise ValueError(f"degenerate_warn_fraction must lie in [0, 1], got {self.degenerate_warn_fraction}")
 
 
 #: keys that change how fast a job runs but never what it writes: a resume may change them (the

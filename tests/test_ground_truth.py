@@ -54,7 +54,7 @@ def test_masks_are_stored_aligned_with_their_images(tmp_path, shapes, make_confi
     assert list(summary.failures) == [3]
     assert summary.failures[3].startswith("ValueError: ground-truth mask (data.mask_column 'mask'): Unidentified")
     g = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
-    assert g.attrs["schema_version"] == SCHEMA_VERSION == "1.2"
+    assert g.attrs["schema_version"] == SCHEMA_VERSION == "1.3"
     stored = g[Keys.GROUND_TRUTH_MASK][:]
     assert stored.dtype == bool and stored.shape == (12, 32, 32)
     # the oracle: the image went through the same resize and crop, and it is its own mask

@@ -288,6 +288,10 @@ class LRP(Method):
         return EpsilonAlpha2Beta1(epsilon=p.epsilon, stabilizer=p.stabilizer,
                                   layer_map=[(Convolution, rule)], canonizers=canonizers)
 
+    def resolved_choices(self, model: nn.Module, x: Tensor, ctx: Context) -> dict[str, Any]:
+        """The canonizer this method puts on ``model`` (``resolve_canonizer``)."""
+        return {"canonizer": resolve_canonizer(model, self.params.canonizer)}
+
     def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
         return self.attribute_full(model, x, target, ctx).sum(dim=1)
 
