@@ -104,6 +104,17 @@ def test_a_vit_with_its_zero_initialised_head_gives_all_zero_gradient_maps():
     assert degenerate_flags(attribute(model, x, "attention_rollout", 0)).tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("value", [-0.01, 1.5])
+def test_the_warning_fraction_is_a_fraction(value):
+    from distributed_attr.config import Config, ConfigError
+
+    raw = {"data": {"format": "numpy", "path": "x.npy"}, "store": "s.zarr", "run": {"degenerate_warn_fraction": value}}
+    with pytest.raises(ConfigError, match=r"run: degenerate_warn_fraction must lie in \[0, 1\]"):
+        Config.from_dict(raw)
+    raw["run"]["degenerate_warn_fraction"] = 0.0
+    assert Config.from_dict(raw).run.degenerate_warn_fraction == 0.0
+
+
 # -- the choices ---------------------------------------------------------------------------------
 
 def methods(**params):

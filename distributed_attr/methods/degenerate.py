@@ -19,6 +19,8 @@ map with NaNs among zeros is ``NON_FINITE | ALL_ZERO`` (5); a map without any fi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -34,27 +36,33 @@ CONSTANT_ULPS = 16
 
 def degenerate_flags(maps: Tensor) -> Tensor:
     """(N, ...) maps -> (N,) uint8 flags (``ALL_ZERO``, ``CONSTANT``, ``NON_FINITE``, or 0), on
-    the maps' device; one pass of reductions over each map."""
+    the maps' device. One min and one max reduction over each map (both propagate NaN, so finite
+    extremes prove every value finite); maps with non-finite values take a second pass that
+    leaves those out."""
     if maps.dim() < 1:
         raise ValueError("degenerate_flags needs a batch of maps (N, ...)")
     n = maps.shape[0]
     flat = maps.detach().reshape(n, -1)
     if not flat.is_floating_point():
         flat = flat.float()
-    finite = torch.isfinite(flat)
-    has_finite = finite.any(dim=1)
-    non_finite = ~finite.all(dim=1)
-    big = torch.finfo(flat.dtype).max
-    hi = torch.where(finite, flat, flat.new_full((), -big)).amax(dim=1)
-    lo = torch.where(finite, flat, flat.new_full((), big)).amin(dim=1)
-    magnitude = torch.maximum(hi.abs(), lo.abs())
-    all_zero = has_finite & (magnitude == 0)
-    # (hi - lo) in float64: the difference of two float32 extremes is exact there
-    spread = hi.double() - lo.double()
-    constant = has_finite & ~all_zero & (spread <= CONSTANT_ULPS * torch.finfo(flat.dtype).eps * magnitude.double())
-    flags = (all_zero.to(torch.uint8) * ALL_ZERO) | (constant.to(torch.uint8) * CONSTANT) \
-        | (non_finite.to(torch.uint8) * NON_FINITE)
-    return flags
+    if flat.shape[1] == 0:
+        return torch.zeros(n, dtype=torch.uint8, device=flat.device)
+    # the extremes in float64, where their difference is exact: (2, N) = (min, max)
+    ext = torch.stack([flat.amin(dim=1), flat.amax(dim=1)]).double()  # (faster than aminmax on the CPU)
+    non_finite = ~torch.isfinite(ext).all(dim=0)
+    if bool(non_finite.any()):  # the extremes of the finite values alone (none: +-inf, no flag below)
+        finite = torch.isfinite(flat)
+        big = torch.finfo(flat.dtype).max
+        ext = torch.stack([torch.where(finite, flat, flat.new_full((), big)).amin(dim=1),
+                           torch.where(finite, flat, flat.new_full((), -big)).amax(dim=1)]).double()
+        ext = torch.where(finite.any(dim=1), ext, torch.full_like(ext, math.inf))
+    magnitude = ext.abs().amax(dim=0)
+    tolerance = CONSTANT_ULPS * torch.finfo(flat.dtype).eps * magnitude
+    all_zero = magnitude == 0
+    constant = ~all_zero & (ext[1] - ext[0] <= tolerance)  # false for inf magnitudes (inf - inf is NaN)
+    # the bits are distinct: the sum is their union
+    return all_zero.to(torch.uint8) * ALL_ZERO + constant.to(torch.uint8) * CONSTANT \
+        + non_finite.to(torch.uint8) * NON_FINITE
 
 
 def flag_names(flags: int) -> list[str]:
