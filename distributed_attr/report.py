@@ -184,7 +184,8 @@ def _render_choices_and_degenerate(info: dict[str, Any], h: list[str], md: list[
     h.append("<div class='scroll'><table><tr>" + "".join(f"<th>{k}</th>" for k in head) + "</tr>"
              + "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
              + "</table></div>")
-    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     md.append("")
 
 

@@ -446,7 +446,8 @@ class AttentionMethod(GroupedMethod):
         tokens = int(check_calls(calls, sites, 1, self.name)[0].shape[-1])
         layout = self.layout(tokens, tuple(x.shape[-2:]))
         assert layout.grid is not None
-        return {"tokens": tokens, "prefix_tokens": int(layout.prefix), "grid": [int(layout.grid[0]), int(layout.grid[1])]}
+        return {"tokens": tokens, "prefix_tokens": int(layout.prefix),
+                "grid": [int(layout.grid[0]), int(layout.grid[1])]}
 
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
