@@ -30,6 +30,12 @@ def _speed(default: Any) -> Any:
     return field(default=default, metadata={"speed": True})
 
 
+def _reporting(default: Any) -> Any:
+    """A run setting that changes what the job says (its warnings) but never the arrays it
+    writes: a resume may change it, and it is left out of the config hash (as ``_speed``)."""
+    return field(default=default, metadata={"speed": True})
+
+
 @dataclass
 class DataConfig:
     #: parquet (Hugging Face datasets layout), folder (one subfolder per class), webdataset (.tar),
@@ -231,6 +237,10 @@ class RunConfig:
     #: life of the store's lease: another driver may take the store over once the driver's last
     #: successful heartbeat is this old; the driver itself stops at 80% of it
     lease_seconds: float = _speed(180.0)
+    #: the job warns about a method (on its output and in the store's ``warnings`` attribute)
+    #: when more than this fraction of its maps are degenerate: all zero, constant or non-finite
+    #: (``degenerate/<method>``); 0 warns about any, 1 never
+    degenerate_warn_fraction: float = _reporting(0.05)
 
     def validate(self) -> None:
         for name in ("batch_size", "unit_size", "max_batch", "units_in_flight", "references"):
@@ -256,6 +266,8 @@ class RunConfig:
                              f"{self.storage_retry_seconds:g} s must be less than run.lease_seconds "
                              f"({self.lease_seconds:g} s): a request still being retried must not outlive "
                              "the store's lease, or another driver could take the store over meanwhile")
+        if not 0 <= self.degenerate_warn_fraction <= 1:
+            raise ValueError(f"degenerate_warn_fraction must lie in [0, 1], got {self.degenerate_warn_fraction}")
 
 
 #: keys that change how fast a job runs but never what it writes: a resume may change them (the

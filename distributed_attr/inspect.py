@@ -66,7 +66,31 @@ def describe_store(path: str, verify: bool = False, out_dir: str | Path | None =
             lease_info(path)),
         "outputs": [o.to_dict() for o in outputs],
         "arrays": arrays,
+        # (1.3) per method: maps, degenerate, all_zero, constant, non_finite over the usable images
+        "degenerate": store.degenerate_counts(),
+        # (1.3) what the methods chose for the user, and what the job warned about
+        "resolved": a.get("resolved") or {},
+        "warnings": [w.get("message", str(w)) if isinstance(w, dict) else str(w) for w in a.get("warnings") or []],
     }
+
+
+def degenerate_lines(info: dict[str, Any]) -> list[str]:
+    """``inspect``'s lines on the methods' choices, degenerate maps and the job's warnings."""
+    lines = []
+    for i, line in enumerate((info.get("resolved") or {}).get("described", {}).values()):
+        lines.append(f"{'choices' if i == 0 else '':11s} {line}")
+    counts = info.get("degenerate") or {}
+    if not counts:
+        lines.append("degenerate  not recorded (a store made before schema 1.3)")
+    elif not any(c.get("degenerate") for c in counts.values()):
+        lines.append("degenerate  none (0 all-zero, 0 constant, 0 non-finite maps, every method)")
+    else:
+        for i, (method, c) in enumerate(counts.items()):
+            lines.append(f"{'degenerate' if i == 0 else '':11s} {method}: {c.get('all_zero', 0)} all-zero, "
+                         f"{c.get('constant', 0)} constant, {c.get('non_finite', 0)} non-finite of "
+                         f"{c.get('maps', 0)} maps")
+    lines += [f"warning     {w}" for w in info.get("warnings") or []]
+    return lines
 
 
 def format_description(info: dict[str, Any]) -> str:
@@ -84,6 +108,7 @@ def format_description(info: dict[str, Any]) -> str:
     ]
     for o in info.get("outputs") or []:
         lines.append(f"outputs     {o['what']} ({o['where']}): {o['state']}")
+    lines += degenerate_lines(info)
     if info.get("warning"):
         lines.insert(0, info["warning"])
     if info.get("lease"):

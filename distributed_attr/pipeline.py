@@ -25,7 +25,9 @@ from .config import Config
 from .io.models import load_model
 from .io.sources import decode_image, decode_sample, open_source
 from .io.store import Keys, UnitWriter
-from .methods import Context, build_method, compute_maps, resolve_layer
+from .methods import Context, build_method, compute_maps
+from .methods.choices import context_layer
+from .methods.degenerate import degenerate_flags
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +198,9 @@ def resolve_decode_workers(setting: int | str, cpus_per_worker: float) -> int:
 
 
 #: fill value and dtype of a unit's array before its batches are written in, by the batch's dtype
-#: kind (images that fail keep it): -1 for integers, False for flags, NaN (float32) otherwise
-_FILL = {"i": (-1, np.int64), "u": (-1, np.int64), "b": (False, bool)}
+#: kind (images that fail keep it): -1 for integers, 0 for unsigned ones (``degenerate/<method>``'s
+#: bit flags), False for flags, NaN (float32) otherwise
+_FILL = {"i": (-1, np.int64), "u": (0, np.uint8), "b": (False, bool)}
 
 
 def default_device() -> torch.device:
@@ -316,8 +319,8 @@ class UnitProcessor:
         if cfg.run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if not self._layer_resolved:
-            name = next((m.params.layer for m in self.methods if getattr(m.params, "layer", None)), None)
-            self.ctx = dataclasses.replace(self.ctx, layer=resolve_layer(self.model, name, x[:1]))
+            # the layer the driver resolved and recorded (``runner.resolve_method_choices``)
+            self.ctx = dataclasses.replace(self.ctx, layer=context_layer(self.model, self.methods, x[:1]))
             self._layer_resolved = True
         target, prediction, probability = self.targets(x, labels)
         # a context of this batch's own (contexts are immutable; they share only the budget)
@@ -339,6 +342,8 @@ class UnitProcessor:
         mctx = metric_context(cfg, self.evaluators, indices, masks_dev, self.budget) if self.metrics else None
         for name, m in maps.items():
             out[Keys.maps(name)] = m.cpu().numpy()
+            # the raw map's flags (all zero, constant, non-finite), before any filtering
+            out[Keys.degenerate(name)] = degenerate_flags(m).cpu().numpy()
             if cfg.spectra.enabled:
                 out[Keys.spectra(name)], out[Keys.hf_fraction(name)] = self.spectra(m)
             if not (self.metrics or self.stored_positions):

@@ -136,6 +136,7 @@ def _render(section: _Section, h: list[str], md: list[str], level: int, max_rows
         h.append(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>")
         md.append(f"| {k} | {v} |")
     h.append("</table>")
+    _render_choices_and_degenerate(section.info, h, md, hy, my)
     failures = section.info["failures"]
     if failures:
         h.append(f"<{hy}>Failed images</{hy}><ul>")
@@ -166,6 +167,36 @@ def _render(section: _Section, h: list[str], md: list[str], level: int, max_rows
         h.append("<div class='scroll'>" + shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0) + "</div>")
         table = shown.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else shown.to_string(index=False)
         md.append(f"{my} {title}{note}\n\n{table}\n")
+
+
+def _render_choices_and_degenerate(info: dict[str, Any], h: list[str], md: list[str], hy: str, my: str) -> None:
+    """The job's warnings, what its methods chose for the user (CAM layers, canonizer, token
+    grids) and, per method, its degenerate maps (all zero, constant, non-finite)."""
+    warnings = info.get("warnings") or []
+    if warnings:
+        h.append(f"<{hy}>Warnings</{hy}><ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
+        md += ["", f"{my} Warnings", ""] + [f"- {w}" for w in warnings]
+    described = (info.get("resolved") or {}).get("described") or {}
+    if described:
+        h.append(f"<{hy}>Choices made for you</{hy}><ul>"
+                 + "".join(f"<li>{html.escape(line)}</li>" for line in described.values()) + "</ul>")
+        md += ["", f"{my} Choices made for you", ""] + [f"- {line}" for line in described.values()]
+    counts = info.get("degenerate") or {}
+    h.append(f"<{hy}>Degenerate maps</{hy}>")
+    md += ["", f"{my} Degenerate maps", ""]
+    if not counts:
+        h.append("<p>not recorded (a store made before schema 1.3)</p>")
+        md.append("not recorded (a store made before schema 1.3)")
+        return
+    head = ("method", "usable maps", "all-zero", "constant", "non-finite")
+    rows = [(m, c.get("maps", 0), c.get("all_zero", 0), c.get("constant", 0), c.get("non_finite", 0))
+            for m, c in counts.items()]
+    h.append("<div class='scroll'><table><tr>" + "".join(f"<th>{k}</th>" for k in head) + "</tr>"
+             + "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+             + "</table></div>")
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    md.append("")
 
 
 def markdown_to_html(text: str) -> str:

@@ -26,6 +26,7 @@ from .io.sources import decode_image, fingerprint_differences
 from .io.storage import (call_with_retries, describe_error, is_remote, is_transient, local_path,
                          set_retry_window)
 from .io.store import KIND_WORDS, AttributionStore, StoreError, StorePlan, classify_path, clear_store
+from .methods.choices import describe_choice
 from .pipeline import UnitProcessor, UnitResult
 
 
@@ -53,6 +54,11 @@ class RunSummary:
     driver_cpu_seconds: float = 0.0
     #: unit -> the worker that wrote it this run ("host:node:pid:device"; "" in-process)
     unit_workers: dict[int, str] = field(default_factory=dict)
+    #: per method, over the store's usable images: maps, degenerate, all_zero, constant,
+    #: non_finite (``AttributionStore.degenerate_counts``)
+    degenerate: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: what the job warns about (coarse CAM grids, degenerate maps), as recorded in ``warnings``
+    warnings: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         state = "interrupted" if self.interrupted else ("complete" if self.units_done == self.units else "incomplete")
@@ -66,7 +72,24 @@ class RunSummary:
         ]
         for idx, why in list(sorted(self.failures.items()))[:5]:
             lines.append(f"  image {idx}: {why}")
+        lines += _degenerate_lines(self.degenerate)
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _degenerate_lines(counts: dict[str, dict[str, int]]) -> list[str]:
+    """The summary's lines on degenerate maps: one when there are none, else one per method."""
+    if not counts:
+        return []
+    if not any(c.get("degenerate") for c in counts.values()):
+        n = max(c.get("maps", 0) for c in counts.values())
+        return [f"degenerate maps: none (0 all-zero, 0 constant, 0 non-finite of {n} per method, {len(counts)} "
+                f"method{'s' if len(counts) != 1 else ''})"]
+    lines = ["degenerate maps (all-zero, constant, non-finite of the usable maps):"]
+    for method, c in counts.items():
+        lines.append(f"  {method}: {c.get('all_zero', 0)} all-zero, {c.get('constant', 0)} constant, "
+                     f"{c.get('non_finite', 0)} non-finite of {c.get('maps', 0)}")
+    return lines
 
 
 def make_plan(cfg: Config, n_images: int, attrs: dict[str, Any]) -> StorePlan:
@@ -118,6 +141,7 @@ def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
     if n_images == 0:
         raise JobError(f"the dataset at {cfg.data.path!r} holds no images")
     validate_inputs(cfg, probe)
+    choices, coarse = resolve_method_choices(cfg, probe)
     attrs = {
         "config": cfg.to_dict(redact=True),
         "config_hash": cfg.result_hash(),
@@ -126,6 +150,10 @@ def prepare_store(cfg: Config, *, resume: bool, overwrite: bool,
         "source": probe.source.describe(),
         "dataset_fingerprint": probe.source.fingerprint(),
         "software": _software(),
+        # what the methods chose for the user (CAM layers, canonizer, token grids), and one line
+        # for each (``inspect``, ``report``); resume compares the choices
+        "resolved": {"methods": choices, "described": {m: describe_choice(m, c) for m, c in choices.items()}},
+        "warnings": coarse,
     }
     path, so = cfg.store, cfg.storage_options
     if not is_remote(path):
@@ -184,6 +212,7 @@ def _check_resumable(store: AttributionStore, cfg: Config, attrs: dict[str, Any]
     if old.get("n_images") != n_images:
         diffs.append(f"dataset size: {old.get('n_images')} -> {n_images} images")
     diffs += fingerprint_differences(old.get("dataset_fingerprint") or {}, attrs["dataset_fingerprint"])
+    diffs += resolved_differences(old.get("resolved"), attrs.get("resolved"))
     if diffs:
         raise StoreError(
             f"the store {cfg.store!r} was made with a different config or dataset; refusing to mix results. "
@@ -214,6 +243,60 @@ def _replace_unfinished(cfg: Config, attrs: dict[str, Any], n_images: int, resum
         made = "it was made with a different config or dataset" if "different config" in str(exc) else str(exc)
         return f"{why}, and {made}" if why.startswith("its job") else why
     return None
+
+
+def resolve_method_choices(cfg: Config, probe: UnitProcessor) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """What the methods choose for the user on the probe's model (``methods.choices``): the CAM
+    layer of every layer method and its grid, LRP's canonizer, the attention's token grid; printed
+    (one line each) and returned with the warnings about CAM grids under 4x4 (printed too). A
+    layer that cannot be resolved fails the job here, before the store exists."""
+    from .methods.choices import coarse_grid_warnings, resolve_choices
+
+    example = torch.zeros(1, cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    try:
+        choices = resolve_choices(probe.model, probe.methods, example)
+        coarse = coarse_grid_warnings(probe.model, example, choices)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise JobError(f"methods: {exc}"[:800]) from None
+    for method, choice in choices.items():
+        print(describe_choice(method, choice), file=sys.stderr)
+    for warning in coarse:
+        print(f"warning: {warning['message']}", file=sys.stderr)
+    return choices, coarse
+
+
+def resolved_differences(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:
+    """The automatic choices that differ between a store and this job (a CAM layer, canonizer or
+    token grid chosen otherwise by another version), as resume differences. A store made before
+    1.3 recorded none: nothing to compare."""
+    if not old or new is None:
+        return []
+    return [f"resolved.{d} (chosen for you; the maps would mix both)"
+            for d in diff_configs({"methods": old.get("methods") or {}}, {"methods": new.get("methods") or {}})]
+
+
+def degenerate_warnings(counts: dict[str, dict[str, int]], fraction: float) -> list[dict[str, Any]]:
+    """One warning (``{"kind": "degenerate_maps", "method", "degenerate", "maps", "message"}``) per
+    method more than ``fraction`` of whose usable maps are degenerate, naming the likely cause of
+    its most frequent kind (``methods.degenerate.likely_cause``)."""
+    from .methods import METHODS
+    from .methods.degenerate import likely_cause
+
+    out = []
+    for method, c in counts.items():
+        n, bad = c.get("maps", 0), c.get("degenerate", 0)
+        if not n or bad <= fraction * n:
+            continue
+        kinds = {k: c.get(k, 0) for k in ("all_zero", "constant", "non_finite")}
+        cls = METHODS.get(method) if method in METHODS else None
+        cause = likely_cause(max(kinds, key=kinds.get), getattr(cls, "family", ""), getattr(cls, "needs_layer", False))
+        out.append({
+            "kind": "degenerate_maps", "method": method, "degenerate": int(bad), "maps": int(n),
+            "message": (f"{method}: {bad} of {n} maps ({100 * bad / n:.0f}%) are degenerate ({kinds['all_zero']} "
+                        f"all-zero, {kinds['constant']} constant, {kinds['non_finite']} non-finite), more than "
+                        f"run.degenerate_warn_fraction = {fraction:g}: {cause}"),
+        })
+    return out
 
 
 def _refuse_store_holding_inputs(store: Path, cfg: Config, inputs: list[str]) -> None:
@@ -448,6 +531,12 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
         driver_cpu_seconds=state.get("driver_cpu_seconds", 0.0),
         unit_workers=dict(state["unit_workers"]),
     )
+    # degenerate maps over the whole store (this run's units and earlier ones), and the warnings
+    summary.degenerate = store.degenerate_counts()
+    warnings = [w for w in store.attrs.get("warnings") or [] if w.get("kind") != "degenerate_maps"]
+    warnings += degenerate_warnings(summary.degenerate, cfg.run.degenerate_warn_fraction)
+    summary.warnings = [str(w.get("message", w)) for w in warnings]
+    store.set_attrs(warnings=warnings)
     store.set_attrs(last_run={"seconds": round(seconds, 3), "images": state["images"],
                               "images_per_second": round(summary.images_per_second, 3), "workers": workers,
                               "interrupted": interrupted, "total_seconds": round(time.perf_counter() - t0, 3),

@@ -35,6 +35,12 @@ def test_store_equals_a_plain_loop_to_float16_precision(tmp_path, parquet_dir, z
         stored = g[f"maps/{m}"][:]
         assert stored.dtype == np.float16
         np.testing.assert_allclose(stored.astype(np.float32), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+        # a trained model's maps: none degenerate, and the end line says so
+        assert g[f"degenerate/{m}"].dtype == np.uint8 and not g[f"degenerate/{m}"][:].any(), m
+    assert summary.degenerate == {m: {"maps": 96, "degenerate": 0, "all_zero": 0, "constant": 0, "non_finite": 0}
+                                  for m in ref}
+    assert "degenerate maps: none (0 all-zero, 0 constant, 0 non-finite of 96 per method, 2 methods)" in str(summary)
+    assert not summary.warnings and g.attrs["warnings"] == []
 
 
 def test_a_corrupt_image_is_recorded_and_the_rest_of_its_unit_kept(tmp_path, digits_small, make_config):
@@ -53,6 +59,7 @@ def test_a_corrupt_image_is_recorded_and_the_rest_of_its_unit_kept(tmp_path, dig
     assert not ok[5] and ok[np.arange(40) != 5].all()
     maps = g["maps/saliency"][:]
     assert np.isnan(maps[5]).all()
+    assert g["degenerate/saliency"][5] == 0  # a failed image has no flags (``ok`` says it failed)
     assert np.isfinite(maps[np.arange(40) != 5]).all()
     assert g.attrs["failures"] == {"5": summary.failures[5]}
 

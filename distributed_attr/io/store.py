@@ -10,6 +10,7 @@ Layout (``docs/store.md`` is the public, versioned schema):
       spectra/<method>            (image, cutoff, frequency)  float32; cutoff +inf = unfiltered
       hf_fraction/<method>        (image, cutoff)
       metrics/<metric>/<output>/<method>   (image, cutoff, *trailing)
+      degenerate/<method>         (image,)  uint8 bit flags: all-zero, constant, non-finite map
       source_key                  (image,)  where each image came from (file:row, relative path, tar:key)
       units/done, units/seconds   (unit,)   bookkeeping, written by the driver only
       units/checksum              (unit, array)  (1.3) CRC32C of each unit's block of each per-image array
@@ -43,7 +44,8 @@ from .storage import StorageError, describe_error, is_remote, local_path, object
 #: 1.1 adds ``source_key``, the ``producer`` attribute, and writes every shard of a done unit even
 #: when it holds only fill values (so a missing shard always means a lost one). Readers of 1.x
 #: read 1.0 stores too. 1.3 adds ``units/checksum`` (the content of each unit's shards, recorded
-#: at commit) and writes every per-image array of a unit whose images all failed.
+#: at commit), writes every per-image array of a unit whose images all failed, and adds
+#: ``degenerate/<method>`` and the ``resolved`` and ``warnings`` root attributes.
 SCHEMA_VERSION = "1.3"
 #: the root attribute that marks a Zarr group as one of our stores (written first at creation)
 PRODUCER = "distributed_attr"
@@ -123,6 +125,13 @@ class Keys:
     def metric(metric: str, output: str, method: str) -> str:
         return f"metrics/{metric}/{output}/{method}"
 
+    #: (1.3) per method, each raw map's degenerate-map bit flags (``methods.degenerate``)
+    DEGENERATE = "degenerate"
+
+    @staticmethod
+    def degenerate(method: str) -> str:
+        return f"degenerate/{method}"
+
 
 class StoreError(RuntimeError):
     """The store cannot be used as asked (exists with another config, unreadable, ...)."""
@@ -192,7 +201,18 @@ class StorePlan:
                 for out, (dims, sizes, coords) in outputs.items():
                     specs.append(ArraySpec(Keys.metric(metric, out, m), ("image", "cutoff", *dims),
                                            (n, k, *sizes), "float32", {"coords": coords}))
+        specs += [ArraySpec(Keys.degenerate(m), ("image",), (n,), "uint8", {"flags": _degenerate_flags()})
+                  for m in self.methods]
         return specs
+
+
+def _degenerate_flags() -> dict[str, int]:
+    """The bits of ``degenerate/<method>`` by name, recorded in each array's ``flags`` attribute
+    (readers take them from there). Imported when a store is created (the driver has the methods
+    loaded by then)."""
+    from ..methods.degenerate import FLAGS
+
+    return dict(FLAGS)
 
 
 def inner_chunk(unit_size: int, bytes_per_image: int, target: int = 1 << 18) -> int:
@@ -227,6 +247,8 @@ def _fill(dtype: str) -> Any:
         return float("nan")
     if dtype == "bool":
         return False
+    if dtype.startswith("uint"):
+        return 0  # bit flags (``degenerate/<method>``): no bit set
     return -1
 
 
@@ -476,6 +498,26 @@ class AttributionStore:
     def failures(self) -> dict[int, str]:
         self.flush()
         return {int(k): v for k, v in dict(self.group.attrs.get("failures", {})).items()}
+
+    def degenerate_counts(self) -> dict[str, dict[str, int]]:
+        """Per method, over the usable images: ``maps`` (how many), ``degenerate`` (maps with any
+        flag) and the count of each flag of ``degenerate/<method>`` by name (``all_zero``,
+        ``constant``, ``non_finite``: the array's ``flags`` attribute). Methods of a store made
+        before 1.3 (no such array) are left out."""
+        self.flush()
+        usable = self.usable()
+        out: dict[str, dict[str, int]] = {}
+        for method in self.group.attrs.get("methods", []):
+            try:
+                arr = self.group[Keys.degenerate(method)]
+            except KeyError:
+                continue
+            values = np.asarray(arr[:])[usable]
+            counts = {"maps": int(usable.sum()), "degenerate": int(np.count_nonzero(values))}
+            counts.update({str(name): int(np.count_nonzero(values & int(bit)))
+                           for name, bit in dict(arr.attrs.get("flags", {})).items()})
+            out[method] = counts
+        return out
 
     # -- driver-only writes ----------------------------------------------------------------------
     def commit_unit(self, unit: int, seconds: float, failures: dict[int, str],
@@ -902,6 +944,9 @@ class UnitWriter:
         # arrays a newer version computes but an older store has no place for (a 1.0 store being
         # resumed has no ``source_key``): not written, rather than failing the unit
         self.absent = {name for name in (Keys.SOURCE_KEY,) if name not in self.group}
+        # (a store made before 1.3 has no ``degenerate/`` group)
+        if Keys.DEGENERATE not in self.group:
+            self.absent |= {Keys.degenerate(m) for m in self.group.attrs.get("methods", [])}
         #: every per-image array of the store: a unit's write covers each of them
         self.per_image = [name for name, arr in walk_arrays(self.group)
                           if (arr.metadata.dimension_names or ("",))[0] == "image"]

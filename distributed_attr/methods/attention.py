@@ -452,6 +452,23 @@ class AttentionMethod(GroupedMethod):
         except ValueError as exc:
             raise ModelCheckError(str(exc), "prefix_tokens") from None
 
+    def resolved_choices(self, model: nn.Module, x: Tensor, ctx: Context) -> dict[str, Any]:
+        """The token sequence the attention runs over (``tokens``), the leading tokens dropped
+        (``prefix_tokens``) and the patch grid (h, w) the map is laid out on, from one forward
+        pass of ``x``."""
+        sites, notes = find_attention(model)
+        if not sites:
+            raise ValueError(f"{self.name}: the model has no attention these methods can read ({SUPPORTED}); "
+                             f"found {_describe_model(model, notes)}")
+        xi = x[:1].detach().to(working_dtype(x))
+        with recording_attention(model, sites) as calls, torch.no_grad():
+            model(xi)
+        tokens = int(check_calls(calls, sites, 1, self.name)[0].shape[-1])
+        layout = self.layout(tokens, tuple(x.shape[-2:]))
+        assert layout.grid is not None
+        return {"tokens": tokens, "prefix_tokens": int(layout.prefix),
+                "grid": [int(layout.grid[0]), int(layout.grid[1])]}
+
     @classmethod
     def unsupported_reason(cls, model: nn.Module) -> str | None:
         """Why the model offers no attention these methods read (from its modules, no forward), or

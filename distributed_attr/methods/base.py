@@ -116,6 +116,13 @@ class Method(Configurable):
         """Compute several methods of one ``share_group`` at once; default: one by one."""
         return {m.name: m.attribute(model, x, target, ctx) for m in methods}
 
+    def resolved_choices(self, model: nn.Module, x: Tensor, ctx: Context) -> dict[str, Any]:
+        """What this method will use on ``model`` that its parameters leave to be found (a CAM
+        layer's grid, LRP's canonizer, the attention's token grid), as plain JSON values; ``x``:
+        one example image (1, C, H, W) of the job's size, ``ctx.layer``: the batch context's CAM
+        layer. Default: nothing to report. ``methods.choices.resolve_choices`` collects them."""
+        return {}
+
     DESCRIBED: ClassVar[tuple[str, ...]] = ("family", "signed", "needs_layer", "needs_references", "compile_safe",
                                             "share_group", "channel_rule", "cost_unit")
 

@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar, Iterator, Literal, Sequence
+from typing import Any, ClassVar, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -287,6 +287,32 @@ class GradCAM(GradientGroupMethod):
     def channel_weights(act: Tensor, grad: Tensor) -> Tensor:
         """(N, K): the gradient averaged over the layer's positions."""
         return grad.mean(dim=(2, 3))
+
+    def resolved_choices(self, model: nn.Module, x: Tensor, ctx: Context) -> dict[str, Any]:
+        """The CAM layer this method hooks (its dotted name), how its output is read
+        (``layout``: "nchw", "nhwc" or "tokens", with ``prefix_tokens`` dropped) and the grid
+        (h, w) of the feature maps it weights, from one forward pass of ``x``."""
+        layer = self.layer_module(model, ctx)
+        name = _module_name(model, layer)
+        caught: list[Tensor] = []
+        handle = layer.register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            with torch.no_grad():
+                model(x[:1])
+        finally:
+            handle.remove()
+        if not caught or not isinstance(caught[-1], Tensor):
+            raise ValueError(f"{self.name}: the CAM layer {name!r} was not called by the model's forward, "
+                             "or does not output one tensor")
+        try:
+            layout = layer_grid(caught[-1], self.params.reshape, x.shape[-2:], name)
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: {exc}") from None
+        grid = layout.apply(caught[-1]).shape[-2:]
+        out: dict[str, Any] = {"layer": name, "layout": layout.kind, "grid": [int(grid[0]), int(grid[1])]}
+        if layout.kind == "tokens":
+            out["prefix_tokens"] = int(layout.prefix)
+        return out
 
 
 @register

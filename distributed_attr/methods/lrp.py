@@ -299,6 +299,10 @@ class LRP(Method):
             wrong_canonizer = "canonizer" in str(exc) and self.params.canonizer != "auto"
             raise ModelCheckError(str(exc), "canonizer" if wrong_canonizer else None) from None
 
+    def resolved_choices(self, model: nn.Module, x: Tensor, ctx: Context) -> dict[str, Any]:
+        """The canonizer this method puts on ``model`` (``resolve_canonizer``)."""
+        return {"canonizer": resolve_canonizer(model, self.params.canonizer)}
+
     def attribute(self, model: nn.Module, x: Tensor, target: Tensor, ctx: Context) -> Tensor:
         return self.attribute_full(model, x, target, ctx).sum(dim=1)
 

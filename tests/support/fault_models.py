@@ -53,3 +53,18 @@ def random_digits_vit():
         model = zoo.DigitsViT()
         nn.init.normal_(model.vit.heads.head.weight, std=0.5)
     return model
+
+
+def zero_head_digits():
+    """The zoo's trained digits CNN with its classifier zeroed (weights and bias): every logit is
+    0, every class has probability 0.1, and the gradient of any target is zero everywhere, as
+    with a torchvision ViT's zero-initialised head."""
+    import torch
+
+    from distributed_attr import zoo
+
+    model, _ = zoo.pretrained("digits_cnn")
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+    return model
