@@ -189,7 +189,7 @@ def test_a_layer_that_is_not_in_the_model_fails_before_the_store_exists(tmp_path
 
     cfg = make_config(parquet_dir, tmp_path / "s.zarr")
     cfg["methods"] = {"gradcam": {"layer": "features.99"}}
-    with pytest.raises(JobError, match=r"methods: layer 'features.99' is not a submodule"):
+    with pytest.raises(JobError, match=r"methods.gradcam.layer: layer 'features.99' is not a submodule"):
         run(cfg, progress=False)
     assert not (tmp_path / "s.zarr").exists()
 

@@ -58,6 +58,7 @@ def write_synthetic_store(
     (their maps and spectra are NaN, as a worker writes them)."""
     import torch
 
+    from ..methods.degenerate import degenerate_flags
     from ..spectral import (
         high_frequency_fraction_from_spectrum,
         radial_bin_counts,
@@ -106,6 +107,9 @@ def write_synthetic_store(
             maps[~ok] = np.nan
             stored = maps.astype(map_dtype)
             block[Keys.maps(m)] = stored
+            # the flags a worker computes on the ok images' raw maps (failed images keep 0)
+            flags = degenerate_flags(torch.from_numpy(stored.astype(np.float32))).numpy()
+            block[Keys.degenerate(m)] = np.where(ok, flags, 0).astype(np.uint8)
             if with_spectra:
                 x = torch.from_numpy(stored.astype(np.float32))
                 # unfiltered (cutoff +inf) = the raw map, then the sweep with the config's filter
