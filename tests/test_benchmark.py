@@ -407,7 +407,8 @@ def test_benchmark_run_answers_its_questions_from_the_evaluation_tables(tmp_path
     grad = filtering[filtering["gradient"] & (filtering["family"] == "faithfulness") & (filtering["model"] == "standard")]
     # the top says what the answer stands on: a --quick run, and each model's held-out accuracy on
     # the run's images (its stored predictions against the labels), here at chance (untrained)
-    from distributed_attr.benchmark.run import MIN_VERDICT_ACCURACY, answer
+    from distributed_attr.benchmark.run import MIN_VERDICT_ACCURACY
+    from distributed_attr.benchmark.run import _text as answer_text
 
     assert "**Run**: a `--quick` run" in text.split("## 1.")[0]
     for model, m in (("standard", "benchmark_resnet"), ("anti-aliased", "benchmark_resnet_aa")):
@@ -421,11 +422,13 @@ def test_benchmark_run_answers_its_questions_from_the_evaluation_tables(tmp_path
         # no "N better and M worse" for a model below the threshold, in any section
         assert f"**{model} model**: no verdict: held-out accuracy {acc:.3f} is below" in text
     assert " better and " not in text and "Disjoint intervals for" not in text
-    # the same stores answered for a model that works (accuracy given): its verdicts are back, the
+    # the same tables answered for a model that works (accuracy given): its verdicts are back, the
     # other model still has none. The verdict counts the low-pass's share of the gain, beyond
     # FORGrad's absolute value
-    works = answer(res["stores"], 128, accuracy={"benchmark_resnet": {"accuracy": 0.95, "images": 12},
-                                                 "benchmark_resnet_aa": {"accuracy": 0.5, "images": 12}}).text
+    cutoffs_table = pd.read_parquet(outputs_dir(plain) / "answer_cutoffs.parquet")
+    rankings_table = pd.read_parquet(outputs_dir(plain) / "answer_rankings.parquet")
+    works = answer_text(filtering, cutoffs_table, rankings_table,
+                        {"standard": {"accuracy": 0.95, "images": 12}, "anti-aliased": {"accuracy": 0.5, "images": 12}})
     assert "**Run**: the full run" in works
     better, worse = int((grad["lowpass_gain_ci_low"] > 0).sum()), int((grad["lowpass_gain_ci_high"] < 0).sum())
     assert f"**standard model**: {better} better and {worse} worse" in works
