@@ -47,8 +47,8 @@ def test_actors_write_the_same_store_as_the_in_process_loop(tmp_path, parquet_di
 
 def test_a_killed_actor_loses_nothing_and_writes_every_image_once(tmp_path, parquet_dir, make_config, local_ray):
     """``ray.kill`` (restart allowed) of the actor that holds unit 2, while that actor is inside a
-    unit: the model leaves a marker named by its actor id from its forward pass and then sleeps,
-    so the kill lands mid-unit however fast the machine is (a kill after a fixed sleep found the
+    unit: the model leaves a marker named by its actor id from its forward pass and then sleeps
+    (once, when the marker is new), so the kill lands mid-unit however fast the machine is (a kill after a fixed sleep found the
     unit finished on a quiet machine: 0 retries)."""
     run(make_config(parquet_dir, tmp_path / "ref.zarr"), progress=False)
     markers = tmp_path / "markers"
@@ -61,7 +61,7 @@ def test_a_killed_actor_loses_nothing_and_writes_every_image_once(tmp_path, parq
         if unit == 2 and not killed:
             killed.append(unit)
             mine = markers / actor._actor_id.hex()
-            mine.unlink(missing_ok=True)  # a marker from a forward pass after this dispatch
+            mine.unlink(missing_ok=True)  # the actor's next forward pass writes it anew and sleeps
 
             def when_inside_a_unit():
                 deadline = time.monotonic() + 120

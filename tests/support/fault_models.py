@@ -5,7 +5,8 @@ file ``<node id>-<pid>`` in ``marker_dir`` and then sleeps ``delay`` seconds: a 
 marker knows that this process is in the middle of a unit right now, and on which node, so it can
 kill the process or remove the node *while a unit runs*. With ``by_actor`` the marker is named by
 the Ray actor's id instead (``ActorID.hex()``), for a test that holds an actor handle and kills
-that actor with ``ray.kill``. Outside Ray (the driver's probe, the in-process reference run) it is
+that actor with ``ray.kill``, and the forward pass sleeps only when it creates the marker: a test
+deletes the marker, and the actor's next forward pass writes it and waits for the kill. Outside Ray (the driver's probe, the in-process reference run) it is
 the plain model. Same weights either way, so stores compare equal.
 """
 from __future__ import annotations
@@ -32,8 +33,11 @@ class _Marked(nn.Module):
             if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
                 context = ray.get_runtime_context()
                 name = context.get_actor_id() if self.by_actor else f"{context.get_node_id()}-{os.getpid()}"
-                open(os.path.join(self.marker_dir, name), "a").close()
-                time.sleep(self.delay)
+                path = os.path.join(self.marker_dir, name)
+                fresh = not os.path.exists(path)
+                open(path, "a").close()
+                if fresh or not self.by_actor:  # by actor: sleep only when the marker is new
+                    time.sleep(self.delay)
         return self.inner(x)
 
 
