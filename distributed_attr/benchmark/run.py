@@ -304,7 +304,7 @@ def _header(accuracy: dict[str, dict[str, Any]], quick: bool) -> list[str]:
         lines.append(f"- **{model} model**: held-out accuracy {a['accuracy']:.3f} on the {a['images']} test "
                      f"images of this run{also}{mark}")
     return lines + ["", f"A model gets verdicts only at a held-out accuracy of {MIN_VERDICT_ACCURACY:g} or more "
-                        "(chance is 1/6): the maps of a model that has not learnt the task say nothing about "
+                        f"(chance is 1/{len(gen.CLASSES)}): the maps of a model that has not learnt the task say nothing about "
                         "the question.", ""]
 
 
