@@ -11,7 +11,11 @@ The digits are 8x8 grey levels 0..16; ``digits_dataset`` upsamples them bilinear
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,25 @@ from .architectures import (  # noqa: F401  (the zoo's names, as before)
 
 #: training settings that differ from ``train``'s defaults (a transformer needs more epochs)
 _TRAINING = {"digits_vit": {"epochs": 30, "lr": 3e-3}}
+
+#: the weight cache's version, part of every cache key: bumped whenever training changes the
+#: weights it produces. v5: training runs in a child process with the instruction set pinned.
+CACHE_VERSION = "v5"
+
+#: the numerical environment ``pretrained`` trains in on an x86-64 CPU with AVX2 (nearly every
+#: x86 machine since 2015). Seeds and one thread are not enough for the same bits on another
+#: machine: PyTorch's vectorised kernels, oneDNN's convolutions and MKL's matrix products each
+#: pick their code path (AVX2, AVX-512, AMX) by the CPU they run on, and the paths round
+#: differently (digits_cnn's input-gradient HF share 0.735 with AVX-512, 0.719 with AVX2, from the
+#: same seed). These variables take effect only before torch is loaded, hence the child process.
+PINNED_X86 = {
+    "ATEN_CPU_CAPABILITY": "avx2",   # PyTorch's own kernels
+    "ONEDNN_MAX_CPU_ISA": "AVX2",    # convolutions (oneDNN)
+    "MKL_CBWR": "AVX2",              # matrix products (MKL's conditional numerical reproducibility)
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+#: on every CPU: one thread (the order of a reduction depends on the thread count)
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def digits_dataset(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -57,15 +80,20 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 8, seed:
           batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
     """Adam on cross-entropy with light shift augmentation; deterministic for a given seed.
 
-    Trains on one thread: the order of floating-point reductions depends on the thread count, so
-    two machines (or a test process and the demo) would otherwise train slightly different models
-    from the same seed."""
+    Trains on one thread with PyTorch's deterministic algorithms (the order of floating-point
+    reductions depends on the thread count), restoring both and the caller's RNG afterwards: the
+    same bits in every process of one machine. Another machine gives the same bits only if its
+    kernels take the same instruction-set paths: ``pretrained`` pins them (``training_numerics``)."""
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
     try:
         with torch.random.fork_rng():
             return _train(model, x, y, epochs, seed, batch_size, lr)
     finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
         torch.set_num_threads(threads)
 
 
@@ -105,29 +133,78 @@ def cache_dir() -> Path:
     return path
 
 
+_TRAINABLE = (*ARCHITECTURES, *TRANSFORMERS)
+
+
+def training_numerics() -> tuple[str, dict[str, str]]:
+    """``(tag, environment)`` that ``pretrained`` trains in: on x86-64 with AVX2 or better, the
+    pinned instruction set (tag ``x86-avx2``); elsewhere one thread and the CPU's own paths (tag
+    ``<machine>-<capability>``: the same weights on CPUs of that kind). Part of the cache key.
+
+    Checked: on one AMD EPYC (AVX-512), a process limited to AVX2 and one on the AVX-512 paths
+    train byte-identical weights (digits_cnn, digits_resnet, digits_vit). Not checked: Intel
+    CPUs, and other CPU models of the same instruction set (oneDNN and MKL may still choose their
+    blocking by cache size)."""
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64") and cap in ("avx2", "avx512"):
+        return "x86-avx2", {**PINNED_X86, **ONE_THREAD}
+    return f"{machine}-{cap}", dict(ONE_THREAD)
+
+
+def cache_key(name: str, size: int, epochs: int, seed: int) -> str:
+    """The cache file's key: the training settings, the numerics, the PyTorch version (its
+    kernels' rounding changes between versions) and ``CACHE_VERSION``."""
+    tag, _ = training_numerics()
+    text = f"{name}/{size}/{epochs}/{seed}/{tag}/torch-{torch.__version__}/{CACHE_VERSION}"
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
 def pretrained(name: str, size: int = 32, epochs: int | None = None, seed: int = 0) -> tuple[nn.Module, Path]:
     """A zoo model trained on the digits' training split, cached on disk as a ``state_dict``.
 
     Returns the model (eval mode, CPU) and the weights file, which later loads with
     ``torch.load(path, weights_only=True)``. Training takes seconds on a laptop CPU (the
-    transformer about two minutes). ``epochs``: the architecture's own default when None."""
+    transformer about three minutes). ``epochs``: the architecture's own default when None.
+    Training runs in a child process in the environment ``training_numerics`` gives, so that the
+    weights are the same bits on every machine of one kind, whatever this process's threads."""
+    if name not in _TRAINABLE:
+        build(name)  # the unknown-name error, before any child process
     settings = {"epochs": 8, "lr": 3e-3, **_TRAINING.get(name, {})}
     if epochs is not None:
         settings["epochs"] = epochs
     epochs = settings["epochs"]
-    key = hashlib.sha1(f"{name}/{size}/{epochs}/{seed}/v4".encode()).hexdigest()[:10]
-    path = cache_dir() / f"{name}-{size}px-{key}.pt"
-    # Seed the initialisation too (build draws from the global RNG), without touching the caller's RNG.
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    path = cache_dir() / f"{name}-{size}px-{cache_key(name, size, epochs, seed)}.pt"
+    if not path.exists():
+        _train_in_child(path, name=name, size=size, epochs=epochs, seed=seed, lr=settings["lr"])
+    with torch.random.fork_rng():  # build draws from the global RNG: the caller's is left as it was
         model = build(name)
-    if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval(), path
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval(), path
+
+
+def _train_in_child(path: Path, **settings) -> None:
+    _, env = training_numerics()
+    package_root = str(Path(__file__).resolve().parents[1])  # this copy of the package, not another
+    child_env = {**os.environ, **env,
+                 "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    code = "import sys, json; from distributed_attr.zoo import _train_to_file; _train_to_file(**json.loads(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps({"path": str(path), **settings})],
+                          env=child_env, capture_output=True, text=True)
+    if proc.returncode != 0 or not path.exists():
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise RuntimeError(f"training zoo model {settings['name']!r} failed (exit {proc.returncode}): {tail}")
+
+
+def _train_to_file(path: str, name: str, size: int, epochs: int, seed: int, lr: float) -> None:
+    """The child's work: seeded initialisation, training, an atomic write of the ``state_dict``."""
+    # build draws its initialisation from the global RNG: seeded here, in this process of its own
+    torch.manual_seed(seed)
+    model = build(name)
     x, y = digits_dataset(size)
     train_idx, _ = split_indices(len(x))
-    train(model, x[train_idx], y[train_idx], epochs=epochs, seed=seed, lr=settings["lr"])
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    train(model, x[train_idx], y[train_idx], epochs=epochs, seed=seed, lr=lr)
+    dest = Path(path)
+    tmp = dest.with_suffix(f".tmp{os.getpid()}")
     torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)  # atomic: concurrent trainers never see a half-written file
-    return model.eval(), path
+    os.replace(tmp, dest)  # atomic: concurrent trainers never see a half-written file

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from distributed_attr.benchmark import generate as gen
 from distributed_attr.benchmark import train as tr
@@ -404,9 +405,35 @@ def test_benchmark_run_answers_its_questions_from_the_evaluation_tables(tmp_path
     for heading in ("faithfulness?", "localisation?", "anti-aliased model?", "ranking change?", "robustness?"):
         assert heading in text
     grad = filtering[filtering["gradient"] & (filtering["family"] == "faithfulness") & (filtering["model"] == "standard")]
-    # the verdict counts the low-pass's share of the gain, beyond FORGrad's absolute value
+    # the top says what the answer stands on: a --quick run, and each model's held-out accuracy on
+    # the run's images (its stored predictions against the labels), here at chance (untrained)
+    from distributed_attr.benchmark.run import MIN_VERDICT_ACCURACY
+    from distributed_attr.benchmark.run import _text as answer_text
+
+    assert "**Run**: a `--quick` run" in text.split("## 1.")[0]
+    for model, m in (("standard", "benchmark_resnet"), ("anti-aliased", "benchmark_resnet_aa")):
+        g = zarr.open_group(res["stores"][m][0], mode="r")
+        ok = g["ok"][:].astype(bool)
+        acc = float((g["prediction"][:][ok] == g["label"][:][ok]).mean())
+        assert acc < MIN_VERDICT_ACCURACY
+        assert (f"**{model} model**: held-out accuracy {acc:.3f} on the {ok.sum()} test images of this run "
+                f"(**below {MIN_VERDICT_ACCURACY:g}: no verdicts") in text
+        assert res["accuracy"][m]["accuracy"] == pytest.approx(acc)
+        # no "N better and M worse" for a model below the threshold, in any section
+        assert f"**{model} model**: no verdict: held-out accuracy {acc:.3f} is below" in text
+    assert " better and " not in text and "Disjoint intervals for" not in text
+    # the same tables answered for a model that works (accuracy given): its verdicts are back, the
+    # other model still has none. The verdict counts the low-pass's share of the gain, beyond
+    # FORGrad's absolute value
+    cutoffs_table = pd.read_parquet(outputs_dir(plain) / "answer_cutoffs.parquet")
+    rankings_table = pd.read_parquet(outputs_dir(plain) / "answer_rankings.parquet")
+    works = answer_text(filtering, cutoffs_table, rankings_table,
+                        {"standard": {"accuracy": 0.95, "images": 12}, "anti-aliased": {"accuracy": 0.5, "images": 12}})
+    assert "**Run**: the full run" in works
     better, worse = int((grad["lowpass_gain_ci_low"] > 0).sum()), int((grad["lowpass_gain_ci_high"] < 0).sum())
-    assert f"**standard model**: {better} better and {worse} worse" in text
+    assert f"**standard model**: {better} better and {worse} worse" in works
+    assert "**anti-aliased model**: no verdict: held-out accuracy 0.500 is below" in works
+    assert "No verdict: anti-aliased model held-out accuracy 0.500" in works
     # the split, recomputed from the stored scores: |map| alone (sigma 1000) minus the raw map,
     # and the best finite sigma below it (chosen on the validation images) minus |map| alone
     from distributed_attr.benchmark.run import ABS_ONLY_SIGMA

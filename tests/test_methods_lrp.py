@@ -477,12 +477,41 @@ def test_parameter_errors_name_the_key():
         compute_maps(bn_cnn(), images(1), TARGET[:1], [m], Context())
 
 
-def test_bfloat16_autocast_runs_close_to_float32():
-    """Under autocast the forward and the rules' backward run in bfloat16 (the map stays float32).
-    epsilon_plus_flat stays close; alpha-beta's ratios are fragile in bfloat16 (docs)."""
-    model, _ = zoo.pretrained("digits_resnet")
-    x = torch.from_numpy(zoo.digits_dataset(32)[0][:4])
-    f32 = distributed_attr.attribute(model, x, "lrp", target=1)
-    bf16 = distributed_attr.attribute(model, x, "lrp", target=1, autocast=torch.bfloat16)
+def _lrp_cosines_bf16(name: str, n: int = 16) -> torch.Tensor:
+    """Per-image cosine similarity of epsilon_plus_flat's map under bfloat16 autocast to float32's,
+    on the first ``n`` held-out digits, explaining each image's predicted class."""
+    model, _ = zoo.pretrained(name)
+    x_all, _ = zoo.digits_dataset(32)
+    _, test = zoo.split_indices(len(x_all))
+    x = torch.from_numpy(x_all[test[:n]])
+    with torch.no_grad():
+        target = model(x).argmax(1)
+    f32 = distributed_attr.attribute(model, x, "lrp", target=target)
+    bf16 = distributed_attr.attribute(model, x, "lrp", target=target, autocast=torch.bfloat16)
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
-    assert (torch.nn.functional.cosine_similarity(f32.flatten(1), bf16.flatten(1)) > 0.99).all()
+    return torch.nn.functional.cosine_similarity(f32.flatten(1), bf16.flatten(1))
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_vgg"])
+def test_bfloat16_autocast_runs_close_to_float32(name):
+    """Under autocast the forward and the rules' backward run in bfloat16 (the map stays float32),
+    and on a network without residual sums epsilon_plus_flat's map stays close for any weights:
+    each rule hands a layer's relevance to its inputs in shares (flat and z+: non-negative shares
+    of each output's relevance; epsilon on the dense layer: x*w/z of the logit-seeded output), so a
+    map value carries bfloat16's relative rounding (8 significant bits: 2^-9 per operation) through
+    the model's ~6 layers, ~1e-2 relative, and 1 - cosine is about half its square, ~1e-4: 0.99
+    leaves a margin of ~100 (measured >= 0.995 over 64 images for two training runs).
+    Alpha-beta's ratios are fragile in bfloat16 (docs); residual sums: the next test."""
+    assert (_lrp_cosines_bf16(name) > 0.99).all()
+
+
+def test_bfloat16_autocast_on_a_resnet_is_close_except_where_the_map_jumps():
+    """digits_resnet: its residual sums go through zennit's Norm rule (R_a = a / (a + b) R), and
+    the relevance of a summed unit is about a * K just above a + b = 0 and exactly 0 below (the
+    ReLU after the sum), so the map jumps where a sum crosses zero. bfloat16 rounds a and b by
+    2^-9 of |a| + |b| and moves some ten near-zero sums per block across zero in every image;
+    in most images they carry little relevance, in a few a lot, for any training run (1-2 of 64
+    images at cosine 0.65-0.96 in two runs). The float32 map itself moves as much when the input
+    changes by bfloat16's relative precision (cosine down to 0.86): an ill-conditioned map, not a
+    precision bug. What holds for any weights is that most images are close: the median."""
+    assert _lrp_cosines_bf16("digits_resnet").median() > 0.99

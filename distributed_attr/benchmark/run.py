@@ -75,6 +75,13 @@ SWEEP = (ABS_ONLY_SIGMA, 100, 50, 30, 15, 8)
 QUICK_SWEEP = (ABS_ONLY_SIGMA, 15)
 #: names of the two models in tables and text
 MODEL_LABELS = {"benchmark_resnet": "standard", "benchmark_resnet_aa": "anti-aliased"}
+#: a model whose accuracy on the run's images is below this gets no verdict ("N better and M
+#: worse"): the maps of a model near chance (1/6 here) say nothing about how filtering acts on the
+#: maps of a model that works; its numbers are still listed, marked as such
+MIN_VERDICT_ACCURACY = 0.8
+#: what ``--quick`` leaves out, said at the top of its answer
+QUICK_NOTE = (f"a `--quick` run ({len(QUICK_METHODS)} methods, {len(QUICK_SWEEP)} cutoffs, 5 deletion steps, "
+              "1 robustness sample): it shows the pipeline works, not the answer")
 
 
 def job_config(data_dir: Path, out_dir: Path, model: str, images: int, workers: int, quick: bool,
@@ -115,6 +122,29 @@ class Answer:
     cutoffs: Any  # model, method, metric, best cutoff: validation choice and its bootstrap distribution
     rankings: Any  # model, method, mean rank unfiltered/filtered with CIs
     text: str
+    accuracy: Any = None  # model -> {"accuracy", "images", "recorded"}: see model_accuracy
+
+
+def model_accuracy(store: str) -> dict[str, Any]:
+    """The model's accuracy on the images of a store (its ``prediction`` against the ``label`` of
+    the images that were processed): the held-out test images the answer is computed from."""
+    from ..io.store import Keys, open_group
+
+    g = open_group(store)
+    ok = g[Keys.OK][:].astype(bool)
+    label, pred = g[Keys.LABEL][:][ok], g[Keys.PREDICTION][:][ok]
+    known = label >= 0
+    n = int(known.sum())
+    return {"accuracy": float((pred[known] == label[known]).mean()) if n else float("nan"), "images": n}
+
+
+def _recorded_accuracy(data_dir: Path, model: str) -> float | None:
+    """The test accuracy ``benchmark build`` recorded (whole test split), when its record is there."""
+    path = data_dir / "models" / f"{model}.json"
+    try:
+        return float(json.loads(path.read_text())["test_accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _sigma_224(cutoff: float, size: int) -> float:
@@ -168,9 +198,12 @@ def _split_gain(table: "MetricTable", method: str, size: int, n_boot: int, seed:
     return out
 
 
-def answer(stores: dict[str, list[str]], size: int, n_boot: int = 1000, seed: int = 0) -> Answer:
+def answer(stores: dict[str, list[str]], size: int, n_boot: int = 1000, seed: int = 0, quick: bool = False,
+           accuracy: dict[str, dict[str, Any]] | None = None) -> Answer:
     """Read the evaluation tables of the stores (model name -> its stores, ``run_evaluation``
-    done on each) and answer the questions."""
+    done on each) and answer the questions. ``accuracy``: model name -> ``model_accuracy`` (and
+    optionally ``recorded``: the build's test accuracy); by default measured on each model's
+    first store. ``quick``: said at the top of the text."""
     import pandas as pd
 
     from ..evaluation.data import load_metric
@@ -220,7 +253,20 @@ def answer(stores: dict[str, list[str]], size: int, n_boot: int = 1000, seed: in
     filtering = pd.DataFrame(rows)
     cutoffs = pd.DataFrame(cut_rows)
     rankings = pd.DataFrame(rank_rows).sort_values(["model", "family", "rank_filtered"]).reset_index(drop=True)
-    return Answer(filtering, cutoffs, rankings, _text(filtering, cutoffs, rankings))
+    if accuracy is None:
+        accuracy = {model: model_accuracy(ss[0]) for model, ss in stores.items()}
+    labelled = {MODEL_LABELS.get(m, m): a for m, a in accuracy.items()}
+    return Answer(filtering, cutoffs, rankings, _text(filtering, cutoffs, rankings, labelled, quick), labelled)
+
+
+def _verdict_allowed(accuracy: dict[str, dict[str, Any]], model: str) -> bool:
+    a = accuracy.get(model, {}).get("accuracy", float("nan"))
+    return bool(a >= MIN_VERDICT_ACCURACY)  # NaN (unknown): no verdict
+
+
+def _no_verdict(accuracy: dict[str, dict[str, Any]], model: str) -> str:
+    a = accuracy.get(model, {}).get("accuracy", float("nan"))
+    return f"no verdict: held-out accuracy {a:.3f} is below {MIN_VERDICT_ACCURACY:g}"
 
 
 def _verdict(rows, gain: str = "gain") -> str:
@@ -247,12 +293,33 @@ def _fmt_split(r) -> str:
             f"{_g(r.lowpass_gain_ci_high)}] at sigma {r.lowpass_sigma_224:.3g}")
 
 
-def _text(filtering, cutoffs, rankings) -> str:
+def _header(accuracy: dict[str, dict[str, Any]], quick: bool) -> list[str]:
+    """What the answer stands on: the kind of run and each model's held-out accuracy."""
+    lines = [f"**Run**: {QUICK_NOTE if quick else 'the full run (every method, cutoff and metric)'}.", ""]
+    for model, a in accuracy.items():
+        recorded = a.get("recorded")
+        also = f"; {recorded:.3f} on the whole test split (build record)" if recorded is not None else ""
+        mark = "" if _verdict_allowed(accuracy, model) else (
+            f" (**below {MIN_VERDICT_ACCURACY:g}: no verdicts for this model**, its numbers are listed as they are)")
+        lines.append(f"- **{model} model**: held-out accuracy {a['accuracy']:.3f} on the {a['images']} test "
+                     f"images of this run{also}{mark}")
+    return lines + ["", f"A model gets verdicts only at a held-out accuracy of {MIN_VERDICT_ACCURACY:g} or more "
+                        f"(chance is 1/{len(gen.CLASSES)}): the maps of a model that has not learnt the task say nothing about "
+                        "the question.", ""]
+
+
+def _text(filtering, cutoffs, rankings, accuracy: dict[str, dict[str, Any]] | None = None,
+          quick: bool = False) -> str:
     lines = ["# The FORGrad question on the generated benchmark", ""]
+    accuracy = accuracy or {}
+    lines += _header(accuracy, quick)
     if not len(filtering):
         return "\n".join(lines + ["No metric was evaluated."])
     grad = filtering[filtering["gradient"]]
     models = list(dict.fromkeys(filtering["model"]))
+
+    def verdict(model, rows):
+        return _verdict(rows, _lowpass(rows)) if _verdict_allowed(accuracy, model) else _no_verdict(accuracy, model)
     lines += ["Gains are test-image means at the cutoff chosen on the validation images minus the unfiltered "
               "mean, signed so that > 0 is better, with paired-bootstrap 95% intervals; sigma is the FORGrad "
               "cutoff in cycles per image at 224 px (the paper's units). FORGrad's filter takes the absolute "
@@ -265,14 +332,14 @@ def _text(filtering, cutoffs, rankings) -> str:
     for model in models:
         rows = grad[(grad["model"] == model) & (grad["family"] == "faithfulness")]
         if len(rows):
-            lines.append(f"- **{model} model**: {_verdict(rows, _lowpass(rows))}.")
+            lines.append(f"- **{model} model**: {verdict(model, rows)}.")
             lines += [f"  - {r.method}: FORGrad {_fmt_gain(r)}{_fmt_split(r)}" for r in rows.itertuples()]
     lines += ["", "## 2. Does it improve their localisation?", ""]
     for model in models:
         rows = grad[(grad["model"] == model) & (grad["family"] == "localisation")]
         if len(rows):
             lines.append(f"- **{model} model**, {rows['metric'].nunique()} localisation metrics x "
-                         f"{rows['method'].nunique()} gradient methods: {_verdict(rows, _lowpass(rows))}.")
+                         f"{rows['method'].nunique()} gradient methods: {verdict(model, rows)}.")
             for metric, mr in rows.groupby("metric", sort=False):
                 lines.append(f"  - {metric}:")
                 lines += [f"    - {r.method}: FORGrad {_fmt_gain(r)}{_fmt_split(r)}" for r in mr.itertuples()]
@@ -289,7 +356,11 @@ def _text(filtering, cutoffs, rankings) -> str:
             lines.append(f"- {method}: {models[0]} {a.best_sigma_224:.3g} [{a.sigma_224_low:.3g}, {a.sigma_224_high:.3g}], "
                          f"{models[1]} {b.best_sigma_224:.3g} [{b.sigma_224_low:.3g}, {b.sigma_224_high:.3g}]"
                          f"{' (intervals disjoint)' if disjoint else ''}")
-        lines.append(f"- Disjoint intervals for {differ} of {gc['method'].nunique()} gradient methods.")
+        if all(_verdict_allowed(accuracy, m) for m in models):
+            lines.append(f"- Disjoint intervals for {differ} of {gc['method'].nunique()} gradient methods.")
+        else:
+            low = [m for m in models if not _verdict_allowed(accuracy, m)]
+            lines.append(f"- No verdict: {', '.join(_no_verdict(accuracy, m).replace('no verdict: ', m + ' model ') for m in low)}.")
     lines += ["", "## 4. How does the ranking change?", "",
               "Rank 1 = best; unfiltered -> each method at its validation-chosen cutoff, with the 95% interval "
               "of the filtered rank; for a family of several metrics, the rank of the mean rank.", ""]
@@ -307,7 +378,7 @@ def _text(filtering, cutoffs, rankings) -> str:
         for model in models:
             rows = robust[robust["model"] == model]
             if len(rows):
-                lines.append(f"- **{model} model**: {_verdict(rows, _lowpass(rows))}.")
+                lines.append(f"- **{model} model**: {verdict(model, rows)}.")
                 lines += [f"  - {r.method}: FORGrad {_fmt_gain(r)}{_fmt_split(r)}" for r in rows.itertuples()]
     return "\n".join(lines) + "\n"
 
@@ -355,7 +426,8 @@ def run_benchmark(data_dir: str | Path = "benchmark-data", out_dir: str | Path =
         run_evaluation(cfg["store"], plots=plots)
         seconds[Path(cfg["store"]).stem] = round(time.perf_counter() - t0, 1)
         stores.setdefault(model, []).append(cfg["store"])
-    result = answer(stores, int(manifest["size"]))
+    accuracy = {m: {**model_accuracy(ss[0]), "recorded": _recorded_accuracy(data_dir, m)} for m, ss in stores.items()}
+    result = answer(stores, int(manifest["size"]), quick=quick, accuracy=accuracy)
     main_stores = [ss[0] for ss in stores.values()]
     out = outputs_dir(main_stores[0])
     result.filtering.to_parquet(out / "answer_filtering.parquet", index=False)
@@ -364,6 +436,7 @@ def run_benchmark(data_dir: str | Path = "benchmark-data", out_dir: str | Path =
     (out_dir / "answer.md").write_text(result.text)
     report = write_report(main_stores[0], companions=main_stores[1:], preface=result.text)
     record = {"images": images, "quick": quick, "workers": workers, "seconds": seconds, "stores": stores,
+              "accuracy": accuracy, "min_verdict_accuracy": MIN_VERDICT_ACCURACY,
               "answer": str(out_dir / "answer.md"), "report": str(report)}
     (out_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n")
     log(result.text)

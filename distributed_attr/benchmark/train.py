@@ -1,7 +1,9 @@
 """Training, evaluation and caching of the benchmark's two models (plain and anti-aliased).
 
 Like the digits zoo (``distributed_attr.zoo``): seeded, on one thread (the order of floating-point
-reductions depends on the thread count), cached as a ``state_dict`` under ``zoo.cache_dir()``
+reductions depends on the thread count), but in this process, on the CPU's own instruction-set
+paths: the same weights on machines of one CPU kind, not across AVX2 and AVX-512 (the zoo pins
+them, ``zoo.training_numerics``). Cached as a ``state_dict`` under ``zoo.cache_dir()``
 (``$DISTRIBUTED_ATTR_CACHE`` or ``~/.cache/distributed_attr``), in ``benchmark/``, next to a JSON
 record of how it was trained and its held-out accuracy. ``pretrained`` trains only when the cache
 has no such file.
