@@ -6,7 +6,6 @@ by byte with a closed-form effect), a real symlink loop, real WebDataset tars. F
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
 

@@ -32,7 +32,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .lease import lease_info
 from .storage import is_remote, local_path

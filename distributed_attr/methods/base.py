@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -324,6 +324,24 @@ def layer_candidates(model: nn.Module, layer: str, shown: int = 8) -> str:
     return "; ".join(parts)
 
 
+def trace_modules(model: nn.Module, example: Tensor, after: Callable[[str], Callable],
+                  before: Callable[[str], Callable] | None = None) -> None:
+    """One forward pass of ``example[:1]`` without gradients, with the hooks ``after(name)`` (and
+    ``before(name)``) make on every named submodule; the hooks are removed afterwards."""
+    handles = []
+    for n, m in model.named_modules():
+        if n:
+            if before is not None:
+                handles.append(m.register_forward_pre_hook(before(n)))
+            handles.append(m.register_forward_hook(after(n)))
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def resolve_layer(model: nn.Module, layer: str | None, example: Tensor | None = None) -> nn.Module:
     """The module CAM methods hook: ``layer`` by dotted name, or else found by one forward pass of
     ``example`` (one image) among the modules whose output maps to a grid (``grid_layout`` with
@@ -377,16 +395,7 @@ def resolve_layer(model: nn.Module, layer: str | None, example: Tensor | None = 
 
         return hook
 
-    handles = []
-    for n, m in model.named_modules():
-        if n:
-            handles += [m.register_forward_pre_hook(before(n)), m.register_forward_hook(after(n))]
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    trace_modules(model, example, after, before)
     if not found:
         raise ValueError(
             "no module outputs a spatial feature map, a channels-last grid or a token sequence; "

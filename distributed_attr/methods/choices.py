@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from torch import Tensor, nn
 
-from .base import Context, Method, grid_layout, resolve_layer
+from .base import Context, Method, grid_layout, resolve_layer, trace_modules
 
 #: a CAM grid with fewer positions than this along either side makes maps that are nearly flat
 #: (a few bilinear ramps): ``coarse_grid_warnings`` says so
@@ -116,13 +115,7 @@ def spatial_layers(model: nn.Module, example: Tensor) -> list[tuple[str, tuple[i
 
         return hook
 
-    handles = [m.register_forward_hook(after(n)) for n, m in model.named_modules() if n]
-    try:
-        with torch.no_grad():
-            model(example[:1])
-    finally:
-        for h in handles:
-            h.remove()
+    trace_modules(model, example, after)
     return found
 
 
