@@ -4,7 +4,8 @@
 
 1. The attribution job's per-unit work (a worker's ``UnitProcessor.process_units`` over the
    bundled digits, read -> decode -> maps -> spectra -> write) with the per-image degenerate-map
-   flags and the per-unit shard checksums, against the same work with both replaced by no-ops.
+   flags and the per-unit shard checksums, against the same work with both replaced by no-ops and
+   the flag arrays not written.
    The two conditions alternate, best of ``--repeats`` each; the ratio checked / unchecked is the
    throughput the checks leave (target: >= 0.97). One worker, no Ray: the checks run inside the
    worker, so the Ray job pays them the same way per image (bench/pipeline.py measures the job).
@@ -35,15 +36,22 @@ METHODS = {"saliency": {}, "gradient_x_input": {}, "integrated_gradients": {"ste
 
 
 @contextmanager
-def checks_off():
-    """The degenerate flags (a zero array of the same shape) and the checksums (0) as no-ops."""
+def checks_off(writer=None):
+    """The degenerate flags (a zero array of the same shape) and the checksums (0) as no-ops; with
+    a worker's ``writer``, its ``degenerate/<method>`` arrays are not written either (as a store
+    without them: what the job was before the checks)."""
     flags, checksum = pipeline.degenerate_flags, store_module.block_checksum
     pipeline.degenerate_flags = lambda m: torch.zeros(m.shape[0], dtype=torch.uint8, device=m.device)
     store_module.block_checksum = lambda block: 0
+    absent = set(writer.absent) if writer is not None else None
+    if writer is not None:
+        writer.absent |= {store_module.Keys.degenerate(m) for m in writer.group.attrs.get("methods", [])}
     try:
         yield
     finally:
         pipeline.degenerate_flags, store_module.block_checksum = flags, checksum
+        if writer is not None:
+            writer.absent = absent
 
 
 def unit_work(tmp: Path, n_images: int, repeats: int) -> tuple[float, float]:
@@ -70,7 +78,7 @@ def unit_work(tmp: Path, n_images: int, repeats: int) -> tuple[float, float]:
                 if checked:
                     results = list(proc.process_units(units))
                 else:
-                    with checks_off():
+                    with checks_off(proc._writer):
                         results = list(proc.process_units(units))
                 rate = sum(r.images for r in results) / (time.perf_counter() - t)
                 best[checked] = max(best[checked], rate)

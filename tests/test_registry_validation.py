@@ -241,8 +241,11 @@ def coerced_config() -> dict[str, Any]:
     # parameter was renamed or a default changed on purpose, this changes too: update the value
     # and say why here. 2026-11-30: soundness_saliency's "references" became "backgrounds"
     # (54149bf465381635 before; old stores still resume, see test_config_validation).
-    (typical_config, "fde7c7169766173b"),
-    (coerced_config, "b38b453e635bad67"),
+    # 2026-12-08: the decoding settings data.exif_orientation and data.alpha_background are part
+    # of the resolved config (they change the pixels of rotated and transparent images); without
+    # those two keys the hashes are the former fde7c7169766173b and b38b453e635bad67 (checked).
+    (typical_config, "42e8792a1bd7026a"),
+    (coerced_config, "82858912380d7072"),
 ])
 def test_the_config_hash_of_existing_configs_is_unchanged(make, expected, recwarn):
     assert Config.from_dict(make()).result_hash() == expected
