@@ -34,7 +34,7 @@ def describe_store(path: str, verify: bool = False, out_dir: str | Path | None =
     outputs = output_statuses(store, Path(out_dir) if out_dir else outputs_dir(path), state)
     seconds = store.group[Keys.UNITS_SECONDS][:]
     arrays = {}
-    for name, arr in sorted(walk_arrays(store.group)):
+    for name, arr in sorted(walk_arrays(store.group, skip_unreadable=True)):
         arrays[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype),
                         "dims": list(arr.metadata.dimension_names or [])}
     images_done = sum(store.unit_range(int(u))[1] - store.unit_range(int(u))[0] for u in done)

@@ -193,6 +193,16 @@ def test_report_refuses_a_half_written_aggregates_group(tmp_path, capsys):
     assert main(["report", store, "--out", str(out)]) == 2
     _one_error_line(capsys, "aggregates", "saliency/spectrum_mean", f"distributed-attr aggregate {store}")
 
+    # a node's metadata unreadable inside the group (a truncated zarr.json): before, inspect and
+    # report ended in a JSONDecodeError traceback
+    run_aggregation(store, num_workers=0, out_dir=str(out), plots=False)
+    meta = Path(store) / "aggregates" / "saliency" / "spectrum_mean" / "zarr.json"
+    meta.write_text(meta.read_text()[:20])
+    assert main(["report", store, "--out", str(out)]) == 2
+    _one_error_line(capsys, "aggregates", "half-written", "cannot be read", f"distributed-attr aggregate {store}")
+    assert main(["inspect", store]) == 0
+    assert "half-written" in _first_line(capsys)
+
     # rerun: whole again
     run_aggregation(store, num_workers=0, out_dir=str(out), plots=False)
     assert main(["report", store, "--out", str(out)]) == 0

@@ -169,6 +169,24 @@ def test_a_store_without_checksums_still_verifies_and_its_image_range_is_checked
     assert sorted(AttributionStore.open(store, "r").verify()) == [0, 1]
 
 
+@pytest.mark.parametrize("node", ["units/checksum", "degenerate/saliency"])
+def test_a_1_3_store_that_lost_its_checksums_or_flags_is_damaged_not_older(tmp_path, intact, capsys, node):
+    """Before, deleting ``units/checksum`` from a 1.3 store made it read as an older one: verify
+    passed a swapped shard, and the degenerate counts read "not recorded"."""
+    from distributed_attr.io.store import AttributionStore, StoreError
+
+    _, path, _ = intact
+    store = tmp_path / "s.zarr"
+    shutil.copytree(path, store)
+    _swap(store, "maps/saliency")
+    shutil.rmtree(store / node)
+    with pytest.raises(StoreError, match=f"is damaged: '{node}' missing"):
+        AttributionStore.open(store, "r")
+    assert main(["inspect", str(store), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and node in err and "Traceback" not in err, err
+
+
 def test_the_writer_fills_a_unit_without_ok_images_and_refuses_one_with_ok_images_but_missing_arrays(tmp_path):
     import math
 

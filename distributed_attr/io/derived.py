@@ -167,18 +167,22 @@ def aggregates_status(handle: AttributionStore, now: StoreState) -> OutputStatus
     group = handle.group
     if Keys.AGGREGATES not in group:
         return None
-    agg = group[Keys.AGGREGATES]
-    attrs = dict(agg.attrs)
     where = f"{now.store}/{Keys.AGGREGATES}"
     half = (f"the {Keys.AGGREGATES} group of {now.store!r} is half-written ({{why}}): an aggregate was "
             f"interrupted, or is running now. Rerun `distributed-attr aggregate {now.store}`")
+    try:
+        agg = group[Keys.AGGREGATES]
+        attrs = dict(agg.attrs)
+        present = {name for name, _ in walk_arrays(agg)}
+    except Exception as exc:  # a node's metadata unreadable (truncated zarr.json, ...): not whole
+        why = f"a node's metadata cannot be read: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return OutputStatus("aggregates", where, "half-written", half.format(why=why[:200]))
     if not attrs.get("complete"):
         if "store_generation" not in attrs and "units_aggregated" in attrs:
             # an older version: it wrote these attributes last, so the group is whole
             return _judge("aggregates", where, None, now, "the aggregates")
         return OutputStatus("aggregates", where, "half-written", half.format(why="no completion marker"))
     listed = [str(a) for a in attrs.get("arrays") or []]
-    present = {name for name, _ in walk_arrays(agg)}
     missing = [a for a in listed if a not in present]
     if missing:
         return OutputStatus("aggregates", where, "half-written",

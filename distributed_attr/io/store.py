@@ -658,6 +658,11 @@ def check_nodes(path: str, group: zarr.Group) -> None:
     attrs = dict(group.attrs)
     required = [Keys.UNITS_DONE, Keys.UNITS_SECONDS, Keys.IMAGE, Keys.OK, Keys.LABEL, Keys.TARGET,
                 Keys.PREDICTION, Keys.PROBABILITY, *(Keys.maps(m) for m in attrs.get("methods") or [])]
+    major, _, minor = str(attrs.get("schema_version", "1.0")).partition(".")
+    if (int(major), int(minor or 0)) >= (1, 3):
+        # without them a 1.3 store would read as an older one: swapped shards unchecked, degenerate
+        # maps "not recorded"
+        required += [Keys.UNITS_CHECKSUM, *(Keys.degenerate(m) for m in attrs.get("methods") or [])]
     missing = [k for k in required if k not in names]
     if missing:
         raise StoreError(f"{path!r} is damaged: {', '.join(repr(k) for k in missing[:5])}"
@@ -909,15 +914,24 @@ def _clear_remote(url: str, entries: list[str], storage_options: dict[str, Any] 
     return kept
 
 
-def walk_arrays(group: zarr.Group, prefix: str = "") -> Iterable[tuple[str, Any]]:
-    for name, member in group.members():
+def walk_arrays(group: zarr.Group, prefix: str = "", skip_unreadable: bool = False) -> Iterable[tuple[str, Any]]:
+    """(path, array) of every array below ``group`` (the lease left out). ``skip_unreadable``: a
+    group with a member whose metadata cannot be read is left out instead of raising (``inspect``
+    lists what it can; ``check_nodes`` and ``aggregates_status`` say what is damaged)."""
+    try:
+        members = list(group.members())
+    except Exception:
+        if skip_unreadable:
+            return
+        raise
+    for name, member in members:
         if not prefix and name == LEASE_NAME:
             continue
         path = f"{prefix}{name}"
         if isinstance(member, zarr.Array):
             yield path, member
         else:
-            yield from walk_arrays(member, path + "/")
+            yield from walk_arrays(member, path + "/", skip_unreadable)
 
 
 def _stored_chunk_keys(arr: Any) -> set[str]:
