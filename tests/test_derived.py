@@ -288,3 +288,34 @@ def test_a_unit_committed_while_a_partial_aggregate_reads_counts_neither_way(tmp
     assert result["images"] == 16 and result["units_done"] == 2 and result["partial"] is True
     assert main(["inspect", store]) == 0
     assert "out of date" in _first_line(capsys)
+
+
+def test_a_second_writer_never_deletes_a_running_writers_aside(tmp_path):
+    """Before, every new write deleted every ``aggregates.tmp-*`` as a leftover, also that of a
+    write still running, which then switched in a group missing what it had written before."""
+    import subprocess
+    import sys
+
+    from distributed_attr.io.derived import FilesAside, GroupAside
+
+    store = _store(tmp_path)
+    first = GroupAside(store, "aggregates")
+    first.group.create_array("x", data=np.arange(3))
+    files = FilesAside(tmp_path / "out", "aggregate")
+    files.path("spectra.parquet").write_text("x")
+    # a writer killed mid-write on this host: its pid no longer runs
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    host = first.aside.split(".tmp-")[1].split(".")[0]
+    killed = Path(store) / f"aggregates.tmp-{host}.{pid}.0123456789ab"
+    killed.mkdir()
+    killed_files = tmp_path / "out" / f".aggregate.tmp-{host}.{pid}.0123456789ab"
+    killed_files.mkdir()
+
+    GroupAside(store, "aggregates").abort()
+    FilesAside(tmp_path / "out", "aggregate").abort()
+    assert not killed.exists() and not killed_files.exists()
+    first.commit({"what": "first"})
+    assert sorted(name for name, _ in zarr.open_group(store, mode="r")["aggregates"].arrays()) == ["x"]
+    files.commit({"what": "first"})
+    assert (tmp_path / "out" / "spectra.parquet").read_text() == "x"

@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +267,37 @@ def require_whole(statuses: list[OutputStatus]) -> None:
 
 # -- writing aside ---------------------------------------------------------------------------------
 
+#: an aside written on another host is taken for abandoned after this long without a change
+ABANDONED_SECONDS = 24 * 3600
+
+
+def _aside_tag() -> str:
+    """The writer's host and pid, and a random part: ``<host>.<pid>.<hex>``."""
+    return f"{socket.gethostname().replace('.', '_')}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+
+
+def _abandoned(aside: Path) -> bool:
+    """Whether an aside folder was left by a writer that is gone: on this host, its pid no longer
+    runs; written elsewhere (or unnamed, by an older version), nothing in it changed for
+    ``ABANDONED_SECONDS``. Deleting a live writer's aside would let it switch in a group or a set of
+    files missing what it wrote before."""
+    host, _, rest = aside.name.partition(".tmp-")[2].partition(".")
+    pid = rest.partition(".")[0]
+    if host == socket.gethostname().replace(".", "_") and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False  # its writer still runs
+    try:
+        newest = max((p.stat().st_mtime for p in aside.rglob("*")), default=aside.stat().st_mtime)
+    except OSError:
+        return False
+    return time.time() - newest > ABANDONED_SECONDS
+
+
 class GroupAside:
     """Write a group of the store (``name``, e.g. ``aggregates``) so that no reader sees half of
     it: ``group`` is where to write; ``commit(attrs)`` writes the attributes (``attrs``, or
@@ -278,9 +311,10 @@ class GroupAside:
         self.local = not is_remote(self.store)
         if self.local:
             base = Path(local_path(self.store))
-            for leftover in base.glob(f"{name}.tmp-*"):  # from a write that was killed
-                shutil.rmtree(leftover, ignore_errors=True)
-            self.aside = f"{name}.tmp-{uuid.uuid4().hex[:12]}"
+            for leftover in base.glob(f"{name}.tmp-*"):
+                if _abandoned(leftover):  # from a write that was killed, never another's live one
+                    shutil.rmtree(leftover, ignore_errors=True)
+            self.aside = f"{name}.tmp-{_aside_tag()}"
             self.group = self.root.create_group(self.aside)
         else:
             self.aside = name
@@ -317,9 +351,10 @@ class FilesAside:
         self.out, self.kind = Path(out), kind
         self.manifest = self.out / OUTPUT_SETS[kind][0]
         self.out.mkdir(parents=True, exist_ok=True)
-        for leftover in self.out.glob(f".{kind}.tmp-*"):  # from a write that was killed
-            shutil.rmtree(leftover, ignore_errors=True)
-        self.aside = self.out / f".{kind}.tmp-{uuid.uuid4().hex[:12]}"
+        for leftover in self.out.glob(f".{kind}.tmp-*"):
+            if _abandoned(leftover):  # from a write that was killed, never another's live one
+                shutil.rmtree(leftover, ignore_errors=True)
+        self.aside = self.out / f".{kind}.tmp-{_aside_tag()}"
         self.aside.mkdir()
 
     def path(self, name: str) -> Path:
