@@ -481,3 +481,36 @@ def test_raw_arrays_are_scaled_by_their_dtype_composited_and_range_checked(tmp_p
     np.save(tmp_path / "x.npy", np.zeros((2, 8, 8), np.int64))
     with pytest.raises(SourceError, match=r"uint8 \(0\.\.255\), uint16 \(0\.\.65535\) or float \(0\.\.1\), got dtype int64"):
         open_source(_cfg(1, size=8, format="numpy", path=str(tmp_path / "x.npy")))
+
+
+def test_raw_grey_alpha_arrays_decode_as_la_files_and_odd_channel_counts_are_refused():
+    rng = np.random.default_rng(1)
+    la = rng.integers(0, 256, (8, 8, 2), dtype=np.uint8)
+    png = _encode(Image.fromarray(la, "LA"), "PNG")
+    for channels, bg in ((1, [1.0]), (3, [1.0]), (3, [1.0, 0.0, 0.0]), (1, [1.0, 0.0, 0.0])):
+        # before: (H, W, 2) was never taken for channels-last (a garbage image, marked ok), and grey
+        # on a coloured background was composited on the background's mean
+        cfg = _cfg(channels, size=8, format="numpy", alpha_background=bg)
+        torch.testing.assert_close(decode_image(la, cfg), decode_image(png, cfg), atol=1 / 255, rtol=0)
+    with pytest.raises(ValueError, match=r"raw image of shape \(8, 8, 5\)"):
+        decode_image(np.zeros((8, 8, 5), np.uint8), _cfg(3, size=8, format="numpy"))
+
+
+def test_parquet_labels_that_are_nan_or_not_integral_are_failures(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"image": [{"bytes": _png(v), "path": f"{v}.png"} for v in (10, 20, 30, 40)],
+                      "label": pa.array([3.0, float("nan"), 2.5, -1.0], pa.float64())})  # pandas' missing ints
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    cfg = _cfg(size=8, format="parquet", path=str(tmp_path))
+    src = open_source(cfg)
+    recs = list(src.read(0, 4))
+    assert [r.label for r in recs] == [3, -1, -1, -1]  # before: int(nan) failed the whole unit; 2.5 read as 2
+    decode_image(recs[0].payload, cfg)
+    decode_image(recs[3].payload, cfg)  # -1: Hugging Face's unlabelled row, kept
+    with pytest.raises(SourceError, match=r"row 1 of part-0\.parquet: the label column 'label' holds nan"):
+        decode_image(recs[1].payload, cfg)
+    with pytest.raises(SourceError, match=r"holds 2\.5, not an integer"):
+        decode_image(recs[2].payload, cfg)
+    assert src.labels_all().tolist() == [3, -1, -1, -1]  # before: NaN became -9223372036854775808

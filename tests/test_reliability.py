@@ -143,6 +143,26 @@ def test_the_lease_of_a_killed_driver_is_taken_over_at_once_and_an_expired_one_a
     again.release()
 
 
+def test_work_between_taking_the_lease_and_the_heartbeat_is_not_taken_for_failed_refreshes(tmp_path):
+    """Before, the first refresh came ttl/4 after the heartbeat started: a driver that spent 80% of
+    the ttl between taking the lease and starting it (clearing or checking a large store) stopped at
+    its first commit although its lease was alive and no refresh had failed."""
+    import time
+
+    lease = StoreLease.acquire(tmp_path / "s", ttl=2.0)
+    try:
+        time.sleep(1.7)  # > 0.8 x ttl: "at risk" by the stamp of the first heartbeat
+        lease.start_heartbeat()
+        lease.check()  # a commit right away: no refresh has failed, the lease is ours
+        deadline = time.monotonic() + 10
+        while lease.info.age() > 1.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        lease.check()  # refreshed at once, not ttl/4 later
+        assert lease.info.age() < 1.0 and lease_info(str(tmp_path / "s")).alive()
+    finally:
+        lease.release()
+
+
 def test_the_lease_is_a_zarr_group_that_xarray_and_zarr_ignore_quietly(tmp_path, parquet_dir, make_config):
     import warnings
 

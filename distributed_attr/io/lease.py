@@ -239,6 +239,8 @@ class StoreLease:
         #: the last refresh's error while refreshes fail (the lease is kept until it is at risk)
         self.failing: str | None = None
         self._stop = threading.Event()
+        #: set once the heartbeat thread has tried its first refresh (``check`` judges the risk after it)
+        self._beaten = threading.Event()
         self._thread: threading.Thread | None = None
 
     # -- taking the lease ------------------------------------------------------------------------
@@ -292,11 +294,14 @@ class StoreLease:
         interval = max(0.05, self.info.ttl / 4)
 
         def beat() -> None:
-            wait = interval
+            # the first refresh at once: the work between taking the lease and starting the
+            # heartbeat (clearing or checking a large store) must not count as failed refreshes
+            wait = 0.0
             while not self._stop.wait(wait):
                 try:
                     self.heartbeat()
-                    self.failing, wait = None, interval
+                    # the next one an interval after this one's stamp, also when it took long to land
+                    self.failing, wait = None, max(0.0, interval - self.info.age())
                 except Exception as exc:  # a slow or unreachable server, a full disk: try again soon
                     if self.failing is None:
                         print(f"warning: the lease of the store {self.store!r} could not be refreshed "
@@ -306,6 +311,7 @@ class StoreLease:
                     wait = min(interval, RETRY_EVERY)
                     if self.at_risk():
                         self.lost = self._at_risk_message()
+                self._beaten.set()
                 if self.lost:
                     return
 
@@ -321,7 +327,7 @@ class StoreLease:
     def check(self) -> None:
         """Raise ``LeaseError`` if this driver no longer holds the store, or may lose it any moment
         (refreshes have failed for ``RISK_FRACTION`` of the ttl)."""
-        if self.lost is None and self._thread is not None and self.at_risk():
+        if self.lost is None and self._thread is not None and self._beaten.is_set() and self.at_risk():
             self.lost = self._at_risk_message()
         if self.lost:
             raise LeaseError(f"lost the lease of the store {self.store!r}: {self.lost}; "

@@ -14,6 +14,7 @@ import bisect
 import functools
 import glob
 import io
+import math
 import os
 import posixpath
 import tarfile
@@ -390,11 +391,13 @@ class ParquetSource(OffsetSource):
                     img = img.get("bytes")
                 if isinstance(mask, dict):
                     mask = mask.get("bytes")
-                if self.has_label and label is None:
-                    # a row without a label is a recorded failure, never a silent -1 (an unlabelled
-                    # dataset has no label column at all)
-                    img, label = SourceError(f"row {lo + i} of {rel}: the label column "
-                                             f"{self.cfg.label_column!r} is null"), -1
+                if self.has_label:
+                    # a row without a valid label is a recorded failure, never a silent -1 or a
+                    # truncated float (an unlabelled dataset has no label column at all; -1 is
+                    # kept: Hugging Face's mark of an unlabelled row)
+                    label, why = _parquet_label(label)
+                    if why:
+                        img = SourceError(f"row {lo + i} of {rel}: the label column {self.cfg.label_column!r} {why}")
                 yield Record(base + i, img, int(label), name, f"{rel}:{lo + i}", mask)
 
     def labels_all(self) -> np.ndarray | None:
@@ -403,7 +406,22 @@ class ParquetSource(OffsetSource):
             return None
         cols = [self._open(f).read(columns=[self.cfg.label_column]).column(0).to_numpy(zero_copy_only=False)
                 for f in self.files]
-        return np.concatenate([np.where(np.equal(c, None), -1, c).astype(np.int64) for c in cols])
+        return np.asarray([_parquet_label(v)[0] for c in cols for v in c.tolist()], dtype=np.int64)
+
+
+def _parquet_label(value: Any) -> tuple[int, str]:
+    """(label, "") or (-1, why the value is no label): null, NaN (what pandas writes for a missing
+    integer), a non-integral number, or not a number."""
+    if value is None:
+        return -1, "is null"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return -1, f"holds {value!r}, not an integer"
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            return -1, f"holds {value}, not an integer"
+        if value != int(value):
+            return -1, f"holds {value}, not an integer"
+    return int(value), ""
 
 
 @register_source
@@ -897,7 +915,7 @@ def _to_float_chw(payload: Any, channels: int, max_pixels: int | None = None, *,
     if arr.ndim == 2:
         _check_pixels(arr.shape[1], arr.shape[0], max_pixels)
     elif arr.ndim == 3:
-        channels_last = arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3)
+        channels_last = arr.shape[-1] in RAW_CHANNELS and arr.shape[0] not in RAW_CHANNELS
         h, w = arr.shape[:2] if channels_last else arr.shape[1:]
         _check_pixels(w, h, max_pixels)
     if arr.dtype in RAW_IMAGE_DTYPES:
@@ -915,17 +933,20 @@ def _to_float_chw(payload: Any, channels: int, max_pixels: int | None = None, *,
                          "or float (0..1)")
     if t.ndim == 2:
         t = t.unsqueeze(0)
-    elif t.ndim == 3 and t.shape[-1] in (1, 3, 4) and t.shape[0] not in (1, 3):
+    elif t.ndim == 3 and t.shape[-1] in RAW_CHANNELS and t.shape[0] not in RAW_CHANNELS:
         t = t.permute(2, 0, 1)
+    if t.ndim != 3 or t.shape[0] not in RAW_CHANNELS:
+        raise ValueError(f"raw image of shape {tuple(arr.shape)}: expected (H, W), (H, W, C) or (C, H, W) "
+                         "with C = 1 (grey), 2 (grey, alpha), 3 (RGB) or 4 (RGB, alpha)")
     if t.shape[0] in (2, 4):  # grey or colour with alpha: composited as image files are
         if background is None:  # a mask: values as stored, the alpha ignored
             t = t[:-1]
         else:
             alpha, t = t[-1:], t[:-1]
             bg = torch.tensor(background, dtype=t.dtype).reshape(-1, 1, 1)
-            if bg.shape[0] != t.shape[0]:
-                bg = bg.mean(0, keepdim=True).expand(t.shape[0], 1, 1)
-            t = t * alpha + bg * (1 - alpha)
+            if bg.shape[0] == 3 and t.shape[0] == 1:
+                t = t.expand(3, -1, -1)  # grey on a coloured background is colour (as PIL's LA -> RGBA)
+            t = t * alpha + bg.expand(t.shape[0], 1, 1) * (1 - alpha)
     if t.shape[0] != channels:
         if channels == 1:
             # ITU-R 601-2 luma, as PIL's convert("L") computes it for image files
@@ -937,6 +958,8 @@ def _to_float_chw(payload: Any, channels: int, max_pixels: int | None = None, *,
     return t.contiguous()
 
 
+#: the channel counts a raw image array may have: grey, grey + alpha, RGB, RGB + alpha
+RAW_CHANNELS = (1, 2, 3, 4)
 #: raw image arrays (NumPy sources) of these integer dtypes are divided by their range
 RAW_IMAGE_DTYPES = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 #: the weights of R, G, B in grey (ITU-R 601-2 luma, PIL's convert("L"))
