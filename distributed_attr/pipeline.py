@@ -240,6 +240,8 @@ class UnitProcessor:
         #: ``plan``: the driver's listing of the dataset (``Source.plan``), so a worker lists nothing
         self.source = open_source(cfg.data, cfg.storage_options, plan)
         self.cutoffs = cfg.cutoffs()
+        #: the dtype ``maps/<method>`` stores (``run.map_dtype``)
+        self.map_dtype = getattr(torch, cfg.run.map_dtype)
         # positions in ``self.cutoffs`` (entry 0 is the unfiltered map)
         self.stored_positions = [1 + cfg.filters.sweep.index(s) for s in cfg.filters.store_maps]
         #: the samples one pass may hold on this replica's device, for methods and metrics alike;
@@ -342,8 +344,9 @@ class UnitProcessor:
         mctx = metric_context(cfg, self.evaluators, indices, masks_dev, self.budget) if self.metrics else None
         for name, m in maps.items():
             out[Keys.maps(name)] = m.cpu().numpy()
-            # the raw map's flags (all zero, constant, non-finite), before any filtering
-            out[Keys.degenerate(name)] = degenerate_flags(m).cpu().numpy()
+            # the flags (all zero, constant, non-finite) of the raw map as it is stored: a map
+            # under float16's range is stored as zeros, one above it as inf
+            out[Keys.degenerate(name)] = degenerate_flags(m.to(self.map_dtype)).cpu().numpy()
             if cfg.spectra.enabled:
                 out[Keys.spectra(name)], out[Keys.hf_fraction(name)] = self.spectra(m)
             if not (self.metrics or self.stored_positions):

@@ -292,3 +292,41 @@ def test_a_store_without_the_flag_arrays_resumes_and_says_they_are_not_recorded(
     summary = run(cfg, progress=False, resume=True)
     assert summary.units_this_run == 1 and summary.degenerate == {} and summary.warnings == []
     assert "degenerate  not recorded (a store made before schema 1.3)" in format_description(describe_store(cfg["store"]))
+
+
+def test_the_flags_describe_the_map_as_stored(tmp_path, parquet_dir, zoo_cnn):
+    """Maps are stored as float16 by default: a map under its range is stored as zeros, one above
+    it as inf. Before, the flags were computed on the float32 map (0: "ordinary") while the store
+    held all-zero or non-finite maps."""
+    import torch
+    from conftest import saliency_only
+
+    from distributed_attr.config import Config
+    from distributed_attr.pipeline import UnitProcessor
+    from distributed_attr.runner import prepare_store
+
+    model, _ = zoo_cnn
+    scaled = {}
+    for name, scale in (("tiny", 1e-12), ("huge", 1e9)):
+        class Scaled(torch.nn.Module):
+            def __init__(self, inner, s):
+                super().__init__()
+                self.inner, self.s = inner, s
+
+            def forward(self, x):
+                return self.inner(x) * self.s
+
+        cfg = saliency_only(parquet_dir, tmp_path / f"{name}.zarr", decode_workers=0)
+        cfg["data"]["limit"] = 8
+        cfg["run"]["target"] = "label"
+        cfg = Config.from_dict(cfg)
+        _, _, lease = prepare_store(cfg, resume=False, overwrite=False)
+        lease.release()
+        proc = UnitProcessor(cfg, device="cpu", model=Scaled(model, scale).eval())
+        list(proc.process_units([0]))
+        g = zarr.open_group(str(tmp_path / f"{name}.zarr"), mode="r")
+        scaled[name] = (g["maps/saliency"][:], g["degenerate/saliency"][:])  # (saliency: the logit's gradient)
+    maps, flags = scaled["tiny"]
+    assert not maps.any() and flags.tolist() == [ALL_ZERO] * 8
+    maps, flags = scaled["huge"]
+    assert not np.isfinite(maps).all() and all(f & NON_FINITE for f in flags.tolist())

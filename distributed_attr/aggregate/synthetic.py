@@ -108,7 +108,7 @@ def write_synthetic_store(
             stored = maps.astype(map_dtype)
             block[Keys.maps(m)] = stored
             # the flags a worker computes on the ok images' raw maps (failed images keep 0)
-            flags = degenerate_flags(torch.from_numpy(stored.astype(np.float32))).numpy()
+            flags = degenerate_flags(torch.from_numpy(stored)).numpy()  # as stored, in its dtype
             block[Keys.degenerate(m)] = np.where(ok, flags, 0).astype(np.uint8)
             if with_spectra:
                 x = torch.from_numpy(stored.astype(np.float32))
