@@ -319,3 +319,30 @@ def test_a_second_writer_never_deletes_a_running_writers_aside(tmp_path):
     assert sorted(name for name, _ in zarr.open_group(store, mode="r")["aggregates"].arrays()) == ["x"]
     files.commit({"what": "first"})
     assert (tmp_path / "out" / "spectra.parquet").read_text() == "x"
+
+
+def test_evaluate_partial_reads_one_set_of_units_while_a_job_commits(tmp_path, monkeypatch):
+    """Before, every metric table re-read ``units/done``: a unit committed between two of them gave
+    tables of different images (rank_methods failed on their lengths, or the summary counted images
+    the record does not)."""
+    from distributed_attr.evaluation import run as evaluation_run
+    from distributed_attr.evaluation.run import run_evaluation
+
+    rng = np.random.default_rng(0)
+    n = 40
+    metrics = {m: {"auc": {"a": peaked(n, 1, 0.2, rng), "b": peaked(n, 0, 0.2, rng)}} for m in ("insertion", "deletion")}
+    store = write_store(tmp_path / "e.zarr", metrics, n=n, done=[1, 1, 0, 1])
+    real = evaluation_run.cutoff_statistics
+    calls = []
+
+    def committing(group, metric, *args, **kw):  # the job commits unit 2 after the first table
+        if calls:
+            zarr.open_group(str(store), mode="r+")["units/done"][2] = 1
+        calls.append(metric)
+        return real(group, metric, *args, **kw)
+
+    monkeypatch.setattr(evaluation_run, "cutoff_statistics", committing)
+    summary = run_evaluation(store, tmp_path / "eval", n_boot=20, plots=False, partial=True)
+    assert len(calls) == 2 and summary["units_done"] == 3 and summary["n_images"] == 30
+    ranks = pq.read_table(tmp_path / "eval" / "rankings.parquet").to_pandas()
+    assert len(ranks)  # ranked over the same 30 images for both metrics

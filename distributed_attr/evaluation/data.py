@@ -5,6 +5,7 @@ when the job stopped may hold a partial block, and failed images hold fill value
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +44,29 @@ def usable_positions(group: zarr.Group) -> np.ndarray:
     return np.flatnonzero(_handle(group).usable())
 
 
+#: the done units each group is read with while ``reading_units`` holds (by the group's id)
+_FROZEN_DONE: dict[int, np.ndarray] = {}
+
+
+@contextlib.contextmanager
+def reading_units(group: zarr.Group, done: np.ndarray):
+    """Every read of ``group`` inside (metric tables, usable images, intactness checks) sees the
+    units ``done`` (indices) as the done ones, whatever a running job commits meanwhile."""
+    handle = _handle(group)
+    mask = np.zeros(handle.n_units, dtype=bool)
+    mask[np.asarray(done, dtype=np.int64)] = True
+    _FROZEN_DONE[id(group)] = mask
+    try:
+        yield
+    finally:
+        _FROZEN_DONE.pop(id(group), None)
+
+
 def _handle(group: zarr.Group) -> AttributionStore:
     """The store handle of an open root group, checked as ``AttributionStore.open`` checks."""
-    return AttributionStore.from_group(group, str(store_path(group) or "<store>"))
+    handle = AttributionStore.from_group(group, str(store_path(group) or "<store>"))
+    handle.frozen_done = _FROZEN_DONE.get(id(group))
+    return handle
 
 
 def metric_names(group: zarr.Group) -> list[str]:

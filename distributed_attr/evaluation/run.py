@@ -29,7 +29,7 @@ from typing import Any
 
 from ..io.derived import FilesAside, store_state, title_note, write_parquet
 from ..io.store import AttributionStore, StoreError, outputs_dir
-from .data import _handle, metric_names, store_path, usable_positions
+from .data import _handle, metric_names, reading_units, store_path, usable_positions
 from .plots import plot_cross_architecture, plot_cutoff_curves, plot_rank_table
 from .rankings import NotScalarError, best_cutoffs, cross_architecture_matrix, cutoff_statistics, rank_methods
 
@@ -72,13 +72,16 @@ def run_evaluation(
     if not names:
         raise StoreError(f"the store {path!r} holds no metrics, so there is nothing to evaluate: add a "
                          "'metrics' section to the job config (e.g. metrics: {deletion: {}}) and run it into a new store")
-    state = store_state(handle, path)  # the generation first, then the done flags
+    done = handle.done_units()  # after the generation (read when the handle opened), once
+    state = store_state(handle, path, done=done)
     state.require_complete(partial, "evaluate")
     record = state.record()
     out = Path(out_dir) if out_dir is not None else default_out_dir(store)
     aside = FilesAside(out, "evaluation")
     try:
-        return _evaluate(group, out, aside, record, validation_fraction, seed, n_boot, select_on, plots)
+        # every metric read over the units recorded, also while a job commits more (--partial)
+        with reading_units(group, done):
+            return _evaluate(group, out, aside, record, validation_fraction, seed, n_boot, select_on, plots)
     except BaseException:
         aside.abort()
         raise

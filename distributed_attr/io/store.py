@@ -265,6 +265,10 @@ class AttributionStore:
         self._has_checksums: bool | None = None  # whether the store has ``units/checksum`` (1.3)
         self._pending_failures: dict[str, str] = {}
         self._pending_since = 0.0
+        #: a reader's snapshot of ``units/done`` (bool per unit): when set, ``done_units`` and
+        #: ``usable`` answer from it, so that a reader of a store a job is writing (``evaluate
+        #: --partial``) reads one set of units throughout, the one it records
+        self.frozen_done: np.ndarray | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     @classmethod
@@ -409,13 +413,16 @@ class AttributionStore:
         return int(self.group.attrs.get("generation", 0))
 
     def done_units(self) -> np.ndarray:
+        if self.frozen_done is not None:
+            return np.flatnonzero(self.frozen_done)
         self.flush()
         return np.flatnonzero(self.group[Keys.UNITS_DONE][:] == 1)
 
     def usable(self) -> np.ndarray:
         """Boolean mask over images: ok and in a unit marked done. A unit that was running when
         a job stopped may hold a partial block, and failed images hold fill values."""
-        done = np.asarray(self.group[Keys.UNITS_DONE][:]) == 1
+        done = (self.frozen_done if self.frozen_done is not None
+                else np.asarray(self.group[Keys.UNITS_DONE][:]) == 1)
         in_done = np.repeat(done, self.unit_size)[: self.n_images]
         return in_done & np.asarray(self.group[Keys.OK][:]).astype(bool)
 
