@@ -370,18 +370,16 @@ def check_model_parameters(cfg: Config, probe: UnitProcessor, x: torch.Tensor) -
     before the store exists, instead of failing the first unit. The error names the config key
     (``methods.gradcam.layer``) and says what the model offers."""
     from .commons import ModelCheckError
-    from .methods import Context, resolve_layer
+    from .methods import Context
+    from .methods.choices import context_layer
     from .pipeline import AUTOCAST
 
-    layer = None
-    if any(m.needs_layer for m in probe.methods):
-        # the layer the job's context will carry (UnitProcessor._compute_batch): the first one a
-        # method names, else the automatic choice; a failure is each CAM method's own to report
-        name = next((m.params.layer for m in probe.methods if getattr(m.params, "layer", None)), None)
-        try:
-            layer = resolve_layer(probe.model, name, x[:1])
-        except ValueError:
-            layer = None
+    # the layer the job's context will carry (the workers' own function); a failure is each CAM
+    # method's own to report
+    try:
+        layer = context_layer(probe.model, probe.methods, x[:1])
+    except ValueError:
+        layer = None
     ctx = Context(seed=cfg.run.seed, budget=cfg.run.max_batch, autocast=AUTOCAST[cfg.run.autocast], layer=layer,
                   indices=torch.zeros(1, dtype=torch.int64))
     checks = [("methods", m, lambda m=m: m.check_model(probe.model, x[:1], ctx)) for m in probe.methods]
@@ -392,6 +390,9 @@ def check_model_parameters(cfg: Config, probe: UnitProcessor, x: torch.Tensor) -
         except ModelCheckError as exc:
             key = f"{section}.{item.name}" + (f".{exc.param}" if exc.param else "")
             raise JobError(f"{key}: {exc}"[:1200]) from None
+        except Exception as exc:  # a check that runs the method (LRP, DeepLIFT) failed otherwise
+            raise JobError(f"{section}.{item.name}: the method cannot run on this model: "
+                           f"{type(exc).__name__}: {exc}"[:1200]) from None
 
 
 def _software() -> dict[str, str]:
@@ -514,6 +515,10 @@ def _run_store(cfg: Config, store: AttributionStore, probe: UnitProcessor, lease
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - state["t_start"]
+    # the batched done flags first, as a commit writes them: only while the lease is ours (a driver
+    # that lost it, or may lose it any moment, writes nothing more), retried through an outage
+    lease.check()
+    call_with_retries(store.flush, before_retry=lease.check)
     summary = RunSummary(
         store=cfg.store,
         images=store.n_images,
