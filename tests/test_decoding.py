@@ -16,7 +16,7 @@ from PIL import Image
 
 from distributed_attr.config import Config, ConfigError, DataConfig, diff_configs
 from distributed_attr.io.sources import SourceError, decode_image, decode_mask, open_source
-from support.icc import cmyk_rotated, rgb_swapped_primaries
+from support.icc import cmyk_rotated, linear_named_srgb, rgb_swapped_primaries
 
 
 def _cfg(channels: int = 1, size: int = 16, **kw) -> DataConfig:
@@ -514,3 +514,19 @@ def test_parquet_labels_that_are_nan_or_not_integral_are_failures(tmp_path):
     with pytest.raises(SourceError, match=r"holds 2\.5, not an integer"):
         decode_image(recs[2].payload, cfg)
     assert src.labels_all().tolist() == [3, -1, -1, -1]  # before: NaN became -9223372036854775808
+
+
+def test_a_profile_is_applied_by_what_it_does_not_skipped_by_its_name():
+    """Before, any profile whose description starts with "sRGB" was skipped as sRGB itself: a linear
+    profile named so ("sRGB-elle-V2-g10.icc") left grey 64 at 0.251 instead of 0.537."""
+    from PIL import ImageCms
+
+    grey = np.full((8, 8, 3), 64, np.uint8)
+    cfg = _cfg(3, size=8)
+    linear = decode_image(_encode(Image.fromarray(grey), "PNG", icc_profile=linear_named_srgb()), cfg)
+    v = 64 / 255  # linear light, encoded as sRGB does
+    expected = 1.055 * v ** (1 / 2.4) - 0.055
+    assert abs(float(linear.mean()) - expected) < 2 / 255, float(linear.mean())
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    same = decode_image(_encode(Image.fromarray(grey), "PNG", icc_profile=srgb), cfg)
+    torch.testing.assert_close(same, torch.full_like(same, v))  # sRGB's own profile: nothing to do

@@ -722,15 +722,27 @@ def _orientation(im: Any) -> int:
 _PROFILE_CACHED_BYTES = 128 * 1024
 
 
+#: the colours ``_is_srgb_profile`` converts: 16 grey levels, the primaries and secondaries
+_PROFILE_PROBE = np.asarray([[(v, v, v) for v in range(0, 256, 17)]
+                             + [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
+                                (128, 32, 200)]], dtype=np.uint8)
+
+
 @functools.lru_cache(maxsize=32)
 def _is_srgb_profile(icc: bytes) -> bool:
-    """An embedded ICC profile that describes sRGB itself (its description starts with "sRGB"):
-    converting with it would change nothing, so it is skipped. Any other profile is applied."""
+    """An embedded RGB profile that converts to sRGB as the identity (every probe colour within
+    one level): converting with it would change nothing, so it is skipped. Decided by what the
+    profile does, never by its name ("sRGB-elle-V2-g10" is a linear profile). Any other profile
+    is applied."""
     try:
-        from PIL import ImageCms
+        from PIL import Image, ImageCms
 
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        return ImageCms.getProfileDescription(profile).strip().lower().startswith("srgb")
+        if profile.profile.xcolor_space.strip() != "RGB":
+            return False
+        out = ImageCms.profileToProfile(Image.fromarray(_PROFILE_PROBE, "RGB"), profile,
+                                        ImageCms.createProfile("sRGB"), outputMode="RGB")
+        return int(np.abs(np.asarray(out, dtype=np.int16) - _PROFILE_PROBE).max()) <= 1
     except Exception:  # cannot be read: not known to be sRGB (applying it then fails, naming it)
         return False
 

@@ -4,6 +4,7 @@ can only create sRGB, Lab and XYZ profiles itself).
 
 - ``rgb_swapped_primaries()``: an RGB display profile whose red and green colorants are sRGB's green
   and red: a pixel (255, 0, 0) in it is sRGB's pure green, (0, 255, 0) pure red.
+- ``linear_named_srgb()``: sRGB's colorants with a linear tone curve, named like an sRGB profile.
 - ``cmyk_rotated()``: a CMYK printer profile (Lab PCS, a 2-point CLUT) in which a corner of the
   CMYK cube has the colour that the naive formula (R = (1-C)(1-K), ...) gives, with the RGB
   channels rotated (R <- G, G <- B, B <- R): pure cyan ink (255, 0, 0, 0) is sRGB yellow where
@@ -64,6 +65,19 @@ def rgb_swapped_primaries() -> bytes:
         (b"wtpt", _xyz(*D50)),
         (b"rXYZ", _xyz(*g)), (b"gXYZ", _xyz(*r)), (b"bXYZ", _xyz(*b)),
         (b"rTRC", _curv_gamma(2.2)), (b"gTRC", _curv_gamma(2.2)), (b"bTRC", _curv_gamma(2.2)),
+    ])
+
+
+def linear_named_srgb() -> bytes:
+    """sRGB's colorants with a linear (gamma 1.0) tone curve, described as "sRGB-elle-V2-g10.icc"
+    (the name of a real linear profile): a stored value v is the linear light v, whose sRGB
+    encoding is brighter."""
+    r, g, b = SRGB_D50.T
+    return _profile(b"mntr", b"RGB ", b"XYZ ", [
+        (b"desc", _desc("sRGB-elle-V2-g10.icc")),
+        (b"wtpt", _xyz(*D50)),
+        (b"rXYZ", _xyz(*r)), (b"gXYZ", _xyz(*g)), (b"bXYZ", _xyz(*b)),
+        (b"rTRC", _curv_gamma(1.0)), (b"gTRC", _curv_gamma(1.0)), (b"bTRC", _curv_gamma(1.0)),
     ])
 
 
