@@ -16,7 +16,7 @@ from PIL import Image
 
 from distributed_attr.config import Config, ConfigError, DataConfig, diff_configs
 from distributed_attr.io.sources import SourceError, decode_image, decode_mask, open_source
-from support.icc import cmyk_rotated, linear_named_srgb, rgb_swapped_primaries
+from support.icc import cmyk_rotated, grey_linear, linear_named_srgb, rgb_swapped_primaries
 
 
 def _cfg(channels: int = 1, size: int = 16, **kw) -> DataConfig:
@@ -530,3 +530,38 @@ def test_a_profile_is_applied_by_what_it_does_not_skipped_by_its_name():
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     same = decode_image(_encode(Image.fromarray(grey), "PNG", icc_profile=srgb), cfg)
     torch.testing.assert_close(same, torch.full_like(same, v))  # sRGB's own profile: nothing to do
+
+
+def _png16_rgb_with_trns(arr: np.ndarray, trns: tuple[int, int, int]) -> bytes:
+    """A real 16-bit RGB PNG with a transparent colour (tRNS), written chunk by chunk (Pillow
+    writes no 16-bit RGB PNG)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w, _ = arr.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in arr)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">HHH", *trns)) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_transparency_is_kept_through_16_bits_and_grey_profiles_or_refused():
+    """Before: a 16-bit RGB PNG's transparent colour never matched (transparent parts kept their
+    colour, marked ok); a 16-bit grey PNG with a transparent level and a profile lost its
+    transparency in the conversion; an 8-bit grey PNG with one and a grey profile failed."""
+    white = _cfg(1, size=4)  # background white (the default)
+    rgb16 = np.full((4, 4, 3), 20000, np.uint16)
+    rgb16[0] = (1000, 2000, 3000)
+    with pytest.raises(ValueError, match="16-bit RGB image with a transparent colour"):
+        decode_image(_png16_rgb_with_trns(rgb16, (1000, 2000, 3000)), _cfg(3, size=4))
+    v = 0.25  # linear light, encoded as sRGB does
+    srgb = 1.055 * v ** (1 / 2.4) - 0.055
+    for bits, level, clear in ((16, round(v * 65535), 7), (8, round(v * 255), 3)):
+        grey = np.full((4, 4), level, np.uint16 if bits == 16 else np.uint8)
+        grey[0] = clear
+        png = _encode(Image.fromarray(grey), "PNG", transparency=clear, icc_profile=grey_linear())
+        t = decode_image(png, white)[0]
+        torch.testing.assert_close(t[0], torch.ones(4))  # transparent: the background
+        assert (t[1:] - srgb).abs().max() < 2 / 255, (bits, t[1:])  # opaque: the profile applied

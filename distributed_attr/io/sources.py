@@ -835,6 +835,13 @@ def _decode_pil(im: Any, channels: int, exif_orientation: bool, background: list
       CMYK without one by PIL's formula (R = (255 - C)(255 - K) / 255, ...).
     - ``background`` None (a mask: values, not colours): alpha dropped, profiles ignored.
     - Anything else: a ``ValueError`` naming the mode."""
+    transparent = im.info.get("transparency")
+    if (background is not None and im.mode == "RGB" and isinstance(transparent, tuple)
+            and (max(transparent) > 255 or _raw_16bit(im))):
+        # Pillow reads a 16-bit RGB PNG as 8 bits but keeps its transparent colour (tRNS) in 16
+        # bits: no pixel would match it, and the transparent parts would keep their stored colour
+        raise ValueError("a 16-bit RGB image with a transparent colour (PNG tRNS) cannot be read "
+                         "faithfully: Pillow reads its pixels as 8 bits; save it with an alpha channel")
     if exif_orientation and _orientation(im) != 1:
         from PIL import ImageOps
 
@@ -851,6 +858,10 @@ def _decode_pil(im: Any, channels: int, exif_orientation: bool, background: list
             if im.mode not in _MODES_16BIT:
                 raise ValueError(f"image mode {im.mode!r} carries an ICC colour profile, which cannot be "
                                  "applied to 32-bit pixels")
+            transparent = im.info.get("transparency")
+            if background is not None and isinstance(transparent, int):
+                # the transparent grey level, found before the conversion (which keeps no info)
+                alpha = ((np.asarray(im) != transparent) * 255).astype(np.uint8)
             im, icc = _to_srgb(im, icc), None  # 8-bit RGB: within the 8-bit copy's quantisation
         else:
             grey = _high_depth(im)
@@ -864,11 +875,13 @@ def _decode_pil(im: Any, channels: int, exif_orientation: bool, background: list
     if im.mode == "P":
         has_alpha = "transparency" in im.info or (im.palette is not None and im.palette.mode == "RGBA")
         im = im.convert("RGBA" if has_alpha else "RGB")
-    elif im.mode == "PA" or (im.mode in ("L", "RGB", "1") and "transparency" in im.info):
+    elif im.mode in ("L", "1") and "transparency" in im.info:
+        im = im.convert("LA")  # grey stays grey: a grey ICC profile still applies
+    elif im.mode == "PA" or (im.mode == "RGB" and "transparency" in im.info):
         im = im.convert("RGBA")
     if im.mode in _MODES_ALPHA:
-        if im.mode in ("La", "RGBa"):  # premultiplied
-            im = im.convert("RGBA")
+        if im.mode in ("La", "RGBa"):  # premultiplied (Pillow has no La -> RGBA)
+            im = im.convert("LA" if im.mode == "La" else "RGBA")
         if background is not None:
             alpha = np.array(im.getchannel("A"), dtype=np.uint8)
         im = im.convert("L" if im.mode == "LA" else "RGB")  # the colour values, alpha dropped
@@ -888,6 +901,11 @@ def _decode_pil(im: Any, channels: int, exif_orientation: bool, background: list
     a = _chw(alpha)
     bg = torch.tensor(background, dtype=torch.float32).view(-1, 1, 1)
     return _channels(rgb * a + bg * (1 - a), channels)
+
+
+def _raw_16bit(im: Any) -> bool:
+    """Whether a not yet loaded image stores 16 bits per sample (its decoder's raw mode)."""
+    return any("16" in str(tile[3]) for tile in (getattr(im, "tile", None) or []) if len(tile) > 3)
 
 
 def _channels(t: torch.Tensor, channels: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ can only create sRGB, Lab and XYZ profiles itself).
 - ``rgb_swapped_primaries()``: an RGB display profile whose red and green colorants are sRGB's green
   and red: a pixel (255, 0, 0) in it is sRGB's pure green, (0, 255, 0) pure red.
 - ``linear_named_srgb()``: sRGB's colorants with a linear tone curve, named like an sRGB profile.
+- ``grey_linear()``: a grey profile with a linear tone curve.
 - ``cmyk_rotated()``: a CMYK printer profile (Lab PCS, a 2-point CLUT) in which a corner of the
   CMYK cube has the colour that the naive formula (R = (1-C)(1-K), ...) gives, with the RGB
   channels rotated (R <- G, G <- B, B <- R): pure cyan ink (255, 0, 0, 0) is sRGB yellow where
@@ -78,6 +79,13 @@ def linear_named_srgb() -> bytes:
         (b"wtpt", _xyz(*D50)),
         (b"rXYZ", _xyz(*r)), (b"gXYZ", _xyz(*g)), (b"bXYZ", _xyz(*b)),
         (b"rTRC", _curv_gamma(1.0)), (b"gTRC", _curv_gamma(1.0)), (b"bTRC", _curv_gamma(1.0)),
+    ])
+
+
+def grey_linear() -> bytes:
+    """A grey display profile with a linear tone curve: a stored grey v is the linear light v."""
+    return _profile(b"mntr", b"GRAY", b"XYZ ", [
+        (b"desc", _desc("test: linear grey")), (b"wtpt", _xyz(*D50)), (b"kTRC", _curv_gamma(1.0)),
     ])
 
 
