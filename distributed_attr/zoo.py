@@ -189,11 +189,19 @@ def _train_in_child(path: Path, **settings) -> None:
     child_env = {**os.environ, **env,
                  "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     code = "import sys, json; from distributed_attr.zoo import _train_to_file; _train_to_file(**json.loads(sys.argv[1]))"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps({"path": str(path), **settings})],
-                          env=child_env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, json.dumps({"path": str(path), **settings})],
+                              env=child_env, capture_output=True, text=True, timeout=TRAINING_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"training zoo model {settings['name']!r} did not finish in {TRAINING_TIMEOUT} s "
+                           "(the transformer takes about 2 minutes on a 2-core CPU)") from None
     if proc.returncode != 0 or not path.exists():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise RuntimeError(f"training zoo model {settings['name']!r} failed (exit {proc.returncode}): {tail}")
+
+
+#: seconds a zoo model's training (in a child process) may take before it is given up
+TRAINING_TIMEOUT = 3600
 
 
 def _train_to_file(path: str, name: str, size: int, epochs: int, seed: int, lr: float) -> None:
@@ -206,5 +214,8 @@ def _train_to_file(path: str, name: str, size: int, epochs: int, seed: int, lr: 
     train(model, x[train_idx], y[train_idx], epochs=epochs, seed=seed, lr=lr)
     dest = Path(path)
     tmp = dest.with_suffix(f".tmp{os.getpid()}")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, dest)  # atomic: concurrent trainers never see a half-written file
+    try:
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, dest)  # atomic: concurrent trainers never see a half-written file
+    finally:
+        tmp.unlink(missing_ok=True)  # a write that failed leaves nothing in the cache
