@@ -426,8 +426,10 @@ def run(
     inputs = [str(config)] if isinstance(config, (str, Path)) else []
     # every object store this job opens (store, lease, sources, weights) retries over the window
     window = set_retry_window(cfg.run.storage_retry_seconds)
+    prepared = False
     try:
         store, probe, lease = prepare_store(cfg, resume=resume, overwrite=overwrite, inputs=inputs)
+        prepared = True
         lease.start_heartbeat()
         failed = True
         try:
@@ -449,9 +451,11 @@ def run(
         if not is_transient(exc) or _is_user_error(exc):
             raise  # user errors (a missing bucket, a refused store) keep their own message
         # the driver's own reads and writes (commits, bookkeeping) outlasted the retry window
+        after = ("The units committed so far are kept: `run --resume` finishes the job once the store answers again."
+                 if prepared else "No unit was committed: rerun the job once the store answers again "
+                 "(a store it left half-created is replaced).")
         raise JobError(f"object storage still failing after retrying for run.storage_retry_seconds="
-                       f"{cfg.run.storage_retry_seconds:g} s: {describe_error(exc, cfg.store)}. The units committed so "
-                       "far are kept: `run --resume` finishes the job once the store answers again.") from exc
+                       f"{cfg.run.storage_retry_seconds:g} s: {describe_error(exc, cfg.store)}. {after}") from exc
     finally:
         set_retry_window(window)
 
