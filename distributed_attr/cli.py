@@ -71,10 +71,12 @@ def _print_partial(result: dict, verb: str) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import report_warnings, write_report
+    from .report import output_states, report_warnings, write_report
 
-    path = write_report(args.store, out_dir=args.out, companions=args.companions)
-    warning = report_warnings(args.store, out_dir=args.out, companions=args.companions)
+    # found once: the first line printed and the page's banner say the same
+    statuses = output_states(args.store, out_dir=args.out, companions=args.companions)
+    path = write_report(args.store, out_dir=args.out, companions=args.companions, statuses=statuses)
+    warning = report_warnings(args.store, statuses=statuses)
     if warning:
         print(warning)
     print(f"report: {path}")

@@ -240,10 +240,16 @@ def _all_statuses(store: str, out_dir: str | Path | None, companions: Sequence[s
     return found
 
 
-def report_warnings(store: str, out_dir: str | None = None, companions: Sequence[str] = ()) -> str | None:
+def output_states(store: str, out_dir: str | None = None, companions: Sequence[str] = ()) -> list[OutputStatus]:
+    """The state of every output a report of ``store`` (and ``companions``) shows."""
+    return _all_statuses(store, out_dir, companions)
+
+
+def report_warnings(store: str, out_dir: str | None = None, companions: Sequence[str] = (),
+                    statuses: list[OutputStatus] | None = None) -> str | None:
     """The line ``report`` prints first when an output it shows is out of date, partial or of
     unknown state (None when every one is current)."""
-    return warning_line(_all_statuses(store, out_dir, companions))
+    return warning_line(statuses if statuses is not None else _all_statuses(store, out_dir, companions))
 
 
 def _banner(statuses: list[OutputStatus]) -> tuple[str, list[str]]:
@@ -257,17 +263,21 @@ def _banner(statuses: list[OutputStatus]) -> tuple[str, list[str]]:
 
 
 def write_report(store: str, out_dir: str | None = None, max_rows: int = 60,
-                 companions: Sequence[str] = (), preface: str = "") -> Path:
+                 companions: Sequence[str] = (), preface: str = "",
+                 statuses: list[OutputStatus] | None = None) -> Path:
     """Write ``report.html`` and ``report.md`` into the outputs folder and return the HTML path.
 
     ``companions``: further stores of the same data (another model, say a transformer beside a
     CNN), each shown as its own section after the main store, with the figures and tables of its
     own outputs folder (run ``aggregate``/``evaluate`` on it first to have them).
     ``preface``: Markdown shown first (a study's conclusions, e.g. ``benchmark run``'s answer).
+    ``statuses``: the outputs' states as the caller found them (``output_states``), so that what
+    it prints and the page's banner say the same; found here when None.
     """
     main = _Section.of(store, out_dir)
     others = [_Section.of(c) for c in companions]
-    statuses = _all_statuses(store, out_dir, companions)
+    if statuses is None:
+        statuses = _all_statuses(store, out_dir, companions)
     require_whole(statuses)  # a half-written output is refused, never shown
     banner, banner_md = _banner(statuses)
     out = main.outputs
