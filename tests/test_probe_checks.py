@@ -110,3 +110,14 @@ def test_a_leading_token_count_that_leaves_no_patch_grid_is_refused():
     with pytest.raises(ModelCheckError, match="Set 'prefix_tokens'") as info:
         build_method("attention_rollout", {"prefix_tokens": 5}).check_model(model, x, ctx)
     assert info.value.param == "prefix_tokens"
+
+
+def test_a_check_that_fails_otherwise_is_one_error_line_naming_the_method(tmp_path, parquet_dir, capsys, monkeypatch):
+    """A check that runs the method (LRP, DeepLIFT) may fail with the method's own error rather than
+    a ``ModelCheckError``: before, that was a traceback from the driver."""
+    def failing(self, model, example, ctx):
+        raise RuntimeError("the method's own error")
+
+    monkeypatch.setattr(METHODS.get("lrp"), "check_model", failing)
+    job, store = _job(tmp_path, parquet_dir, methods={"saliency": {}, "lrp": {}})
+    _refused(capsys, job, store, "methods.lrp: the method cannot run on this model", "RuntimeError: the method's own error")
