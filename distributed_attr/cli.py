@@ -71,12 +71,13 @@ def _print_partial(result: dict, verb: str) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import output_states, report_warnings, write_report
+    from .io.derived import warning_line
+    from .report import output_states, write_report
 
     # found once: the first line printed and the page's banner say the same
     statuses = output_states(args.store, out_dir=args.out, companions=args.companions)
     path = write_report(args.store, out_dir=args.out, companions=args.companions, statuses=statuses)
-    warning = report_warnings(args.store, statuses=statuses)
+    warning = warning_line(statuses)
     if warning:
         print(warning)
     print(f"report: {path}")

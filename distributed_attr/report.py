@@ -245,11 +245,10 @@ def output_states(store: str, out_dir: str | None = None, companions: Sequence[s
     return _all_statuses(store, out_dir, companions)
 
 
-def report_warnings(store: str, out_dir: str | None = None, companions: Sequence[str] = (),
-                    statuses: list[OutputStatus] | None = None) -> str | None:
+def report_warnings(store: str, out_dir: str | None = None, companions: Sequence[str] = ()) -> str | None:
     """The line ``report`` prints first when an output it shows is out of date, partial or of
     unknown state (None when every one is current)."""
-    return warning_line(statuses if statuses is not None else _all_statuses(store, out_dir, companions))
+    return warning_line(_all_statuses(store, out_dir, companions))
 
 
 def _banner(statuses: list[OutputStatus]) -> tuple[str, list[str]]:

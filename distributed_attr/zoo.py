@@ -126,6 +126,10 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
+#: seconds a zoo model's training (in a child process) may take before it is given up
+TRAINING_TIMEOUT = 3600
+
+
 def cache_dir() -> Path:
     root = os.environ.get("DISTRIBUTED_ATTR_CACHE") or Path.home() / ".cache" / "distributed_attr"
     path = Path(root)
@@ -198,10 +202,6 @@ def _train_in_child(path: Path, **settings) -> None:
     if proc.returncode != 0 or not path.exists():
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
         raise RuntimeError(f"training zoo model {settings['name']!r} failed (exit {proc.returncode}): {tail}")
-
-
-#: seconds a zoo model's training (in a child process) may take before it is given up
-TRAINING_TIMEOUT = 3600
 
 
 def _train_to_file(path: str, name: str, size: int, epochs: int, seed: int, lr: float) -> None:

@@ -46,6 +46,18 @@ def _first_line(capsys) -> str:
     return capsys.readouterr().out.splitlines()[0]
 
 
+def _aggregated_then_one_more_unit(tmp_path) -> tuple[str, Path]:
+    """A store of 3 units aggregated (``--partial``) over 2, then the job goes on: one more unit
+    committed through the store API, as the driver does. (store, outputs folder)."""
+    store = _store(tmp_path, done_units=[0, 1])
+    out = tmp_path / "out"
+    run_aggregation(store, num_workers=0, out_dir=str(out), plots=False, partial=True)
+    h = AttributionStore.open(store, "r+")
+    h.commit_unit(2, 1.0, {})
+    h.flush()
+    return store, out
+
+
 def _banner(html: str) -> str:
     """The first element of the report's body, when it is the warning banner ("" otherwise)."""
     body = html.split("<body>", 1)[1].lstrip()
@@ -130,13 +142,7 @@ def test_evaluate_refuses_an_incomplete_store_and_records_partial(tmp_path, caps
 
 
 def test_outputs_made_before_more_units_were_committed_are_out_of_date(tmp_path, capsys):
-    store = _store(tmp_path, done_units=[0, 1])
-    out = tmp_path / "out"
-    run_aggregation(store, num_workers=0, out_dir=str(out), plots=False, partial=True)
-    # the job goes on: one more unit committed (the store API, as the driver does)
-    h = AttributionStore.open(store, "r+")
-    h.commit_unit(2, 1.0, {})
-    h.flush()
+    store, out = _aggregated_then_one_more_unit(tmp_path)
 
     assert main(["inspect", store]) == 0
     first = _first_line(capsys)
@@ -220,12 +226,7 @@ def test_a_write_that_fails_leaves_the_previous_outputs_whole(tmp_path, capsys, 
     stay as they were (out of date, not half-written), and nothing of the failed write is left."""
     from distributed_attr.aggregate import job
 
-    store = _store(tmp_path, done_units=[0, 1])
-    out = tmp_path / "out"
-    run_aggregation(store, num_workers=0, out_dir=str(out), plots=False, partial=True)
-    h = AttributionStore.open(store, "r+")
-    h.commit_unit(2, 1.0, {})
-    h.flush()
+    store, out = _aggregated_then_one_more_unit(tmp_path)
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")

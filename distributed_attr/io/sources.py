@@ -416,11 +416,8 @@ def _parquet_label(value: Any) -> tuple[int, str]:
         return -1, "is null"
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         return -1, f"holds {value!r}, not an integer"
-    if isinstance(value, (float, np.floating)):
-        if not math.isfinite(value):
-            return -1, f"holds {value}, not an integer"
-        if value != int(value):
-            return -1, f"holds {value}, not an integer"
+    if isinstance(value, (float, np.floating)) and not (math.isfinite(value) and value == int(value)):
+        return -1, f"holds {value}, not an integer"
     return int(value), ""
 
 

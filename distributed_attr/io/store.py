@@ -402,8 +402,7 @@ class AttributionStore:
 
     @property
     def schema_version(self) -> tuple[int, int]:
-        major, _, minor = str(self.group.attrs.get("schema_version", "1.0")).partition(".")
-        return int(major), int(minor or 0)
+        return schema_of(self.group.attrs)
 
     @property
     def generation(self) -> int:
@@ -630,6 +629,12 @@ _DAMAGED_HINT = ("the store cannot be read as it is: rerun its job with `--overw
                  "recompute it")
 
 
+def schema_of(attrs: Any) -> tuple[int, int]:
+    """(major, minor) of a store's ``schema_version`` attribute (1.0 when absent)."""
+    major, _, minor = str(attrs.get("schema_version", "1.0")).partition(".")
+    return int(major), int(minor or 0)
+
+
 def check_nodes(path: str, group: zarr.Group) -> None:
     """Raise ``StoreError`` (one line, naming the node) when a node of the store cannot be read
     (its ``zarr.json`` truncated or not Zarr metadata), or a node every store has is missing (the
@@ -665,8 +670,7 @@ def check_nodes(path: str, group: zarr.Group) -> None:
     attrs = dict(group.attrs)
     required = [Keys.UNITS_DONE, Keys.UNITS_SECONDS, Keys.IMAGE, Keys.OK, Keys.LABEL, Keys.TARGET,
                 Keys.PREDICTION, Keys.PROBABILITY, *(Keys.maps(m) for m in attrs.get("methods") or [])]
-    major, _, minor = str(attrs.get("schema_version", "1.0")).partition(".")
-    if (int(major), int(minor or 0)) >= (1, 3):
+    if schema_of(attrs) >= (1, 3):
         # without them a 1.3 store would read as an older one: swapped shards unchecked, degenerate
         # maps "not recorded"
         required += [Keys.UNITS_CHECKSUM, *(Keys.degenerate(m) for m in attrs.get("methods") or [])]

@@ -59,27 +59,27 @@ def _profile(cls: bytes, space: bytes, pcs: bytes, tags: list[tuple[bytes, bytes
     return header + struct.pack(">I", len(tags)) + b"".join(table) + data
 
 
+def _rgb_display(description: str, colorants: tuple, gamma: float) -> bytes:
+    """An RGB display profile: ``colorants`` the XYZ (D50) of red, green and blue, one gamma curve."""
+    red, green, blue = colorants
+    return _profile(b"mntr", b"RGB ", b"XYZ ", [
+        (b"desc", _desc(description)),
+        (b"wtpt", _xyz(*D50)),
+        (b"rXYZ", _xyz(*red)), (b"gXYZ", _xyz(*green)), (b"bXYZ", _xyz(*blue)),
+        (b"rTRC", _curv_gamma(gamma)), (b"gTRC", _curv_gamma(gamma)), (b"bTRC", _curv_gamma(gamma)),
+    ])
+
+
 def rgb_swapped_primaries() -> bytes:
     r, g, b = SRGB_D50.T  # columns: the XYZ of each colorant
-    return _profile(b"mntr", b"RGB ", b"XYZ ", [
-        (b"desc", _desc("test: sRGB with red and green swapped")),
-        (b"wtpt", _xyz(*D50)),
-        (b"rXYZ", _xyz(*g)), (b"gXYZ", _xyz(*r)), (b"bXYZ", _xyz(*b)),
-        (b"rTRC", _curv_gamma(2.2)), (b"gTRC", _curv_gamma(2.2)), (b"bTRC", _curv_gamma(2.2)),
-    ])
+    return _rgb_display("test: sRGB with red and green swapped", (g, r, b), 2.2)
 
 
 def linear_named_srgb() -> bytes:
     """sRGB's colorants with a linear (gamma 1.0) tone curve, described as "sRGB-elle-V2-g10.icc"
     (the name of a real linear profile): a stored value v is the linear light v, whose sRGB
     encoding is brighter."""
-    r, g, b = SRGB_D50.T
-    return _profile(b"mntr", b"RGB ", b"XYZ ", [
-        (b"desc", _desc("sRGB-elle-V2-g10.icc")),
-        (b"wtpt", _xyz(*D50)),
-        (b"rXYZ", _xyz(*r)), (b"gXYZ", _xyz(*g)), (b"bXYZ", _xyz(*b)),
-        (b"rTRC", _curv_gamma(1.0)), (b"gTRC", _curv_gamma(1.0)), (b"bTRC", _curv_gamma(1.0)),
-    ])
+    return _rgb_display("sRGB-elle-V2-g10.icc", tuple(SRGB_D50.T), 1.0)
 
 
 def grey_linear() -> bytes:
