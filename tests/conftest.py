@@ -67,6 +67,17 @@ def saliency_only(data_path, store, **run) -> dict:
     return cfg
 
 
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, parquet_dir):
+    """The arrays (``COMPARED``) of a fault-free store of ``saliency_only``'s config, to compare
+    recovered stores with (test_faults makes its own, sequential one)."""
+    from distributed_attr.runner import run
+
+    path = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    run(saliency_only(parquet_dir, path), progress=False)
+    return read_arrays(path)
+
+
 #: the per-image arrays that stores are compared on after faults
 COMPARED = ("maps/saliency", "target", "ok", "image", "label", "source_key")
 

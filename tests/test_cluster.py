@@ -27,14 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, parquet_dir):
-
-    path = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    run(saliency_only(parquet_dir, path), progress=False)
-    return read_arrays(path)
-
-
 def start_cluster(*nodes):
     from ray.cluster_utils import Cluster
 

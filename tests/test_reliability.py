@@ -28,15 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, parquet_dir):
-    """A fault-free store of the small config, to compare recovered stores with."""
-
-    path = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    run(saliency_only(parquet_dir, path), progress=False)
-    return read_arrays(path)
-
-
 def assert_same(a, b):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -88,13 +88,6 @@ def s3(tmp_path_factory):
         server.close()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, parquet_dir):
-    path = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    run(saliency_only(parquet_dir, path), progress=False)
-    return read_arrays(path)
-
-
 def assert_equal_to(reference, url):
     from distributed_attr.io.store import open_group
 
